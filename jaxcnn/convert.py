@@ -1,0 +1,229 @@
+"""Weight conversion from PyTorch (timm / torchvision state dicts) into jaxcnn variables.
+
+    variables = jaxcnn.convert.from_torch('resnet50', 'resnet50.pth')
+    logits = jaxcnn.create_model('resnet50').apply(variables, images_nhwc)
+
+What changes between the two worlds, and nothing else:
+  * layout: conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out), a 1x1-conv
+    classifier (timm's ResNetV2 head) -> dense kernel;
+  * BatchNorm: weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var
+    (both use var + eps with eps = 1e-5, so no epsilon correction is needed);
+  * names: each family gives a short table of renames from the reference's module names;
+  * scanned stages: where a model runs a stage's identical blocks through ``nn.scan`` (variables
+    stacked on a leading axis), the renamed per-block weights are stacked into it (``SCAN_RULES``).
+Torch is imported only to read ``.pth`` files; ``.safetensors`` files and dicts of arrays need
+neither torch nor tensorflow.
+"""
+import os
+import re
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from .registry import create_model, model_info
+
+# family -> list of (regex, replacement) applied in order to the torch key (with '.' separators)
+RENAMES: Dict[str, list] = {
+    'resnet': [
+        (r'^layer(\d+)\.(\d+)\.', r'layer\1_\2.'),
+        (r'\.downsample\.0\.', '.downsample.conv.'),
+        (r'\.downsample\.1\.', '.downsample.bn.'),
+        (r'^fc\.', 'head.fc.'),
+    ],
+    'resnetv2': [
+        (r'^stem\.conv\.', 'conv1.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'layer{int(m[1]) + 1}_{m[2]}.'),
+        (r'\.norm(\d)\.', r'.bn\1.'),
+        (r'^norm\.', 'final_bn.'),
+    ],
+}
+# which rename table a model uses (defaults to its ModelInfo.family)
+_TABLE_FOR = {'resnetv2_50': 'resnetv2', 'resnetv2_101': 'resnetv2'}
+
+_SKIP = re.compile(r'(num_batches_tracked)$')
+
+# Scanned stages. After the renames a block's weights sit under an unrolled module name; when the
+# jaxcnn model scans that stage instead, the rule maps the name to (scanned module path, index on
+# the stacked axis). jaxcnn's convention ('<stage>_<b>' unrolled for b = 0, blocks b >= 1 stacked
+# under '<stage>_rest/block' at index b - 1; see ResNet / NFNet ``scan_blocks``) is the default;
+# a family with another layout registers its own rules (regex on one module name, match ->
+# (path tuple, index) or None).
+_DEFAULT_SCAN_RULES = [
+    (r'^(.+)_(\d+)$', lambda m: ((f'{m[1]}_rest', 'block'), int(m[2]) - 1) if int(m[2]) else None),
+]
+SCAN_RULES: Dict[str, list] = {}
+
+
+def register_renames(family: str, table: list):
+    """Let a model family add its rename table (used by families outside this file)."""
+    RENAMES[family] = table
+
+
+def register_scan_rules(family: str, rules: list):
+    """Let a model family say how an unrolled block's module name maps into a scanned stage."""
+    SCAN_RULES[family] = rules
+
+
+def _scanned_target(key: Tuple[str, ...], rules, flat) -> Optional[Tuple[Tuple[str, ...], int]]:
+    """(stacked flax key, index) for an unrolled key the model holds in a scanned stage, or None."""
+    col, *path = key
+    for i, mod in enumerate(path[:-1]):
+        for pattern, fn in rules:
+            m = re.match(pattern, mod)
+            hit = fn(m) if m else None
+            if hit is not None:
+                target = (col, *path[:i], *hit[0], *path[i + 1:])
+                if target in flat:
+                    return target, hit[1]
+    return None
+
+
+def load_state_dict(source) -> Dict[str, np.ndarray]:
+    """A state dict as numpy arrays from a dict of tensors/arrays, a .pth/.pt or a .safetensors file."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'no weights file at {path!r}')
+        if path.endswith('.safetensors'):
+            try:
+                from safetensors.numpy import load_file
+            except ImportError:
+                raise ImportError("reading .safetensors needs 'pip install safetensors'") from None
+            try:
+                return dict(load_file(path))
+            except Exception as e:  # corrupt file
+                raise ValueError(f'cannot read {path!r} as safetensors ({e}); is the file complete?') from None
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"reading {path!r} needs torch: pip install 'jaxcnn[torch]' "
+                              "(or convert it to .safetensors)") from None
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise ValueError(f'cannot read {path!r} as a PyTorch checkpoint ({e}); '
+                             'is the file complete?') from None
+        for key in ('state_dict', 'model', 'model_state_dict'):
+            if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+        source = obj
+    if not isinstance(source, Mapping):
+        raise TypeError(f'expected a state dict, a .pth or a .safetensors path, got {type(source).__name__}')
+    out = {}
+    for k, v in source.items():
+        if hasattr(v, 'detach'):  # torch tensor
+            v = v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+        out[k[7:] if k.startswith('module.') else k] = np.asarray(v)
+    return out
+
+
+def _target(key: str, table) -> Tuple[str, Tuple[str, ...]]:
+    """(collection, flax path) for a torch key after renames."""
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    *mods, leaf = key.split('.')
+    if leaf == 'running_mean':
+        return 'batch_stats', (*mods, 'mean')
+    if leaf == 'running_var':
+        return 'batch_stats', (*mods, 'var')
+    return 'params', (*mods, leaf)
+
+
+def _convert_leaf(leaf: str, value: np.ndarray, target_shape) -> np.ndarray:
+    if leaf == 'weight':
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)          # OIHW -> HWIO
+        elif value.ndim == 2:
+            value = value.T                               # (out, in) -> (in, out)
+    if value.shape != tuple(target_shape) and \
+            [d for d in value.shape if d != 1] == [d for d in target_shape if d != 1]:
+        # only singleton axes differ: a 1x1-conv classifier -> dense kernel, or a per-channel
+        # (O, 1, 1, 1) gain (timm's ScaledStdConv2d) -> (O,)
+        value = value.reshape(target_shape)
+    return value
+
+
+def _flax_leaf_name(leaf: str, ndim: int) -> str:
+    if leaf == 'weight':
+        return 'kernel' if ndim >= 2 else 'scale'
+    return leaf
+
+
+def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
+               renames: Optional[list] = None, dtype=jnp.float32) -> dict:
+    """Convert a timm/torchvision state dict for model ``name`` into jaxcnn variables.
+
+    ``num_classes`` is read from the classifier weights when not given. Every parameter and
+    statistic of the jaxcnn model must be filled exactly once; anything missing, left over or
+    of the wrong shape is reported by name.
+    """
+    sd = load_state_dict(state_dict)
+    info = model_info(name)
+    table = renames if renames is not None else RENAMES.get(_TABLE_FOR.get(name, info.family))
+    if table is None:
+        raise ValueError(f'no PyTorch conversion for {name!r} (family {info.family!r}); '
+                         f'supported families: {", ".join(sorted(RENAMES))}')
+    converted = {}
+    for key, value in sd.items():
+        if _SKIP.search(key):
+            continue
+        col, path = _target(key, table)
+        path = (*path[:-1], _flax_leaf_name(path[-1], value.ndim))
+        converted[(col, *path)] = (key, value)
+
+    head_key = ('params', 'head', 'fc', 'kernel')
+    if num_classes is None:
+        num_classes = converted[head_key][1].shape[0] if head_key in converted else 0
+    model = create_model(name, num_classes=num_classes)
+    h, w, c = info.input_size
+    in_ch = next((v.shape[1] for k, (tk, v) in converted.items() if v.ndim == 4), c)
+    x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    flat = traverse_util.flatten_dict(jax.tree.map(lambda s: s.shape, shapes,
+                                                   is_leaf=lambda s: hasattr(s, 'shape')))
+    # weights of blocks the model runs through nn.scan: target key -> {index: (key, value)}
+    rules = SCAN_RULES.get(_TABLE_FOR.get(name, info.family), _DEFAULT_SCAN_RULES)
+    stacked: Dict[tuple, dict] = {}
+    for k in [k for k in converted if k not in flat]:
+        hit = _scanned_target(k, rules, flat)
+        if hit is not None:
+            stacked.setdefault(hit[0], {})[hit[1]] = (k, converted.pop(k))
+    missing, unexpected = [], []
+    for k, shape in flat.items():
+        if k in stacked:
+            missing += [f"{'/'.join(k)}[{i}]" for i in range(shape[0]) if i not in stacked[k]]
+            unexpected += [f"{tk} -> {'/'.join(uk)}" for i, (uk, (tk, _)) in stacked[k].items()
+                           if not 0 <= i < shape[0]]
+        elif k not in converted:
+            missing.append('/'.join(k))
+    unexpected += [f"{converted[k][0]} -> {'/'.join(k)}" for k in converted if k not in flat]
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if missing or unexpected:
+        raise ValueError(f'state dict does not fit {name}: missing {missing[:8]}'
+                         f'{" ..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}'
+                         f'{" ..." if len(unexpected) > 8 else ""}')
+
+    def convert_one(torch_key, value, k, target_shape):
+        value = _convert_leaf(torch_key.rsplit('.', 1)[-1], value, target_shape)
+        if value.shape != tuple(target_shape):
+            raise ValueError(f'{torch_key}: shape {value.shape} does not fit {"/".join(k)} {tuple(target_shape)}')
+        return value
+
+    out = {}
+    for k, target_shape in flat.items():
+        if k in stacked:
+            blocks = stacked.pop(k)
+            out[k] = jnp.asarray(np.stack([convert_one(tk, v, uk, target_shape[1:])
+                                           for _, (uk, (tk, v)) in sorted(blocks.items())]), dtype)
+        else:
+            out[k] = jnp.asarray(convert_one(*converted[k], k, target_shape), dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def to_safetensors(state_dict, path: str):
+    """Save a state dict (e.g. from torch) as .safetensors, readable here without torch."""
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in load_state_dict(state_dict).items()}, path)

@@ -1,0 +1,1 @@
+"""Short, re-runnable experiments that back claims made in the docs."""

@@ -1,0 +1,38 @@
+"""The README's model table: `python -m jaxcnn.model_table [pattern]` prints it as Markdown."""
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from .registry import count_params, create_model, list_models, model_info
+
+
+def model_params(name: str) -> int:
+    """Parameter count of a registered model at its default input and classes (no compile)."""
+    info = model_info(name)
+    h, w, c = info.input_size
+    model = create_model(name)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, c)), train=False))
+    return count_params(shapes['params'])
+
+
+def _reference_figure(info) -> str:
+    if info.params_rounding is None:
+        return f'{int(info.reference_params):,}'
+    return f'{info.reference_params / 1e6:g}M'
+
+
+def markdown_table(pattern: str = '*') -> str:
+    rows = ['| model | input | reference | reference params | jaxcnn params | logits vs PyTorch |',
+            '|---|---|---|---:|---:|---|']
+    for name in list_models(pattern):
+        info = model_info(name)
+        h, w, _ = info.input_size
+        twin = f'`{info.torch_name}`' if info.torch_name else '—'
+        rows.append(f'| `{name}` | {h}×{w} | {info.reference} | {_reference_figure(info)} | '
+                    f'{model_params(name):,} | {twin} |')
+    return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+    print(markdown_table(sys.argv[1] if len(sys.argv) > 1 else '*'))

@@ -1,0 +1,36 @@
+"""Small utilities shared by the model tests."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxcnn
+
+
+def abstract_variables(model, input_shape):
+    """Shapes of a model's variables without running (or compiling) its initialiser."""
+    x = jnp.zeros(input_shape, jnp.float32)
+    return jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+                                             x, train=False))
+
+
+def random_variables(model, input_shape, seed=0):
+    """Variables filled like an initialiser would (fan-in scaled kernels, unit scales),
+    built on the host so tests need not compile each model's init."""
+    rng = np.random.RandomState(seed)
+    shapes = abstract_variables(model, input_shape)
+
+    def fill(path, s):
+        leaf = path[-1].key
+        if leaf in ('scale', 'var'):
+            return jnp.ones(s.shape, s.dtype)
+        if leaf in ('bias', 'mean'):
+            return jnp.zeros(s.shape, s.dtype)
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return jnp.asarray(rng.randn(*s.shape) / np.sqrt(max(fan_in, 1)), s.dtype)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_input_size(name):
+    """Smallest convenient square input for a model (its own size for CIFAR models)."""
+    info = jaxcnn.model_info(name)
+    return max(32, info.min_input) if info.input_size[0] > 64 else info.input_size[0]

@@ -1,0 +1,125 @@
+"""Converted timm/torchvision weights give the reference's logits, and bad files say why."""
+import numpy as np
+import pytest
+import torch
+import timm
+import torchvision
+import jax
+import jax.numpy as jnp
+
+import jaxcnn
+from jaxcnn import convert
+
+TWINS = [n for n in jaxcnn.list_models() if jaxcnn.model_info(n).torch_name]
+
+
+def build_reference(torch_name, seed=0):
+    """The timm/torchvision twin with random weights and non-trivial BatchNorm statistics."""
+    lib, name = torch_name.split(':')
+    torch.manual_seed(seed)
+    if lib == 'tv':
+        model = getattr(torchvision.models, name)(weights=None)
+    else:
+        model = timm.create_model(name, pretrained=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                # default init makes BN an identity; random statistics test their conversion
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model.eval()
+
+
+def test_every_resnet_family_twin_is_covered():
+    assert {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
+            'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d',
+            'seresnet50', 'seresnext50_32x4d', 'resnetv2_50', 'resnetv2_101'} <= set(TWINS)
+
+
+@pytest.mark.parametrize('name', TWINS)
+def test_converted_logits_match_reference(name):
+    info = jaxcnn.model_info(name)
+    ref = build_reference(info.torch_name)
+    # the reference library's own count is the truth for the registry's figure
+    assert sum(p.numel() for p in ref.parameters()) == info.reference_params
+    variables = convert.from_torch(name, ref.state_dict())
+    model = jaxcnn.create_model(name)
+    assert jaxcnn.count_params(variables['params']) == info.reference_params
+    x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.fixture(scope='module')
+def resnet18_ref():
+    return build_reference('tv:resnet18', seed=1)
+
+
+def _logits(name, variables, x_nchw):
+    model = jaxcnn.create_model(name, num_classes=variables['params']['head']['fc']['kernel'].shape[1])
+    return np.asarray(model.apply(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), train=False))
+
+
+def test_from_pth_and_safetensors_files(tmp_path, resnet18_ref):
+    sd = resnet18_ref.state_dict()
+    torch.save({'state_dict': sd}, tmp_path / 'r18.pth')        # a training checkpoint wrapper
+    convert.to_safetensors(sd, str(tmp_path / 'r18.safetensors'))
+    a = convert.from_torch('resnet18', tmp_path / 'r18.pth')
+    b = convert.from_torch('resnet18', str(tmp_path / 'r18.safetensors'))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+    x = np.random.RandomState(0).randn(1, 3, 64, 64).astype(np.float32)
+    with torch.no_grad():
+        expected = resnet18_ref(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_logits('resnet18', b, x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_new_head_size_is_read_from_the_weights(resnet18_ref):
+    sd = dict(resnet18_ref.state_dict())
+    sd['fc.weight'] = torch.randn(5, 512)
+    sd['fc.bias'] = torch.randn(5)
+    v = convert.from_torch('resnet18', sd)
+    assert v['params']['head']['fc']['kernel'].shape == (512, 5)
+    np.testing.assert_array_equal(v['params']['head']['fc']['kernel'], sd['fc.weight'].numpy().T)
+
+
+def test_mismatched_state_dict_names_the_keys(resnet18_ref):
+    with pytest.raises(ValueError, match='does not fit resnet34: missing .*layer1_2'):
+        convert.from_torch('resnet34', resnet18_ref.state_dict())
+
+
+def test_scanned_stages_are_stacked_and_misfits_named():
+    """nf_resnet50 scans blocks 2..n of each stage: timm's per-block weights are stacked into
+    stages_s_rest/block, and a missing or surplus block is still reported by name."""
+    sd = {k: v.numpy() for k, v in build_reference('timm:nf_resnet50').state_dict().items()}
+    v = convert.from_torch('nf_resnet50', sd)
+    np.testing.assert_array_equal(v['params']['stages_2_rest']['block']['conv1']['kernel'][3],
+                                  sd['stages.2.4.conv1.weight'].transpose(2, 3, 1, 0))
+    assert 'stages_2_4' not in v['params']
+    short = {k: a for k, a in sd.items() if k != 'stages.2.4.conv1.weight'}
+    with pytest.raises(ValueError, match=r'missing .*stages_2_rest/block/conv1/kernel\[3\]'):
+        convert.from_torch('nf_resnet50', short)
+    extra = {**sd, 'stages.2.6.conv1.weight': sd['stages.2.5.conv1.weight']}
+    with pytest.raises(ValueError, match=r'unexpected .*stages\.2\.6\.conv1\.weight -> params/stages_2_6/conv1/kernel'):
+        convert.from_torch('nf_resnet50', extra)
+
+
+def test_unsupported_family_and_bad_files(tmp_path):
+    with pytest.raises(ValueError, match='no PyTorch conversion for .resnet20.'):
+        convert.from_torch('resnet20', {'conv1.weight': np.zeros((16, 3, 3, 3))})
+    with pytest.raises(FileNotFoundError, match='no weights file'):
+        convert.from_torch('resnet18', tmp_path / 'missing.pth')
+    bad = tmp_path / 'broken.safetensors'
+    bad.write_bytes(b'not really a safetensors file')
+    with pytest.raises(ValueError, match='cannot read .*safetensors'):
+        convert.from_torch('resnet18', str(bad))
+    bad_pth = tmp_path / 'broken.pth'
+    bad_pth.write_bytes(b'\x00garbage')
+    with pytest.raises(ValueError, match='cannot read .*PyTorch checkpoint'):
+        convert.from_torch('resnet18', bad_pth)

@@ -1,0 +1,135 @@
+"""Every registered model through the same checks: parameter count against its reference,
+and a jitted forward/backward pass in train and inference mode, fp32 and bf16."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcnn
+from helpers import abstract_variables, random_variables, test_input_size as input_size
+
+ALL = jaxcnn.list_models()
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_param_count_matches_reference(name):
+    info = jaxcnn.model_info(name)
+    assert info.reference and info.reference_params, f'{name} has no reference'
+    h, w, c = info.input_size
+    model = jaxcnn.create_model(name)
+    n = jaxcnn.count_params(abstract_variables(model, (1, h, w, c))['params'])
+    if info.params_rounding is None:
+        assert n == info.reference_params, (n, info.reference_params)
+    else:
+        # a paper's rounded figure: the count must round to it
+        assert abs(n - info.reference_params) <= info.params_rounding / 2, (n, info.reference_params)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('name', ALL)
+def test_jit_forward_backward(name, dtype):
+    dtype = jnp.dtype(dtype)
+    size = input_size(name)
+    model = jaxcnn.create_model(name, num_classes=7, dtype=dtype, drop_rate=0.1, drop_path_rate=0.1)
+    variables = random_variables(model, (2, size, size, 3))
+    x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 3), jnp.float32)
+    labels = jnp.array([1, 5])
+
+    @jax.jit
+    def step(variables, x):
+        def loss_fn(params):
+            logits, state = model.apply({**variables, 'params': params}, x, train=True,
+                                        rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            return -jnp.take_along_axis(logp, labels[:, None], 1).mean(), (logits, state)
+        grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+        eval_logits = model.apply(variables, x, train=False)
+        return grads, train_logits, state, eval_logits
+
+    grads, train_logits, state, eval_logits = step(variables, x)
+    assert train_logits.shape == eval_logits.shape == (2, 7)
+    assert eval_logits.dtype == dtype
+    assert np.isfinite(np.asarray(eval_logits, np.float32)).all()
+    # parameters stay fp32 whatever the compute dtype, and gradients reach every one of them
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params'])):
+        assert g.dtype == p.dtype == jnp.float32
+        assert np.isfinite(np.asarray(g)).all()
+    head_grad = grads['head']['fc']['kernel']
+    assert np.abs(np.asarray(head_grad)).sum() > 0
+    stem_grad = jax.tree.leaves(grads)[0]
+    assert np.abs(np.asarray(stem_grad)).sum() > 0
+    if 'batch_stats' in variables:
+        # train mode moves the running statistics; inference mode does not use batch statistics
+        before = jax.tree.leaves(variables['batch_stats'])[0]
+        after = jax.tree.leaves(state['batch_stats'])[0]
+        assert not np.allclose(before, after)
+
+
+def pyramidnet_closed_form(depth, alpha, bottleneck, num_classes=10):
+    """Parameters of a PyramidNet counted by hand from the paper's unit definitions."""
+    n = 3 * ((depth - 2) // (9 if bottleneck else 6))
+    bn = lambda c: 2 * c
+    total = 3 * 3 * 3 * 16 + bn(16)
+    c_in, width = 16, 16.0
+    for _ in range(n):
+        width += alpha / n
+        d = int(round(width))
+        if bottleneck:
+            c_out = 4 * d
+            total += bn(c_in) + c_in * d + bn(d) + 9 * d * d + bn(d) + d * c_out + bn(c_out)
+        else:
+            c_out = d
+            total += bn(c_in) + 9 * c_in * d + bn(d) + 9 * d * d + bn(d)
+        c_in = c_out
+    return total + bn(c_in) + c_in * num_classes + num_classes
+
+
+@pytest.mark.parametrize('name', jaxcnn.list_models('pyramidnet*'))
+def test_pyramidnet_count_equals_hand_count(name):
+    model = jaxcnn.create_model(name)
+    n = jaxcnn.count_params(abstract_variables(model, (1, 32, 32, 3))['params'])
+    assert n == pyramidnet_closed_form(model.depth, model.alpha, model.bottleneck)
+
+
+def test_cifar_resnet_count_equals_hand_count():
+    """ResNet-6n+2 with option A: 3x3 convs 16/32/64 wide, BN after each, no shortcut weights."""
+    for depth in (20, 56, 110):
+        n = (depth - 2) // 6
+        convs = 9 * 3 * 16 + sum(9 * (c_in * c + c * c) + 9 * (n - 1) * 2 * c * c
+                                 for c_in, c in [(16, 16), (16, 32), (32, 64)])
+        bns = 2 * 16 + 2 * 2 * n * (16 + 32 + 64)
+        model = jaxcnn.create_model(f'resnet{depth}')
+        got = jaxcnn.count_params(abstract_variables(model, (1, 32, 32, 3))['params'])
+        assert got == convs + bns + 64 * 10 + 10
+
+
+def test_shortcut_options_a_b_c():
+    """B projects only where the shape changes, C on every block, A never (zero-padding)."""
+    count = lambda **kw: jaxcnn.count_params(
+        abstract_variables(jaxcnn.create_model('resnet18', **kw), (1, 64, 64, 3))['params'])
+    b = count(shortcut='B')
+    assert b == 11_689_512
+    # blocks that keep their shape: two in layer1 (64 ch), the second of layers 2-4
+    identity_blocks = [64, 64, 128, 256, 512]
+    assert count(shortcut='C') == b + sum(c * c + 2 * c for c in identity_blocks)
+    projections = [(64, 128), (128, 256), (256, 512)]
+    assert count(shortcut='A') == b - sum(ci * co + 2 * co for ci, co in projections)
+
+
+@pytest.mark.parametrize('name,overrides', [('resnet20', {}), ('resnetv2_50', {}),
+                                            ('wrn_16_8', {'block_dropout': 0.0}),
+                                            ('pyramidnet110_a48', {})])
+def test_stochastic_depth_on_every_residual_family(name, overrides):
+    size = input_size(name)
+    x = jnp.asarray(np.random.RandomState(0).randn(4, size, size, 3), jnp.float32)
+
+    def outputs(rate):
+        model = jaxcnn.create_model(name, drop_path_rate=rate, **overrides)
+        v = random_variables(model, x.shape)
+        run = lambda k: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
+                                    mutable=['batch_stats'])[0]
+        return run(0), run(1)
+    a, b = outputs(0.0)
+    np.testing.assert_allclose(a, b, rtol=1e-6)        # nothing random without drop-path
+    a, b = outputs(0.5)
+    assert not np.allclose(a, b)                        # blocks are dropped per sample
