@@ -23,9 +23,9 @@ def get_config(arg=None):
   c = base_config()
   c.model = 'nfnet_f0'
   c.model_fallback = 'resnet50'
-  # Unrolled blocks: AGC's unit-wise norms read each kernel's own axes, which stacked
-  # (scanned) parameters would mix across blocks.
-  c.model_kwargs.update(dict(drop_rate=0.2, drop_path_rate=0.25, scan_blocks=False))
+  # The model scans its repeated blocks (short compiles); AGC and the decay mask treat the
+  # stacked parameters block by block (optim.is_stacked).
+  c.model_kwargs.update(dict(drop_rate=0.2, drop_path_rate=0.25))
   c.dataset = 'tfds:imagenet2012'
   c.num_classes = 1000
   c.image_size = 192

@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -337,3 +338,12 @@ def check_arg(name: str, arg, valid=('smoke', 'runlocal')) -> None:
   if arg and arg not in valid:
     raise ValueError(f'Unknown argument {arg!r} for config {name!r}; use one of: '
                      f'{", ".join(valid)} (or none).')
+
+
+def run_cli(main) -> None:
+  """Entry point for a tool's ``main``: bad input becomes one 'error: ...' line and exit code 2."""
+  try:
+    sys.exit(main())
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)

@@ -159,11 +159,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-  try:
-    sys.exit(main())
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  config_lib.run_cli(main)
 
 
 if __name__ == '__main__':

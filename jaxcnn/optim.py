@@ -115,6 +115,18 @@ def _path_mask(params, keep: Callable[[str, Any], bool]):
       lambda p, x: bool(keep(param_path(p), x)), params)
 
 
+# Models that scan their repeated blocks (``scan_blocks``) name the scanned module
+# ``<stage>_rest``; its parameters carry one leading axis over the stacked blocks.
+def is_stacked(path: str) -> bool:
+  """Whether the parameter at '/'-joined ``path`` is stacked over scanned blocks."""
+  return any(part.endswith('_rest') for part in path.split('/')[:-1])
+
+
+def per_block_ndim(path: str, x) -> int:
+  """Rank of one block's parameter: the leading scan axis does not count."""
+  return jnp.ndim(x) - int(is_stacked(path))
+
+
 def _compile(pattern: str, key: str):
   try:
     return re.compile(pattern)
@@ -294,7 +306,8 @@ def unitwise_agc(clipping: float, eps: float = 1e-3
   """Adaptive Gradient Clipping (Brock et al. 2021, arXiv:2102.06171).
 
   For each unit i: if ``||G_i|| / max(||W_i||, eps) > clipping`` the gradient
-  is rescaled to norm ``clipping * max(||W_i||, eps)``.
+  is rescaled to norm ``clipping * max(||W_i||, eps)``. Parameters stacked over
+  scanned blocks (``is_stacked``) are clipped block by block, as if unrolled.
   """
   def update_fn(updates, state, params=None):
     if params is None:
@@ -309,7 +322,12 @@ def unitwise_agc(clipping: float, eps: float = 1e-3
       scaled = g * (max_norm / jnp.maximum(g_norm, 1e-12)).astype(g.dtype)
       return jnp.where(g_norm > max_norm, scaled, g)
 
-    return jax.tree.map(clip, updates, params), state
+    def clip_leaf(path, g, w):
+      if is_stacked(param_path(path)):
+        return jax.vmap(clip)(g, w)
+      return clip(g, w)
+
+    return jax.tree_util.tree_map_with_path(clip_leaf, updates, params), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -371,7 +389,7 @@ def decay_mask(params, decay_exclude: str = ''):
   """True where weight decay applies: ``ndim > 1`` and the '/'-joined path does
   not match ``decay_exclude`` (so no decay on biases, norm scales, gains)."""
   rx = _compile(decay_exclude, 'decay_exclude') if decay_exclude else None
-  return _path_mask(params, lambda p, x: jnp.ndim(x) > 1 and
+  return _path_mask(params, lambda p, x: per_block_ndim(p, x) > 1 and
                     not (rx is not None and rx.search(p)))
 
 

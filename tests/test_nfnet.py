@@ -217,3 +217,33 @@ def test_small_nf_resnet_trains_through_the_nfnet_recipe(tmp_path):
     assert any(r['kind'] != 'train' and np.isfinite(r.get('accuracy', np.nan)) for r in records)
     saved = json.load(open(tmp_path / 'run' / 'config.json'))
     assert saved['model'] == 'nf_resnet50' and saved['optim']['agc_clip'] == 0.01
+
+
+def test_agc_step_on_scanned_stages_equals_unrolled():
+    """The nfnet_f0 recipe's optimiser (AGC, decay without gains/biases, Nesterov) applied to a
+    scanned NFNet updates every stacked block exactly as it updates the unrolled blocks."""
+    from helpers import random_variables
+    from jaxcnn import optim
+    from jaxcnn.config import load_config
+    kw = dict(depths=(1, 3), channels=(32, 64), stem_width=16, num_classes=10, group_size=8,
+              num_features=32)
+    unrolled = jaxcnn.create_model('nfnet_f0', **kw, scan_blocks=False)
+    v = random_variables(unrolled, (2, 32, 32, 3))
+    rng = np.random.RandomState(1)
+    # gradients over several decades per leaf, so that AGC clips some units and not others
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.randn(*p.shape) * 10.0 ** rng.uniform(-3, 1),
+                                               jnp.float32), v['params'])
+    config, _ = load_config('nfnet_f0')
+    assert config.optim.agc_clip > 0 and config.optim.weight_decay > 0
+    config.schedule.warmup_epochs = 0.0     # a non-zero learning rate at the first step
+
+    def step(params, grads):
+        tx, _ = optim.build_optimizer(config, params, 10, 100, 256)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return updates
+    want = _stack_stages(step(v['params'], grads))
+    got = step(_stack_stages(v['params']), _stack_stages(grads))
+    assert 'stages_1_rest' in got
+    assert np.abs(np.asarray(got['stages_1_rest']['block']['conv1']['kernel'])).max() > 0
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9, err_msg=jax.tree_util.keystr(path))
