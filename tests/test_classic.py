@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import jaxcnn
 from helpers import abstract_variables, random_variables
-from jaxcnn.layers import avg_pool
-from jaxcnn.models.alexnet import adaptive_avg_pool, ceil_max_pool, ceil_mode_padding, paper_lrn
+from jaxcnn.layers import adaptive_avg_pool, avg_pool, ceil_max_pool, ceil_mode_padding
+from jaxcnn.models.alexnet import paper_lrn
 
 
 def conv(c_in, c_out, k, groups=1):

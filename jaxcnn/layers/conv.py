@@ -7,10 +7,12 @@ Two padding conventions matter when weights come from elsewhere:
   * 'same': TensorFlow's dynamic "SAME" padding (extra pad goes bottom/right), which the
     ``tf_`` ports in timm reproduce with ``Conv2dSame``.
 """
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # He et al. 2015 init with fan-out, as torchvision initialises ResNet convolutions.
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -69,6 +71,42 @@ def max_pool(x, window=3, stride=2, padding='torch'):
 def avg_pool(x, window=2, stride=2, padding='valid', count_include_pad=True):
     return nn.avg_pool(x, _pair(window), _pair(stride), resolve_padding(padding, window),
                        count_include_pad=count_include_pad)
+
+
+
+def _adaptive_matrix(n_in: int, n_out: int) -> np.ndarray:
+    # PyTorch's bins: output j averages input [floor(j n_in / n_out), ceil((j + 1) n_in / n_out))
+    m = np.zeros((n_out, n_in), np.float32)
+    for j in range(n_out):
+        lo, hi = (j * n_in) // n_out, -(-((j + 1) * n_in) // n_out)
+        m[j, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool(x, output_size):
+    """``torch.nn.AdaptiveAvgPool2d`` on NHWC: any input size to ``output_size`` bins
+    (a 1x1 map is replicated, as torchvision's AlexNet/VGG do at small inputs)."""
+    oh, ow = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    if x.shape[1:3] == (oh, ow):
+        return x
+    mh, mw = _adaptive_matrix(x.shape[1], oh), _adaptive_matrix(x.shape[2], ow)
+    y = jnp.einsum('ih,nhwc,jw->nijc', mh, x.astype(jnp.float32), mw,
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+def ceil_mode_padding(size: int, window: int, stride: int) -> Tuple[int, int]:
+    """(0, extra) padding that makes an unpadded pool give PyTorch's ``ceil_mode=True`` size
+    (Caffe's rounding, used by ZFNet and NiN)."""
+    out = -(-(size - window) // stride) + 1
+    if (out - 1) * stride >= size:      # PyTorch drops a last window that starts past the input
+        out -= 1
+    return 0, max((out - 1) * stride + window - size, 0)
+
+
+def ceil_max_pool(x, window=3, stride=2):
+    pads = tuple(ceil_mode_padding(s, window, stride) for s in x.shape[1:3])
+    return max_pool(x, window, stride, padding=pads)   # pads with -inf: never selected
 
 
 def global_avg_pool(x):

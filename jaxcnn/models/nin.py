@@ -15,9 +15,8 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import avg_pool, check_image_batch, conv2d, global_avg_pool
+from ..layers import avg_pool, ceil_max_pool, ceil_mode_padding, check_image_batch, conv2d, global_avg_pool
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
-from .alexnet import ceil_max_pool, ceil_mode_padding
 
 # (spatial conv width, kernel, micro-MLP widths, pool after); the last block's final 1x1 layer
 # (num_classes maps) is the head.

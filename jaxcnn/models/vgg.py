@@ -15,9 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, batch_norm, check_image_batch, conv2d, max_pool
+from ..layers import ClassifierHead, adaptive_avg_pool, batch_norm, check_image_batch, conv2d, max_pool
 from ..registry import register
-from .alexnet import adaptive_avg_pool
 
 WIDTHS = (64, 128, 256, 512, 512)
 # Table 1: convolutions per stage of configurations A (11 weight layers), B (13), D (16), E (19).
