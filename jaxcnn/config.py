@@ -333,6 +333,47 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def zoo_fmnist_config(name: str, arg, model: str, *, model_kwargs: dict | None = None,
+                      smoke_model_kwargs: dict | None = None, image_size: int = 28,
+                      num_epochs: float = 10.0, batch_size: int = 128, optim: dict | None = None,
+                      smoke_lr: float | None = None) -> ml_collections.ConfigDict:
+  """A Fashion-MNIST recipe for one model family of the zoo (``configs/<family>_fmnist.py``).
+
+  ``image_size`` > 28 resizes the 28x28 images on the device (for nets whose stem needs more
+  pixels). With ``arg`` 'smoke' the family's own model is kept, made small by
+  ``smoke_model_kwargs``, and trained for 40 steps on 2,048 images: long enough for the
+  training loss to fall visibly, short enough for CI.
+  """
+  check_arg(name, arg)
+  c = base_config()
+  c.model = model
+  c.model_kwargs = ConfigDict(dict(model_kwargs or {}))
+  c.dataset = 'fmnist'
+  c.image_size = c.test_image_size = image_size
+  c.batch_size = batch_size
+  c.num_epochs = num_epochs
+  c.optim.update(dict(name='sgd', lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4))
+  c.optim.update(dict(optim or {}))
+  c.schedule.update(dict(name='cosine', warmup_epochs=0.5))
+  c.augment.update(dict(crop_padding=2 * image_size // 28, flip=True))
+  c.label_smoothing = 0.1
+  c.checkpoint_every_epochs = 1.0
+  c.checkpoint_every_steps = -1
+  if arg in ('smoke', 'runlocal'):
+    lr = c.optim.lr if smoke_lr is None else smoke_lr
+    shrink_for_smoke(c)
+    c.model = model
+    c.model_kwargs = ConfigDict({**(model_kwargs or {}), **(smoke_model_kwargs or {})})
+    c.image_size = c.test_image_size = image_size
+    c.train_subset, c.test_subset = 2048, 256
+    c.num_steps = 40
+    c.log_every_steps = 5
+    c.eval_every_steps = 40
+    c.checkpoint_every_steps = 40
+    c.optim.lr = lr
+  return c
+
+
 def check_arg(name: str, arg, valid=('smoke', 'runlocal')) -> None:
   """Fails on an argument a config does not know."""
   if arg and arg not in valid:

@@ -48,7 +48,8 @@ def test_converted_logits_match_reference(name):
     variables = convert.from_torch(name, ref.state_dict())
     model = jaxcnn.create_model(name)
     assert jaxcnn.count_params(variables['params']) == info.reference_params
-    x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    size = max(64, info.min_input)      # Inception-v3 needs 75 px
+    x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
     got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxcnn
+from jaxcnn.optim import classification_loss, split_outputs
 from helpers import abstract_variables, random_variables, test_input_size as input_size
 
 ALL = jaxcnn.list_models()
@@ -69,10 +70,11 @@ def test_jit_forward_backward(name, dtype):
     @jax.jit
     def step(variables, x):
         def loss_fn(params):
-            logits, state = model.apply({**variables, 'params': params}, x, train=True,
-                                        rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-            return -jnp.take_along_axis(logp, labels[:, None], 1).mean(), (logits, state)
+            outputs, state = model.apply({**variables, 'params': params}, x, train=True,
+                                         rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
+            # the trainer's loss: auxiliary heads (GoogLeNet, Inception-v3) add with weight 0.3
+            loss = classification_loss(outputs, labels, 7)
+            return loss, (split_outputs(outputs)[0], state)
         grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(variables['params'])
         eval_logits = model.apply(variables, x, train=False)
         return grads, train_logits, state, eval_logits

@@ -1,5 +1,6 @@
-"""Model families; importing this package registers every model."""
-from . import pyramidnet, resnet  # noqa: F401
-from . import revnet  # noqa: F401
-from . import nfnet  # noqa: F401
-from . import alexnet, lenet, nin, vgg  # noqa: F401
+"""Model families, one module each; importing this package registers every model."""
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f'{__name__}.{_module}')

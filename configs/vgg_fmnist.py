@@ -1,0 +1,13 @@
+"""VGG-11 with BatchNorm (Simonyan & Zisserman 2015, config A) on Fashion-MNIST.
+
+Images are resized to 32x32 so the five 2x2 max-pools leave a 1x1 map (torchvision's head
+then pools it to 7x7 as it does for any input). Argument: smoke | runlocal (a narrow VGG).
+"""
+from jaxcnn.config import zoo_fmnist_config
+
+
+def get_config(arg=None):
+  return zoo_fmnist_config(
+      'vgg_fmnist', arg, 'vgg11_bn', image_size=32, num_epochs=10.0,
+      optim=dict(lr=0.05, weight_decay=5e-4), model_kwargs=dict(mlp_width=512),
+      smoke_model_kwargs=dict(widths=(16, 32, 64, 64, 64)), smoke_lr=0.1)
