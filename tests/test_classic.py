@@ -47,6 +47,14 @@ def test_nin_hand_count():
     assert n_params('nin_cifar') == total
 
 
+def test_nin_batchnorm_variant_swaps_biases_for_norm_parameters():
+    convs = [192, 160, 96, 192, 192, 192, 192, 192]      # every conv before the class maps
+    base = n_params('nin_cifar')
+    assert n_params('nin_cifar', use_bn=True) == base - sum(convs) + 2 * sum(convs)
+    shapes = abstract_variables(jaxcnn.create_model('nin_cifar', use_bn=True), (1, 32, 32, 3))
+    assert len(jax.tree.leaves(shapes['batch_stats'])) == 2 * len(convs)
+
+
 def test_nin_pools_to_8x8_and_head_is_class_map_average():
     model = jaxcnn.create_model('nin_cifar')
     v = random_variables(model, (2, 32, 32, 3))
