@@ -1,12 +1,24 @@
 """Benchmarks: `python -m jaxcnn.bench SUBCOMMAND ...` (one subparser per measurement).
 
+train    images/s and ms/step of the full training step (forward, loss, backward, SGD update,
+         state donated), warm-up excluded, device synchronised; compile time; FLOP/s achieved
+         (XLA cost analysis) and its fraction of the device's peak (MFU); `--vs timm` runs the
+         same model in PyTorch on the same device in the same process (on a GPU: bf16 autocast,
+         channels_last, torch.compile; on a CPU: eager fp32, as torchvision users run it):
+           python -m jaxcnn.bench train --model resnet50 --batch 256 --size 224 --bf16 --vs timm
+infer    the same for the forward pass in inference mode
+compile  seconds to compile one training step (e.g. ResNet-152 against ResNet-50)
+latency  inference time per image for batch sizes 1, 2, 4, ..., 64 and a throughput plot:
+           python -m jaxcnn.bench latency --models resnet18,resnet50 --plot latency.png
 memory   peak memory of one compiled training step, from XLA's own memory analysis, and the
          time per step; e.g. reversible vs ordinary backprop:
            python -m jaxcnn.bench memory --models revnet38,revnet38:plain,resnet32 --batch 128
 
 A model spec is NAME[:plain]; ':plain' sets ``reversible=False`` (ordinary autodiff) on a
-reversible model. New subcommands (train / infer throughput) add a subparser and a function.
+reversible model. `--out FILE.json` writes a record (device, versions, settings, figures).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -79,6 +91,273 @@ def measure_memory(spec, batch, size, num_classes=10, dtype=jnp.float32, time_st
     return out
 
 
+# Dense peak FLOP/s per device by compute dtype (vendor data sheets; fp32 on NVIDIA GPUs is
+# TF32 tensor-core math, XLA's default for fp32 matmuls and convolutions there).
+PEAK_FLOPS = {
+    'H100': {'bfloat16': 989e12, 'float32': 494e12},
+    'H200': {'bfloat16': 989e12, 'float32': 494e12},
+    'A100': {'bfloat16': 312e12, 'float32': 156e12},
+    'V100': {'bfloat16': 125e12, 'float32': 15.7e12},
+    'TPU v4': {'bfloat16': 275e12, 'float32': 275e12},
+    'TPU v5 lite': {'bfloat16': 197e12, 'float32': 197e12},
+    'TPU v5p': {'bfloat16': 459e12, 'float32': 459e12},
+}
+
+
+def peak_flops(device, dtype) -> float | None:
+    """The device's dense peak for ``dtype``, or None when unknown (e.g. a CPU)."""
+    kind = getattr(device, 'device_kind', '')
+    for key, peaks in PEAK_FLOPS.items():
+        if key.lower() in kind.lower():
+            return peaks[jnp.dtype(dtype).name if jnp.dtype(dtype).name in peaks else 'float32']
+    return None
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _setup(spec, batch, size, dtype, num_classes, devices):
+    """Model, variables, optimiser and one batch, sharded over the first ``devices`` devices
+    (data parallel: batch split, parameters replicated)."""
+    name, model = _build(spec, num_classes, dtype)
+    info = jaxcnn.model_info(name)
+    channels = info.input_size[2]
+    mesh = jax.make_mesh((devices,), ('data',), devices=jax.devices()[:devices])
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    variables = jax.jit(lambda: model.init({'params': jax.random.key(0)}, x, train=False),
+                        out_shardings=rep)()
+    images = jax.device_put(np.random.RandomState(0).randn(batch, size, size, channels).astype(
+        jnp.dtype(dtype)), split)
+    labels = jax.device_put(np.arange(batch, dtype=np.int32) % num_classes, split)
+    return name, model, variables, images, labels, rep
+
+
+def _time(fn, args, steps, update_args=None):
+    """Seconds per call, warm-up excluded, synchronised on the outputs."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    if update_args is not None:
+        args = update_args(args, out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+        if update_args is not None:
+            args = update_args(args, out)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def _report(kind, spec, batch, size, dtype, devices, sec, compile_s, flops):
+    dev = jax.devices()[0]
+    peak = peak_flops(dev, dtype)
+    achieved = flops / sec if sec else 0.0
+    return dict(kind=kind, model=spec, batch=batch, size=size, dtype=jnp.dtype(dtype).name,
+                devices=devices, ms_per_step=sec * 1e3, images_per_sec=batch / sec,
+                compile_s=compile_s, flops_per_step=flops, achieved_flops=achieved,
+                mfu=(achieved / (peak * devices)) if peak else None)
+
+
+def measure_train(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
+    """Images/s of the full training step (SGD with momentum), as the trainer runs it."""
+    name, model, variables, images, labels, rep = _setup(spec, batch, size, dtype, num_classes, devices)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_state = jax.jit(tx.init, out_shardings=rep)(params)
+    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2))
+    key = jax.random.key(1)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, stats, opt_state, images, labels, key).compile()
+    compile_s = time.perf_counter() - t0
+    sec = _time(compiled, (params, stats, opt_state, images, labels, key), steps,
+                update_args=lambda a, out: (*out[:3], *a[3:]))
+    return _report('train', spec, batch, size, dtype, devices, sec, compile_s, _flops(compiled))
+
+
+def measure_infer(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
+    """Images/s of the forward pass in inference mode."""
+    name, model, variables, images, labels, rep = _setup(spec, batch, size, dtype, num_classes, devices)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(variables, images).compile()
+    compile_s = time.perf_counter() - t0
+    sec = _time(compiled, (variables, images), steps)
+    return _report('infer', spec, batch, size, dtype, devices, sec, compile_s, _flops(compiled))
+
+
+def measure_compile(spec, batch, size, dtype=jnp.float32, num_classes=1000):
+    """Seconds to trace, lower and compile one training step."""
+    name, model = _build(spec, num_classes, dtype)
+    channels = jaxcnn.model_info(name).input_size[2]
+    x = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.dtype(dtype))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False))
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_shapes = jax.eval_shape(tx.init, shapes['params'])
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2))
+    t0 = time.perf_counter()
+    step.lower(shapes['params'], shapes.get('batch_stats', {}), opt_shapes, x, labels,
+               jax.random.key(1)).compile()
+    return dict(kind='compile', model=spec, batch=batch, size=size, dtype=jnp.dtype(dtype).name,
+                compile_s=time.perf_counter() - t0)
+
+
+def torch_reference(spec, batch, size, kind='train', num_classes=1000, steps=10, bf16=False):
+    """The same model in PyTorch (timm/torchvision twin, else timm by name) on this process's
+    device: CUDA with bf16 autocast, channels_last and torch.compile when available, else
+    eager fp32 on the CPU. Returns the same figures as measure_train / measure_infer."""
+    import torch
+    name = spec.partition(':')[0]
+    torch_name = jaxcnn.model_info(name).torch_name or f'timm:{name}'
+    lib, tname = torch_name.split(':')
+    if lib == 'tv':
+        import torchvision
+        net = getattr(torchvision.models, tname)(weights=None, num_classes=num_classes)
+    else:
+        import timm
+        net = timm.create_model(tname, pretrained=False, num_classes=num_classes)
+    cuda = torch.cuda.is_available()
+    device = torch.device('cuda' if cuda else 'cpu')
+    net = net.to(device)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    settings = dict(device=str(device), autocast_bf16=bool(cuda and bf16), channels_last=cuda,
+                    compiled=False)
+    if cuda and hasattr(torch, 'compile'):
+        try:
+            net = torch.compile(net)
+            settings['compiled'] = True
+        except Exception:  # noqa: BLE001 - fall back to eager, and say so in the record
+            pass
+    channels = jaxcnn.model_info(name).input_size[2]
+    x = torch.randn(batch, channels, size, size, device=device).to(memory_format=fmt)
+    y = torch.arange(batch, device=device) % num_classes
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    amp = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if settings['autocast_bf16'] else None
+
+    def step():
+        if kind == 'train':
+            net.train()
+            with (amp() if amp else torch.enable_grad()):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            net.eval()
+            with torch.no_grad(), (amp() if amp else torch.no_grad()):
+                net(x)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    step(); step(); sync()          # warm-up (and torch.compile's compilation)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    sec = (time.perf_counter() - t0) / steps
+    return dict(kind=kind, model=f'torch:{torch_name}', batch=batch, size=size,
+                ms_per_step=sec * 1e3, images_per_sec=batch / sec, warmup_s=warm,
+                torch=torch.__version__, **settings)
+
+
+def measure_latency(spec, sizes=(1, 2, 4, 8, 16, 32, 64), size=224, dtype=jnp.float32, steps=5):
+    """Inference milliseconds per image for each batch size."""
+    out = {}
+    for b in sizes:
+        r = measure_infer(spec, b, size, dtype, steps=steps)
+        out[b] = r['ms_per_step'] / b
+    return out
+
+
+def _environment():
+    dev = jax.devices()[0]
+    return dict(device=str(getattr(dev, 'device_kind', dev.platform)), platform=dev.platform,
+                num_devices=jax.device_count(), jax=jax.__version__,
+                flax=__import__('flax').__version__, optax=optax.__version__)
+
+
+def _write(path, record):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as f:
+            json.dump(record, f, indent=1)
+
+
+def _line(r):
+    parts = [f"{r['model']:>24}"]
+    if 'images_per_sec' in r:
+        parts.append(f"{r['images_per_sec']:9.1f} img/s  {r['ms_per_step']:8.2f} ms/step")
+    if r.get('compile_s') is not None:
+        parts.append(f"compile {r['compile_s']:6.1f} s")
+    if r.get('achieved_flops'):
+        parts.append(f"{r['achieved_flops'] / 1e12:7.2f} TFLOP/s")
+    if r.get('mfu') is not None:
+        parts.append(f"MFU {r['mfu'] * 100:5.1f}%")
+    return '  '.join(parts)
+
+
+def cmd_throughput(args):
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    measure = measure_train if args.command == 'train' else measure_infer
+    results = []
+    for spec in [s for s in args.model.split(',') if s]:
+        r = measure(spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
+        results.append(r)
+        print(_line(r), flush=True)
+        if args.vs:
+            t = torch_reference(spec, args.batch, args.size, args.command, args.num_classes,
+                                args.steps, bf16=args.bf16)
+            t['ratio_jaxcnn_over_torch'] = r['images_per_sec'] / t['images_per_sec']
+            results.append(t)
+            print(_line(t), flush=True)
+            print(f"{'jaxcnn / ' + args.vs:>24}: {t['ratio_jaxcnn_over_torch']:.2f}x", flush=True)
+    _write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
+                      **_environment(), 'results': results})
+    return 0
+
+
+def cmd_compile(args):
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    results = [measure_compile(s, args.batch, args.size, dtype, args.num_classes)
+               for s in args.model.split(',') if s]
+    for r in results:
+        print(_line(r), flush=True)
+    _write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
+                      **_environment(), 'results': results})
+    return 0
+
+
+def cmd_latency(args):
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    sizes = [int(b) for b in args.batch_sizes.split(',')]
+    table = {}
+    for spec in [s for s in args.models.split(',') if s]:
+        table[spec] = measure_latency(spec, sizes, args.size, dtype, args.steps)
+        print(f'{spec:>24}: ' + '  '.join(f'b{b} {ms:.2f}' for b, ms in table[spec].items())
+              + '  (ms per image)', flush=True)
+    if args.plot:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for spec, lat in table.items():
+            ax.plot(list(lat), [1e3 / ms for ms in lat.values()], 'o-', label=spec)
+        ax.set(xscale='log', xlabel='batch size', ylabel='images / s',
+               title=f'inference throughput, {args.size}px, {jnp.dtype(dtype).name}')
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f'wrote {args.plot}')
+    _write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
+                      **_environment(), 'ms_per_image': table})
+    return 0
+
+
 def cmd_memory(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     results = []
@@ -110,9 +389,44 @@ def main(argv=None):
     mem.add_argument('--time-steps', type=int, default=0, help='also time this many steps')
     mem.add_argument('--out', default='', help='write the results as JSON here')
     mem.set_defaults(func=cmd_memory)
+
+    for kind, helptext in [('train', 'throughput of the full training step'),
+                           ('infer', 'throughput of inference')]:
+        p = sub.add_parser(kind, help=helptext)
+        p.add_argument('--model', required=True, help='NAME[:plain], or several comma-separated')
+        p.add_argument('--batch', type=int, default=64)
+        p.add_argument('--size', type=int, default=224)
+        p.add_argument('--num-classes', type=int, default=1000)
+        p.add_argument('--bf16', action='store_true', help='bf16 compute (fp32 parameters)')
+        p.add_argument('--devices', type=int, default=1, help='data-parallel over this many devices')
+        p.add_argument('--steps', type=int, default=10, help='timed steps after warm-up')
+        p.add_argument('--vs', choices=['timm'], default=None, help='also run the PyTorch twin')
+        p.add_argument('--out', default='')
+        p.set_defaults(func=cmd_throughput)
+    p = sub.add_parser('compile', help='compile time of one training step')
+    p.add_argument('--model', required=True)
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--bf16', action='store_true')
+    p.add_argument('--out', default='')
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser('latency', help='inference ms per image over batch sizes')
+    p.add_argument('--models', required=True)
+    p.add_argument('--batch-sizes', default='1,2,4,8,16,32,64')
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--bf16', action='store_true')
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--plot', default='', help='write a throughput-vs-batch PNG here')
+    p.add_argument('--out', default='')
+    p.set_defaults(func=cmd_latency)
     args = parser.parse_args(argv)
+    for spec in (getattr(args, 'model', None) or getattr(args, 'models', '')).split(','):
+        if spec:
+            jaxcnn.model_info(spec.partition(':')[0])      # unknown name: one clear line
     return args.func(args)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from jaxcnn.config import run_cli
+    run_cli(main)

@@ -255,6 +255,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_subset = 0                 # > 0: train on the first N examples only
   c.test_subset = 0                  # > 0: evaluate on the first N test examples only
   c.on_bad_image = 'skip'
+  c.classes = ()                     # keep only these labels, renumbered 0..k-1 in this order
+
+  # Transfer learning (jaxcnn/transfer.py): start from pretrained weights with a new head.
+  c.init_from = ''                   # '.pth'/'.safetensors' (converted) or a jaxcnn workdir
+  c.transfer = ConfigDict(dict(
+      head_steps=0,                  # > 0: first fit the head alone on cached features
+      head_lr=0.05,
+      freeze_backbone=False,         # main loop updates only params matching `trainable`
+      trainable=r'^head/',
+      freeze_bn=True))               # with a frozen backbone, BatchNorm runs in inference mode
 
   c.batch_size = 128                 # global batch, split over all devices
   c.eval_batch_size = 1000

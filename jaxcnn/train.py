@@ -35,6 +35,7 @@ from jaxcnn import data as data_lib
 from jaxcnn import metrics as metrics_lib
 from jaxcnn import optim
 from jaxcnn import sharding
+from jaxcnn import transfer as transfer_lib
 
 
 @flax.struct.dataclass
@@ -161,8 +162,49 @@ def init_state(config, model, input_shape, mesh, build_tx):
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def make_train_step(config, model, tx, mean, std, image_size, num_classes):
-  """The whole training update for one global batch, as one function to jit."""
+def transfer_init(config, model_name, model, state, ds, train_arrays, test_arrays, stats,
+                  image_size, mesh):
+  """Pretrained weights everywhere but the head; then, if transfer.head_steps > 0, the head
+  fitted alone on backbone features computed once (jaxcnn/transfer.py)."""
+  pretrained = transfer_lib.load_pretrained(config.init_from, model_name)
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  variables = transfer_lib.merge_pretrained(variables, pretrained, config.transfer.trainable)
+  log(f'Loaded pretrained weights from {config.init_from}; new head for '
+      f'{config.num_classes} classes.')
+  head_steps = int(config.transfer.head_steps)
+  if head_steps > 0:
+    if train_arrays is None:
+      raise ValueError('transfer.head_steps needs an in-memory dataset (fmnist, npz, folder); '
+                       'set --config.transfer.head_steps=0 for TFDS datasets')
+    mean, std = stats
+
+    def preprocess(x):
+      x = data_lib.normalize(x, mean, std)
+      return data_lib.resize(x, image_size) if x.shape[1] != image_size else x
+    backbone = jaxcnn.create_model(model_name, num_classes=0,
+                                   **dict(config.get('model_kwargs', {}) or {}))
+    feats = {split: transfer_lib.extract_features(backbone, variables, images, preprocess=preprocess)
+             for split, images in (('train', ds.train_images), ('test', ds.test_images))}
+    head = transfer_lib.fit_head(feats['train'], ds.train_labels, config.num_classes,
+                                 steps=head_steps, lr=float(config.transfer.head_lr),
+                                 seed=config.seed)
+    acc = transfer_lib.head_accuracy(head, feats['test'], ds.test_labels)
+    log(f'Head trained on cached {feats["train"].shape[1]}-d features for {head_steps} steps: '
+        f'test accuracy {acc * 100:.2f}% before fine-tuning.')
+    variables['params'] = transfer_lib.set_head(variables['params'], head)
+  replicated = lambda tree: jax.device_put(tree, sharding.replicated(mesh))
+  ema = replicated(variables['params']) if state.ema_params is not None else None
+  return state.replace(params=replicated(variables['params']),
+                       batch_stats=replicated(variables.get('batch_stats', {})), ema_params=ema)
+
+
+def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_train=True):
+  """The whole training update for one global batch, as one function to jit.
+
+  ``bn_train=False`` (a frozen backbone) runs the model in inference mode: BatchNorm uses and
+  keeps its running statistics, and dropout is off."""
   aug_cfg = config.augment
   host_aug_cfg = {**config.augment.to_dict(), 'crop_padding': 0, 'flip': False}
   ema_decay = float(config.get('ema_decay', 0.0))
@@ -194,7 +236,7 @@ def make_train_step(config, model, tx, mean, std, image_size, num_classes):
       variables = {'params': params}
       if state.batch_stats:
         variables['batch_stats'] = state.batch_stats
-      outputs, new_vars = model.apply(variables, images, train=True,
+      outputs, new_vars = model.apply(variables, images, train=bn_train,
                                       rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
       loss = optim.classification_loss(outputs, targets, num_classes, smoothing)
       return loss, (outputs, new_vars.get('batch_stats', {}))
@@ -327,6 +369,10 @@ def main(argv=None) -> int:
   model = create_model(config, model_name)
   build_tx = lambda params: optim.build_optimizer(
       config, params, steps_per_epoch, total_steps, config.batch_size)[0]
+  frozen = bool(config.get('init_from', '')) and config.transfer.freeze_backbone
+  if frozen:  # Transfer learning: only the head (transfer.trainable) is updated.
+    build_tx = (lambda tx: lambda params: transfer_lib.freeze_backbone(
+        tx(params), config.transfer.trainable))(build_tx)
   state, state_shardings = init_state(config, model, (image_size, image_size, channels), mesh,
                                       build_tx)
   tx = build_tx(state.params)
@@ -334,7 +380,8 @@ def main(argv=None) -> int:
       f'{"bf16" if config.get("bf16", False) else "fp32"} compute')
 
   # == Train and eval steps ====================================================================
-  train_step = make_train_step(config, model, tx, mean, std, image_size, config.num_classes)
+  train_step = make_train_step(config, model, tx, mean, std, image_size, config.num_classes,
+                               bn_train=not (frozen and config.transfer.freeze_bn))
   # The state is donated: its buffers are reused for the new state (halves peak memory).
   train_step = jax.jit(train_step, donate_argnums=(0,),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
@@ -350,6 +397,11 @@ def main(argv=None) -> int:
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
     log(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
+  elif not config.get('init_from', '') and config.transfer.get('head_steps', 0) > 0:
+    log('No --config.init_from given: training from scratch (transfer.head_steps ignored).')
+  elif config.get('init_from', ''):
+    state = transfer_init(config, model_name, model, state, ds, train_arrays, test_arrays,
+                          (mean, std), image_size, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   ckpt_every = config_lib.duration_steps(config, 'checkpoint_every', steps_per_epoch)
   log_every = max(1, config_lib.duration_steps(config, 'log_every', steps_per_epoch, 50))

@@ -16,7 +16,10 @@ See ``jaxcnn.data.augment`` and ``jaxcnn.data.views`` for the jittable batch fun
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+import numpy as np
 
 from jaxcnn.data.arrays import ArrayDataset, channel_stats, make_array_dataset
 from jaxcnn.data.augment import (augment_batch, cutmix, cutout, device_dataset, epoch_permutation,
@@ -34,7 +37,7 @@ __all__ = [
     "normalize", "resize", "random_crop", "random_flip", "cutout", "random_erasing", "one_hot",
     "mixup", "cutmix", "augment_batch", "epoch_permutation", "take_batch", "device_dataset",
     "eval_views", "center_crop", "flip_pair", "ten_crop", "multiscale", "average_views", "EVAL_MODES",
-    "DATASET_SCHEMES",
+    "DATASET_SCHEMES", "select_classes",
 ]
 
 DATASET_SCHEMES = ("fmnist", "npz:PATH", "folder:PATH", "tfds:NAME")
@@ -52,6 +55,30 @@ def __getattr__(name):
 def _get(config: Any, key: str, default=None):
   value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
   return default if value is None else value
+
+
+def select_classes(ds, classes, spec: str = "dataset"):
+  """The examples of ``classes`` only, relabelled 0..k-1 in the order given (e.g. to pre-train
+  on some classes of a dataset and transfer to the others)."""
+  if not isinstance(ds, ArrayDataset):
+    raise ValueError(f"config.classes works with in-memory datasets, not {spec}; "
+                     "unset --config.classes")
+  bad = [c for c in classes if not 0 <= int(c) < ds.num_classes]
+  if bad or len(set(classes)) != len(classes):
+    raise ValueError(f"config.classes={tuple(classes)} must be distinct labels in "
+                     f"[0, {ds.num_classes}) of {spec}")
+  lookup = np.full(ds.num_classes, -1, np.int64)
+  lookup[np.asarray(classes, np.int64)] = np.arange(len(classes))
+
+  def pick(images, labels):
+    keep = lookup[labels] >= 0
+    return images[keep], lookup[labels[keep]].astype(np.int32)
+  train_images, train_labels = pick(ds.train_images, ds.train_labels)
+  test_images, test_labels = pick(ds.test_images, ds.test_labels)
+  return dataclasses.replace(ds, train_images=train_images, train_labels=train_labels,
+                             test_images=test_images, test_labels=test_labels,
+                             num_classes=len(classes),
+                             class_names=tuple(ds.class_names[c] for c in classes))
 
 
 def load_dataset(config: Any, mean=None, std=None):
@@ -81,6 +108,9 @@ def load_dataset(config: Any, mean=None, std=None):
                      data_dir=_get(config, "tfds_data_dir", "") or None)
   else:
     raise ValueError(f"unknown dataset {spec!r}; use one of {', '.join(DATASET_SCHEMES)}")
+  classes = tuple(_get(config, "classes", ()) or ())
+  if classes:
+    ds = select_classes(ds, classes, spec)
   wanted = _get(config, "num_classes")
   if wanted is not None and int(wanted) < ds.num_classes:
     raise ValueError(f"config.num_classes={wanted} but dataset {spec} has {ds.num_classes} classes; "

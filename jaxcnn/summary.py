@@ -1,0 +1,245 @@
+"""Per-layer cost table of any registered model: `python -m jaxcnn.summary NAME [--input 224]`.
+
+The table the lectures draw for AlexNet, VGG-16 and GoogLeNet's stem, one row per
+convolution, fully connected layer and pooling, read from the traced forward pass (the jaxpr),
+so it covers every family without per-model code:
+
+  layer | input C/H/W | filters | kernel | stride | pad | output C/H/W | memory KB | params |
+  MACs | receptive field
+
+Definitions (per image):
+  * memory (KB) = output elements x 4 bytes / 1024 (fp32 activations);
+  * params = weights + biases of the layer's module;
+  * MACs (multiply-adds): convolution = output elements x (C_in / groups x K_h x K_w);
+    fully connected = C_in x C_out; pooling = output elements x K_h x K_w; global average
+    pooling = input elements;
+  * receptive field r and jump j along the execution order: r += (K - 1) * j, j *= stride
+    (r = 1 + L (K - 1) for L stacked stride-1 KxK convs). Exact for chain networks; for
+    multi-branch ones it follows the branches in the order they run.
+
+Where the definitions coincide (no padding) XLA's cost analysis gives 2 FLOPs per MAC here plus
+the element-wise work (activations, BatchNorm, residual sums, bias adds): tests/test_summary.py
+checks this on LeNet-5. They differ in two ways: XLA does not count the taps of a convolution
+that fall on zero padding (AlexNet at 224: XLA's figure is 0.92 x 2 x the MACs here), and it
+counts element-wise work this table leaves out (see :func:`xla_flops`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+import jaxcnn
+
+
+@dataclasses.dataclass
+class LayerCost:
+    layer: str
+    kind: str                        # conv | fc | maxpool | avgpool | gap
+    input_chw: tuple
+    output_chw: tuple
+    filters: Optional[int] = None
+    kernel: Optional[tuple] = None
+    stride: Optional[tuple] = None
+    pad: Optional[tuple] = None
+    groups: int = 1
+    params: int = 0
+    macs: int = 0
+    receptive_field: int = 1
+
+    @property
+    def memory_kb(self) -> float:
+        return float(np.prod(self.output_chw)) * 4 / 1024
+
+
+def _chw(shape) -> tuple:
+    # NHWC (or (N, features) for fc layers) -> the lecture's (C, H, W)
+    return (shape[-1], shape[1], shape[2]) if len(shape) == 4 else (shape[-1],)
+
+
+def _module_params(params_by_path, path: str) -> dict:
+    return {k: v for k, v in params_by_path.items() if k.rsplit('/', 1)[0] == path}
+
+
+def _sub_jaxprs(eqn):
+    """(closed or open jaxpr, repeat count) pairs nested in an equation (pjit, scan, remat, ...)."""
+    out = []
+    for key, value in eqn.params.items():
+        items = value if isinstance(value, (tuple, list)) else [value]
+        for item in items:
+            jaxpr = getattr(item, 'jaxpr', item)
+            if hasattr(jaxpr, 'eqns'):
+                repeat = int(eqn.params.get('length', 1)) if eqn.primitive.name == 'scan' else 1
+                out.append((jaxpr, repeat))
+    return out
+
+
+def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
+                num_classes: Optional[int] = None) -> List[LayerCost]:
+    """Rows of the per-layer table for one image of ``input_size`` x ``input_size``."""
+    if isinstance(name_or_model, str):
+        kwargs = {} if num_classes is None else {'num_classes': num_classes}
+        model = jaxcnn.create_model(name_or_model, **kwargs)
+    else:
+        model = name_or_model
+    x = jnp.zeros((1, input_size, input_size, channels), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    flat = traverse_util.flatten_dict(variables.get('params', {}), sep='/')
+    params_by_path = {k: int(np.prod(v.shape)) for k, v in flat.items()}
+    shapes_by_path = {k: tuple(v.shape) for k, v in flat.items()}
+    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    root = type(model).__name__
+    rows: List[LayerCost] = []
+    rf, jump = 1, 1
+    seen_modules = set()
+
+    def module_path(eqn):
+        stack = str(eqn.source_info.name_stack)
+        parts = [p for p in stack.split('/') if p and not p.startswith(('jit(', 'vmap(', 'scan', 'remat', 'checkpoint', 'transpose', 'jvp'))]
+        if parts and parts[0] == root:
+            parts = parts[1:]
+        return '/'.join(parts)
+
+    def params_of(path, stacked):
+        # a scanned module holds its blocks' weights stacked: each pass owns 1/stacked of them;
+        # a module applied twice (shared weights) owns its parameters once
+        own = sum(_module_params(params_by_path, path).values())
+        if stacked > 1:
+            return own // stacked
+        if path in seen_modules:
+            return 0
+        seen_modules.add(path)
+        return own
+
+    def walk(jaxpr, repeat):
+        nonlocal rf, jump
+        for eqn in jaxpr.eqns:
+            prim = eqn.primitive.name
+            subs = _sub_jaxprs(eqn)
+            if prim == 'scan':              # one pass of the body per scanned block
+                length = int(eqn.params['length'])
+                for _ in range(length):
+                    walk(subs[0][0], repeat * length)
+                continue
+            if subs:                        # pjit, remat, custom_vjp, ...: the primal body once
+                walk(subs[0][0], repeat)
+                continue
+            in_shape = tuple(eqn.invars[0].aval.shape) if eqn.invars else ()
+            out_shape = tuple(eqn.outvars[0].aval.shape)
+            path = module_path(eqn)
+            if prim == 'conv_general_dilated':
+                kshape = tuple(eqn.invars[1].aval.shape)            # HWIO
+                groups = int(eqn.params['feature_group_count'])
+                stride = tuple(eqn.params['window_strides'])
+                pad = tuple(tuple(p) for p in eqn.params['padding'])
+                kh, kw = kshape[0], kshape[1]
+                macs = int(np.prod(out_shape[1:])) * kshape[2] * kh * kw
+                rf += (kh - 1) * jump
+                jump *= stride[0]
+                rows.append(LayerCost(path or 'conv', 'conv', _chw(in_shape), _chw(out_shape),
+                                      filters=kshape[3], kernel=(kh, kw), stride=stride,
+                                      pad=tuple(p[0] for p in pad), groups=groups,
+                                      params=params_of(path, repeat), macs=macs, receptive_field=rf))
+            elif prim == 'dot_general':
+                w_shape = tuple(eqn.invars[1].aval.shape)
+                own = [s for k, s in shapes_by_path.items()
+                       if k.rsplit('/', 1)[0] == path and k.endswith('kernel')]
+                if w_shape in own or (len(w_shape) == 2 and own and own[0][-2:] == w_shape):
+                    c_in, c_out = w_shape[-2], w_shape[-1]
+                    positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+                    rows.append(LayerCost(path or 'fc', 'fc', _chw(in_shape), _chw(out_shape),
+                                          filters=c_out, params=params_of(path, repeat),
+                                          macs=positions * c_in * c_out, receptive_field=rf))
+            elif prim in ('reduce_window_max', 'reduce_window_sum', 'reduce_window'):
+                window = tuple(eqn.params['window_dimensions'])[1:3]
+                stride = tuple(eqn.params['window_strides'])[1:3]
+                pad = tuple(p[0] for p in eqn.params['padding'])[1:3]
+                if len(in_shape) != 4 or window == (1, 1):
+                    continue
+                rf += (window[0] - 1) * jump
+                jump *= stride[0]
+                kind = 'maxpool' if prim == 'reduce_window_max' else 'avgpool'
+                rows.append(LayerCost(f'{path}/{kind}' if path else kind, kind, _chw(in_shape),
+                                      _chw(out_shape), kernel=window, stride=stride, pad=pad,
+                                      macs=int(np.prod(out_shape[1:])) * window[0] * window[1],
+                                      receptive_field=rf))
+            elif prim == 'reduce_sum' and len(in_shape) == 4 and tuple(eqn.params['axes']) == (1, 2):
+                rows.append(LayerCost(f'{path}/global_pool' if path else 'global_pool', 'gap',
+                                      _chw(in_shape), (in_shape[-1],),
+                                      macs=int(np.prod(in_shape[1:])), receptive_field=rf))
+    walk(closed.jaxpr, 1)
+    return rows
+
+
+def xla_flops(name: str, input_size: int = 224, channels: int = 3) -> float:
+    """FLOPs of one image's forward pass from XLA's cost analysis of the compiled model."""
+    model = jaxcnn.create_model(name)
+    x = jnp.zeros((1, input_size, input_size, channels), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost['flops'])
+
+
+def format_table(rows: List[LayerCost], total_params: Optional[int] = None) -> str:
+    fmt_chw = lambda t: 'x'.join(str(v) for v in t)
+    fmt_t = lambda t: '' if t is None else (str(t[0]) if len(set(t)) == 1 else 'x'.join(map(str, t)))
+    header = ('layer', 'input C/H/W', 'filters', 'kernel', 'stride', 'pad', 'output C/H/W',
+              'memory KB', 'params', 'MACs', 'RF')
+    body = [(r.layer + (f' (g={r.groups})' if r.groups > 1 else ''), fmt_chw(r.input_chw),
+             '' if r.filters is None else str(r.filters), fmt_t(r.kernel), fmt_t(r.stride),
+             fmt_t(r.pad), fmt_chw(r.output_chw), f'{r.memory_kb:,.1f}', f'{r.params:,}',
+             f'{r.macs:,}', str(r.receptive_field)) for r in rows]
+    layer_params = sum(r.params for r in rows)
+    totals = ('total', '', '', '', '', '', '', f'{sum(r.memory_kb for r in rows):,.1f}',
+              f'{layer_params:,}', f'{sum(r.macs for r in rows):,}', '')
+    lines = [header] + body + [totals]
+    if total_params is not None and total_params != layer_params:
+        lines.append(('(norms, scales, other)', '', '', '', '', '', '', '',
+                      f'{total_params - layer_params:,}', '', ''))
+        lines.append(('model total', '', '', '', '', '', '', '', f'{total_params:,}', '', ''))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append('  '.join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0 or i == len(body):
+            out.append('-' * len(out[-1]))
+    return '\n'.join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m jaxcnn.summary', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model', help='a registered model name (see jaxcnn.list_models())')
+    parser.add_argument('--input', type=int, default=0, help='square input size (default: the model\'s)')
+    parser.add_argument('--channels', type=int, default=0)
+    parser.add_argument('--xla', action='store_true', help="also print XLA's FLOP count")
+    args = parser.parse_args(argv)
+    info = jaxcnn.model_info(args.model)
+    size = args.input or info.input_size[0]
+    channels = args.channels or info.input_size[2]
+    if size < info.min_input:
+        raise ValueError(f'{args.model} needs inputs of at least {info.min_input} px; got --input {size}')
+    rows = layer_costs(args.model, size, channels)
+    model = jaxcnn.create_model(args.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False))
+    print(f'{args.model} at {channels}x{size}x{size} (per image)')
+    print(format_table(rows, jaxcnn.count_params(shapes['params'])))
+    if args.xla:
+        macs = sum(r.macs for r in rows)
+        flops = xla_flops(args.model, size, channels)
+        print(f'XLA cost analysis: {flops:,.0f} FLOPs = {flops / (2 * macs):.3f} x 2 x MACs above '
+              '(XLA skips taps on zero padding and adds element-wise work)')
+    return 0
+
+
+if __name__ == '__main__':
+    from jaxcnn.config import run_cli
+    run_cli(main)

@@ -1,0 +1,52 @@
+"""The benchmark's figures follow their definitions (not timings: those live in BENCHMARKS.md)."""
+import json
+import types
+
+import jax.numpy as jnp
+import pytest
+
+from jaxcnn import bench
+from jaxcnn.summary import layer_costs
+
+
+def test_train_figures_are_consistent(tmp_path):
+    r = bench.measure_train('lenet5', batch=4, size=32, num_classes=10, steps=2)
+    assert r['images_per_sec'] == pytest.approx(4 / (r['ms_per_step'] / 1e3))
+    assert r['achieved_flops'] == pytest.approx(r['flops_per_step'] / (r['ms_per_step'] / 1e3))
+    # a training step costs at least forward (2 FLOPs per MAC) plus two backward products
+    macs = sum(row.macs for row in layer_costs('lenet5', 32, channels=1) if row.kind in ('conv', 'fc'))
+    assert r['flops_per_step'] >= 0.9 * 3 * 2 * macs * 4
+    assert r['mfu'] is None                          # no published peak for a CPU
+
+
+def test_infer_and_compile_and_latency():
+    r = bench.measure_infer('lenet5', batch=2, size=32, num_classes=10, steps=2)
+    assert r['kind'] == 'infer' and r['images_per_sec'] > 0
+    c = bench.measure_compile('lenet5', batch=2, size=32, num_classes=10)
+    assert c['compile_s'] > 0
+    lat = bench.measure_latency('lenet5', sizes=(1, 2), size=32, steps=1)
+    assert sorted(lat) == [1, 2] and all(v > 0 for v in lat.values())
+
+
+def test_mfu_uses_the_devices_peak():
+    h100 = types.SimpleNamespace(device_kind='NVIDIA H100 80GB HBM3')
+    assert bench.peak_flops(h100, jnp.bfloat16) == 989e12
+    assert bench.peak_flops(types.SimpleNamespace(device_kind='cpu'), jnp.float32) is None
+
+
+def test_cli_writes_a_record_with_the_torch_ratio(tmp_path, capsys):
+    out = tmp_path / 'r.json'
+    assert bench.main(['train', '--model', 'resnet18', '--batch', '2', '--size', '32',
+                       '--steps', '1', '--vs', 'timm', '--out', str(out)]) == 0
+    record = json.load(open(out))
+    jax_r, torch_r = record['results']
+    assert torch_r['model'] == 'torch:tv:resnet18'
+    assert torch_r['ratio_jaxcnn_over_torch'] == pytest.approx(
+        jax_r['images_per_sec'] / torch_r['images_per_sec'])
+    assert {'jax', 'flax', 'device', 'command'} <= set(record)
+    assert 'jaxcnn / timm' in capsys.readouterr().out
+
+
+def test_unknown_model_is_one_clear_error():
+    with pytest.raises(ValueError, match='unknown model'):
+        bench.main(['infer', '--model', 'resnet_18'])
