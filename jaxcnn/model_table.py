@@ -22,15 +22,22 @@ def _reference_figure(info) -> str:
     return f'{info.reference_params / 1e6:g}M'
 
 
+def model_gmacs(name: str) -> float:
+    """Multiply-adds of one image at the model's default input, in billions (jaxcnn.summary)."""
+    from .summary import layer_costs
+    h, _, c = model_info(name).input_size
+    return sum(r.macs for r in layer_costs(name, h, c)) / 1e9
+
+
 def markdown_table(pattern: str = '*') -> str:
-    rows = ['| model | input | reference | reference params | jaxcnn params | logits vs PyTorch |',
-            '|---|---|---|---:|---:|---|']
+    rows = ['| model | input | reference | reference params | jaxcnn params | GMACs | logits vs PyTorch |',
+            '|---|---|---|---:|---:|---:|---|']
     for name in list_models(pattern):
         info = model_info(name)
         h, w, _ = info.input_size
         twin = f'`{info.torch_name}`' if info.torch_name else '—'
         rows.append(f'| `{name}` | {h}×{w} | {info.reference} | {_reference_figure(info)} | '
-                    f'{model_params(name):,} | {twin} |')
+                    f'{model_params(name):,} | {model_gmacs(name):.3g} | {twin} |')
     return '\n'.join(rows)
 
 
