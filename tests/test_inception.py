@@ -143,7 +143,8 @@ def test_too_small_inputs_are_refused_clearly():
         torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.meta['min_size'][0]
     for name, smallest in [('inception_v3', 75), ('googlenet', 15)]:
         model = jaxcnn.create_model(name)
-        with pytest.raises(ValueError, match=f'needs inputs of at least {smallest}x{smallest}, got {smallest - 1}x'):
+        too_small = f'needs inputs of at least {smallest}x{smallest}, got {smallest - 1}x{smallest - 1}'
+        with pytest.raises(ValueError, match=too_small):
             abstract_variables(model, (1, smallest - 1, smallest - 1, 3))
         v = abstract_variables(model, (1, smallest, smallest, 3))      # the minimum itself runs
         x = jnp.zeros((2, smallest, smallest, 3))
@@ -164,7 +165,8 @@ def test_train_mode_matches_torchvision_with_auxiliary_heads(name, size):
     x = np.random.RandomState(0).randn(4, 3, size, size).astype(np.float32)
     with torch.no_grad():
         out = ref(torch.from_numpy(x))
-    expected = [out.logits] + ([out.aux_logits1, out.aux_logits2] if name == 'googlenet' else [out.aux_logits])
+    aux = [out.aux_logits1, out.aux_logits2] if name == 'googlenet' else [out.aux_logits]
+    expected = [out.logits, *aux]
     model = jaxcnn.create_model(name, drop_rate=0.0, aux_drop_rate=0.0)
     (logits, aux), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
         variables, jnp.asarray(x.transpose(0, 2, 3, 1)))

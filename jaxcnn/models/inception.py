@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from ..convert import register_renames
 from ..layers import (ClassifierHead, adaptive_avg_pool, avg_pool, ceil_max_pool,
-                      ceil_mode_padding, check_image_batch, global_avg_pool, max_pool,
-                      resolve_padding)
+                      ceil_mode_padding, check_image_batch, global_avg_pool, make_divisible,
+                      max_pool, resolve_padding)
 from ..layers.conv_bn import ConvBnAct
 from ..registry import IMAGENET_MEAN, IMAGENET_STD, register
 
@@ -243,9 +243,10 @@ class GoogLeNetAux(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                   kernel_init=nn.initializers.normal(0.01))     # torchvision's GoogLeNet init
-        x = self.unit(Conv('conv', scaled(128, self.width)))(adaptive_avg_pool(x, 4), train)
+        width = lambda c: make_divisible(c * self.width, 1)
+        x = self.unit(Conv('conv', width(128)))(adaptive_avg_pool(x, 4), train)
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)     # PyTorch's (C, H, W) flatten
-        x = nn.relu(nn.Dense(scaled(1024, self.width), name='fc1', **kw)(x))
+        x = nn.relu(nn.Dense(width(1024), name='fc1', **kw)(x))
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, name='fc2', **kw)(x)
 
@@ -267,17 +268,14 @@ class InceptionV3Aux(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        width = lambda c: make_divisible(c * self.width, 1)
         x = avg_pool(x, (min(5, x.shape[1]), min(5, x.shape[2])), 3)
-        x = self.unit(Conv('conv0', scaled(128, self.width)))(x, train)
+        x = self.unit(Conv('conv0', width(128)))(x, train)
         pads = tuple(((5 - n) // 2, 5 - n - (5 - n) // 2) if n < 5 else (0, 0) for n in x.shape[1:3])
         # torchvision initialises this conv and the classifier with std 0.01 and 0.001
-        x = self.unit(Conv('conv1', scaled(768, self.width), 5, padding=pads), 0.01)(x, train)
+        x = self.unit(Conv('conv1', width(768), 5, padding=pads), 0.01)(x, train)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=nn.initializers.normal(0.001), name='fc')(global_avg_pool(x))
-
-
-def scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
 
 
 class Inception(nn.Module):
@@ -319,8 +317,8 @@ class Inception(nn.Module):
             x = (x * (std / 0.5) + (mean - 0.5) / 0.5).astype(x.dtype)
 
         def unit(step: Conv, init_std: float = self.init_std):
-            return ConvBnAct(scaled(step.features, self.width), step.kernel, step.stride,
-                             step.padding, eps=self.bn_eps,
+            return ConvBnAct(make_divisible(step.features * self.width, 1), step.kernel,
+                             step.stride, step.padding, eps=self.bn_eps,
                              kernel_init=nn.initializers.normal(init_std), name=step.name, **kw)
 
         def aux_head(name):

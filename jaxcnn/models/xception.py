@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from ..convert import register_renames
 from ..layers import (ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d,
-                      depthwise_conv2d, drop_path_rates, max_pool)
+                      depthwise_conv2d, drop_path_rates, make_divisible, max_pool)
 from ..registry import register
 
 
@@ -93,10 +93,6 @@ class XceptionBlock(nn.Module):
         return DropPath(self.drop_path)(h, train) + x
 
 
-def scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
 class Xception(nn.Module):
     """stem -> entry flow -> middle flow (``middle_repeats`` x ``middle_flow``) -> exit flow.
 
@@ -119,7 +115,7 @@ class Xception(nn.Module):
     def rows(self):
         """Every block row, entry to exit, at this model's width."""
         rows = (*self.entry_flow, *(self.middle_flow,) * self.middle_repeats, *self.exit_flow)
-        return [r._replace(out=scaled(r.out, self.width)) for r in rows]
+        return [r._replace(out=make_divisible(r.out * self.width, 1)) for r in rows]
 
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
@@ -127,14 +123,14 @@ class Xception(nn.Module):
         check_image_batch(x, MIN_INPUT, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         bn = lambda name, h: nn.relu(batch_norm(train, name=name, **kw)(h))
-        w1, w2 = (scaled(c, self.width) for c in self.stem_widths)
+        w1, w2 = (make_divisible(c * self.width, 1) for c in self.stem_widths)
         x = bn('bn1', conv2d(w1, 3, 2, padding='valid', name='conv1', **kw)(x))
         x = bn('bn2', conv2d(w2, 3, padding='valid', name='conv2', **kw)(x))
         rows = self.rows()
         for i, (row, rate) in enumerate(zip(rows, drop_path_rates(self.drop_path_rate, len(rows)))):
             x = XceptionBlock(row, rate, name=f'block{i + 1}', **kw)(x, train)
         for j, c in enumerate(self.exit_widths):
-            x = SeparableConv(scaled(c, self.width), name=f'conv{j + 3}', **kw)(x)
+            x = SeparableConv(make_divisible(c * self.width, 1), name=f'conv{j + 3}', **kw)(x)
             x = bn(f'bn{j + 3}', x)
         if features_only:
             return x
