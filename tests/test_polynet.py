@@ -72,15 +72,16 @@ def polynet_small_hand_count(num_classes=10):
                                   [(32, 1, 1), (40, 3, 3), (40, 3, 3)]])             # 128+48+40+40
     units_per_stage = 1 + 2 + 2                       # poly-2 (one shared F), mpoly-2, 2-way
     stem = conv_bn(3, 64, 3, 3)
+    final = conv_bn(256, 256)                         # 1x1 conv-BN-ReLU before the pool
     head = 256 * num_classes + num_classes
-    return stem + units_per_stage * (a + b + c) + red_a + red_b + head
+    return stem + units_per_stage * (a + b + c) + red_a + red_b + final + head
 
 
 def test_polynet_small_cifar_hand_count():
     model = jaxcnn.create_model('polynet_small_cifar')
     v = abstract_variables(model, (1, 32, 32, 3))
     n = jaxcnn.count_params(v['params'])
-    assert n == polynet_small_hand_count() == 450_666
+    assert n == polynet_small_hand_count() == 516_714
     assert n == jaxcnn.model_info('polynet_small_cifar').reference_params
     # each stage holds one module of each kind; poly-2 owns one unit, the others two
     p = v['params']

@@ -23,8 +23,8 @@ Local and global sampling are alternated by mini-batch as the paper mixes them 5
 forward pass (one mini-batch; one step of the trainer) a coin drawn from the 'dropout' RNG
 picks global sampling with probability ``global_drop_ratio`` (0.5) and local sampling
 otherwise; the global column is drawn uniformly from the same stream. The choice is per
-mini-batch, like the masks themselves ("presenting a different active subnetwork to each
-mini-batch", Fig. 2). ``drop_path_rate = 0`` turns drop-path (both kinds) off.
+mini-batch, like the masks themselves (each mini-batch sees a different active subnetwork,
+Fig. 2). ``drop_path_rate = 0`` turns drop-path (both kinds) off.
 
 ``column=k`` (a field, or an argument of ``__call__`` that overrides it) evaluates column k
 alone, with the full network's variables: the paper's "deepest column alone" row of Table 1 is
@@ -47,9 +47,13 @@ Registered row and its parameter count (see tests/test_fractalnet.py):
   builds this same layout (their convolutions carry biases and their BatchNorm has no affine
   parameters: 33,714,314, also 33.7M), and an independent reimplementation reports the same
   33.7M against the paper's 38.6M (khanrc/pt.fractalnet, exp-note). The registry therefore
-  carries the exact hand count of the layout; the 38.6M is not reproduced. The 40-layer net of
-  Table 1 (22.9M) is not registered: with these channels C = 4 counts 76M, and the paper gives
-  no narrower channel table that would make 22.9M.
+  carries the exact hand count of the layout; the 38.6M is not reproduced. (A layout in which
+  every 3x3 conv of a block reads c channels, behind a 1x1 conv that changes the width at the
+  block's entry, would count about 38.65M and round to the table; neither the paper's text nor
+  the authors' generator has such convolutions, so it is not built.) The 40-layer net of
+  Table 1 (22.9M) is not registered: with these channels C = 4 counts 76,106,634, and no
+  narrower channel table giving 22.9M was found.
+Section, figure and table numbers are this file's reading of the ICLR 2017 version.
 """
 from typing import Dict, Optional, Sequence, Union
 

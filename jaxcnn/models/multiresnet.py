@@ -27,11 +27,10 @@ Registered row: ``multiresnet200_k5``, depth 200, k = 5 (bottleneck, width 1): 1
 parameters, 4.35 % CIFAR-10 / 20.42 % CIFAR-100 error, set against the 1001-layer pre-activation
 ResNet of the same 10.2M. Reading: the figures are the paper's CIFAR results as the authors'
 repository README tabulates them with parameter counts (masabdi/multi-resnet); the paper's
-own table could not be consulted here, so the row is the one whose count the authors' code
-confirms. This layout counts 10,187,354 (tests/test_multiresnet.py recounts it by hand),
+own table could not be consulted here; the authors' Torch code gives the layout. This layout counts 10,187,354 (tests/test_multiresnet.py recounts it by hand),
 which rounds to 10.2M. Other rows are arguments of the same row:
   * depth 398, k = 5 (20.4M, 3.92 %): ``create_model('multiresnet200_k5', depth=398)`` counts
-    20,388,314, which rounds to the table too (tested; not registered because its jitted
+    20,388,314, which rounds to that 20.4M too (tested; not registered because its jitted
     training step costs twice the 200-layer one on the CPU test machine);
   * the wide rows, depth 26, k = 2 / 4, width 10 (3.96 % / 3.73 %): ``depth=26, k=2, width=10,
     block='basic'`` counts 72.7M (145.1M with k = 4); the README prints 72M and 154M, so these
