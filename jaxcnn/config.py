@@ -24,14 +24,17 @@ import ml_collections
 from ml_collections import ConfigDict
 
 DEFAULT_CONFIG = 'default'
-# configs/ next to the jaxcnn package, for runs started outside the repository.
+# configs/ next to the jaxcnn package (a source checkout), or installed inside it as
+# jaxcnn/configs (a wheel, see pyproject.toml), for runs started outside the repository.
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / 'configs'
 
 
 def config_dirs() -> list[Path]:
-  """Directories searched for `NAME.py`: ./configs first, then the repository's configs."""
+  """Directories searched for `NAME.py`: ./configs first, then the repository's or the
+  installed package's."""
   dirs = []
-  for d in (Path.cwd() / 'configs', REPO_CONFIGS):
+  for d in (Path.cwd() / 'configs', REPO_CONFIGS, PACKAGED_CONFIGS):
     d = d.resolve()
     if d.is_dir() and d not in dirs:
       dirs.append(d)
@@ -279,6 +282,12 @@ def base_config() -> ml_collections.ConfigDict:
       crop_padding=4, flip=True, cutout=0, random_erasing=0.0, mixup=0.0, cutmix=0.0,
       randaugment_layers=0, randaugment_magnitude=0))
   c.eval = ConfigDict(dict(mode='center', scales=(1.0,)))
+  # Progressive learning (Tan & Le 2021, §4.2, Algorithm 1): `stages` M > 1 splits training
+  # into M equal parts; part i trains at S_i = S_0 + (S_e - S_0) i / (M - 1) pixels and with
+  # each listed regulariser interpolated the same way. The end values are the recipe's own
+  # (image_size, model_kwargs.drop_rate, augment.mixup); a start value < 0 leaves it fixed.
+  c.progressive = ConfigDict(dict(
+      stages=0, start_image_size=-1, start_drop_rate=-1.0, start_mixup=-1.0))
   c.optim = ConfigDict(dict(
       name='sgd', lr=0.1, lr_scaling='none', momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
       eps=1e-8, rmsprop_decay=0.9, weight_decay=5e-4, decay_exclude='', agc_clip=0.0,

@@ -5,7 +5,8 @@
 
 What changes between the two worlds, and nothing else:
   * layout: conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out), a 1x1-conv
-    classifier (timm's ResNetV2 head) -> dense kernel;
+    classifier (timm's ResNetV2 head) -> dense kernel, timm's CondConv expert weights
+    (E, O * I * kh * kw) -> (E, kh, kw, I, O);
   * BatchNorm: weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var
     (both use var + eps with eps = 1e-5, so no epsilon correction is needed);
   * names: each family gives a short table of renames from the reference's module names;
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from .layers.dynamic import condconv_kernel_from_timm
 from .registry import create_model, model_info
 
 # family -> list of (regex, replacement) applied in order to the torch key (with '.' separators)
@@ -133,6 +135,11 @@ def _target(key: str, table) -> Tuple[str, Tuple[str, ...]]:
 
 
 def _convert_leaf(leaf: str, value: np.ndarray, target_shape) -> np.ndarray:
+    if leaf == 'weight' and value.ndim == 2 and len(target_shape) == 5:
+        # timm CondConv2d experts: (E, O * I * kh * kw), OIHW flattened -> (E, kh, kw, I, O)
+        e, kh, kw, i, o = target_shape
+        if value.shape == (e, o * i * kh * kw):
+            return condconv_kernel_from_timm(value, o, i, (kh, kw))
     if leaf == 'weight':
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)          # OIHW -> HWIO

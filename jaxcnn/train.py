@@ -200,13 +200,54 @@ def transfer_init(config, model_name, model, state, ds, train_arrays, test_array
                        batch_stats=replicated(variables.get('batch_stats', {})), ema_params=ema)
 
 
-def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_train=True):
+@dataclasses.dataclass(frozen=True)
+class TrainPhase:
+  """What changes between the stages of progressive learning: from ``start_step`` on, train
+  at ``image_size`` pixels with this dropout rate and MixUp alpha (None: the recipe's own)."""
+  start_step: int
+  image_size: int
+  drop_rate: float | None = None
+  mixup: float | None = None
+
+
+def progressive_phases(config, total_steps: int, image_size: int, model) -> list[TrainPhase]:
+  """The training phases of config.progressive (Tan & Le 2021, Algorithm 1): M equal stages,
+  stage i at S_0 + (S_e - S_0) i / (M - 1) pixels, each scheduled regulariser interpolated the
+  same way from its start value to the recipe's value. One phase when progressive is off."""
+  p = config.progressive
+  m = int(p.stages)
+  if m <= 1:
+    return [TrainPhase(0, image_size)]
+  if total_steps < m:
+    raise ValueError(f'progressive.stages={m} needs at least {m} training steps, the run has '
+                     f'{total_steps}; lower --config.progressive.stages.')
+  if p.start_drop_rate >= 0 and not hasattr(model, 'drop_rate'):
+    raise ValueError(f'progressive.start_drop_rate: {type(model).__name__} has no drop_rate '
+                     f'argument; set --config.progressive.start_drop_rate=-1.')
+  end_mixup = float(config.augment.get('mixup', 0.0) or 0.0)
+  lerp = lambda start, end, i: start + (end - start) * i / (m - 1)
+  phases = []
+  for i in range(m):
+    phases.append(TrainPhase(
+        start_step=round(i * total_steps / m),
+        image_size=(round(lerp(p.start_image_size, image_size, i)) if p.start_image_size > 0
+                    else image_size),
+        drop_rate=lerp(p.start_drop_rate, model.drop_rate, i) if p.start_drop_rate >= 0 else None,
+        mixup=lerp(p.start_mixup, end_mixup, i) if p.start_mixup >= 0 else None))
+  return phases
+
+
+def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_train=True,
+                    mixup=None):
   """The whole training update for one global batch, as one function to jit.
 
   ``bn_train=False`` (a frozen backbone) runs the model in inference mode: BatchNorm uses and
-  keeps its running statistics, and dropout is off."""
-  aug_cfg = config.augment
-  host_aug_cfg = {**config.augment.to_dict(), 'crop_padding': 0, 'flip': False}
+  keeps its running statistics, and dropout is off. ``mixup`` overrides config.augment.mixup
+  (progressive learning)."""
+  aug_cfg = config.augment.to_dict()
+  if mixup is not None:
+    aug_cfg['mixup'] = mixup
+  host_aug_cfg = {**aug_cfg, 'crop_padding': 0, 'flip': False}
   ema_decay = float(config.get('ema_decay', 0.0))
   smoothing = float(config.get('label_smoothing', 0.0))
   compute_dtype = jnp.bfloat16 if config.get('bf16', False) else jnp.float32
@@ -227,8 +268,11 @@ def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_tr
         images = data_lib.resize(images, image_size)
       images, targets = data_lib.augment_batch(aug_rng, images, labels, aug_cfg, num_classes)
     else:
-      images, targets = data_lib.augment_batch(aug_rng, batch['image'], batch['label'],
-                                               host_aug_cfg, num_classes)
+      images = batch['image']
+      if images.shape[1:3] != (image_size, image_size):  # Progressive learning's small stages.
+        images = data_lib.resize(images, image_size)
+      images, targets = data_lib.augment_batch(aug_rng, images, batch['label'], host_aug_cfg,
+                                               num_classes)
     images = images.astype(compute_dtype)
 
     # 2. Forward and backward. BatchNorm statistics are those of the global batch.
@@ -380,11 +424,19 @@ def main(argv=None) -> int:
       f'{"bf16" if config.get("bf16", False) else "fp32"} compute')
 
   # == Train and eval steps ====================================================================
-  train_step = make_train_step(config, model, tx, mean, std, image_size, config.num_classes,
-                               bn_train=not (frozen and config.transfer.freeze_bn))
-  # The state is donated: its buffers are reused for the new state (halves peak memory).
-  train_step = jax.jit(train_step, donate_argnums=(0,),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)))
+  # One compiled step per training phase (one phase unless config.progressive is on).
+  phases = progressive_phases(config, total_steps, image_size, model)
+
+  @functools.lru_cache(maxsize=None)
+  def phase_train_step(phase: TrainPhase):
+    phase_model = model if phase.drop_rate is None else model.clone(drop_rate=phase.drop_rate)
+    step_fn = make_train_step(config, phase_model, tx, mean, std, phase.image_size,
+                              config.num_classes, bn_train=not (frozen and config.transfer.freeze_bn),
+                              mixup=phase.mixup)
+    # The state is donated: its buffers are reused for the new state (halves peak memory).
+    return jax.jit(step_fn, donate_argnums=(0,),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+
   eval_step = jax.jit(make_eval_step(config, model, mean, std, test_size, config.num_classes))
   n_dev = mesh.devices.size
   eval_batch = max(n_dev, (config.get('eval_batch_size', 1000) // n_dev) * n_dev)
@@ -459,8 +511,14 @@ def main(argv=None) -> int:
       check_stop = jax.process_count() == 1 or step % log_every == 0
       if check_stop and sharding.any_process(bool(stop)):
         break
+      phase = [p for p in phases if p.start_step <= step][-1]
+      if len(phases) > 1 and (step == phase.start_step or step == start_step):
+        log(f'progressive stage {phases.index(phase) + 1}/{len(phases)} from step {step}: '
+            f'{phase.image_size}px' + ('' if phase.drop_rate is None else
+                                       f', dropout {phase.drop_rate:.3g}')
+            + ('' if phase.mixup is None else f', mixup {phase.mixup:.3g}'))
       batch = train_batch(config, step, steps_per_epoch, num_train, mesh, host_iter)
-      state, m = train_step(state, train_arrays, batch)
+      state, m = phase_train_step(phase)(state, train_arrays, batch)
       step += 1
       pending.append((step, m))
       bar.update(1)

@@ -3,3 +3,9 @@ import sys
 
 # tests import their helpers as a plain module
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The suite is dominated by XLA:CPU compiles of ~130 models. LLVM's -O1 instead of -O2 compiles
+# about 25 % faster with the same numerics and, on these small inputs, the same run time. Set
+# before jax starts; subprocesses (trainer CLIs, notebook kernels) inherit it.
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=1').strip()

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -129,3 +130,20 @@ def test_cli_reports_one_line_and_exit_code_2():
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'default' in lines[0], proc.stderr
+
+
+def test_a_plain_pip_install_ships_the_configs(tmp_path):
+  """A non-editable install (as on Colab) carries every config and every subpackage: the
+  installed copy, run from a directory without configs/, loads the default recipe."""
+  target = tmp_path / 'site'
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                  '--target', str(target), REPO], check=True, capture_output=True)
+  shipped = sorted(p.stem for p in (target / 'jaxcnn' / 'configs').glob('*.py'))
+  assert shipped == sorted(p.stem for p in Path(REPO, 'configs').glob('*.py'))
+  packages = sorted(str(p.parent.relative_to(REPO)) for p in Path(REPO, 'jaxcnn').rglob('__init__.py'))
+  assert all((target / p / '__init__.py').is_file() for p in packages), packages
+  code = ('import jaxcnn.config as c; cfg, name = c.load_config("default"); '
+          'print(c.find_config_file("default").parent.parent.name, name, cfg.model)')
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, check=True, text=True,
+                       capture_output=True, env={**os.environ, 'PYTHONPATH': str(target)}).stdout
+  assert out.split() == ['jaxcnn', 'default', config_lib.load_config('default')[0].model]

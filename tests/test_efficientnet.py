@@ -1,5 +1,6 @@
 """EfficientNet B0-B7 and V2: compound scaling of the B0 table against the released models,
-the scanned stages, and EfficientNetV2's conversion from timm on well-conditioned weights."""
+the scanned stages, EfficientNetV2's conversion from timm on well-conditioned weights, and the
+CondConv B0s' stage table and blocks against timm's."""
 import math
 
 import jax
@@ -12,9 +13,9 @@ import torch
 import jaxcnn
 from jaxcnn import convert
 from jaxcnn.layers.mbconv import MBConv
-from jaxcnn.models.efficientnet import (EFFICIENTNET_B0, EFFICIENTNET_COEFFS, MBConvNet, Row,
-                                        compound_coefficients, round_channels, scale_depth,
-                                        scale_stages)
+from jaxcnn.models.efficientnet import (EFFICIENTNET_B0, EFFICIENTNET_CC_B0, EFFICIENTNET_COEFFS,
+                                        MBConvNet, Row, compound_coefficients, expand_blocks,
+                                        round_channels, scale_depth, scale_stages)
 from helpers import abstract_variables, random_variables
 from test_convert import build_reference
 
@@ -181,3 +182,60 @@ def test_bad_input_is_one_line_error():
         model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
     with pytest.raises(ValueError, match='MBConv kind'):
         MBConv('xx', 8).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet-B0 with CondConv (Yang et al. 2019): timm's efficientnet_cc_b0_4e and tf_ twin
+
+def test_condconv_b0_stage_table_matches_timm():
+    """CondConv blocks exactly where timm's arch def puts 'cc4' (the last three stages), with
+    4 experts and the routing Linear on the block input; everything else is B0."""
+    from timm.models._efficientnet_blocks import CondConvResidual
+    ref = timm.create_model('efficientnet_cc_b0_4e')
+    stages = expand_blocks(EFFICIENTNET_CC_B0)
+    assert [(len(s), s[-1].out) for s in stages] == _timm_stage_table(ref)
+    for ours, theirs in zip(stages, ref.blocks):
+        for row, blk in zip(ours, theirs):
+            assert (row.experts > 0) == isinstance(blk, CondConvResidual)
+            if row.experts:
+                assert blk.conv_pw.num_experts == row.experts == 4
+                assert blk.routing_fn.in_features == blk.conv_pw.in_channels
+    assert [r._replace(experts=0) for s in EFFICIENTNET_CC_B0 for r in s] == \
+        [r for s in EFFICIENTNET_B0 for r in s]
+    with pytest.raises(ValueError, match="experts need kind 'ir'"):
+        MBConv('ds', 16, num_experts=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)))
+
+
+@pytest.mark.parametrize('name,stage,index,in_size', [
+    # TF 'same' padding, BN eps 1e-3: stride-2 k5 block on an even map (pads bottom/right only)
+    ('tf_efficientnet_cc_b0_4e', 5, 0, 10),
+    # PyTorch padding: a block of a scanned stage (stacked under blocks_4_rest), with residual
+    ('efficientnet_cc_b0_4e', 4, 1, 7),
+])
+def test_condconv_block_converts_from_timm(name, stage, index, in_size):
+    """One CondConv block, converted by jaxcnn.convert.from_torch with the whole model, against
+    timm's CondConvResidual in inference mode: the routing Linear, the flattened expert kernels
+    (E, O * I * kh * kw) and the scanned-stage stacking all land where MBConv reads them."""
+    ref = build_reference(f'timm:{name}')
+    variables = convert.from_torch(name, ref.state_dict())
+    blk = ref.blocks[stage][index]
+    if index == 0:
+        block_vars = {c: t[f'blocks_{stage}_0'] for c, t in variables.items()}
+    else:
+        block_vars = {c: jax.tree.map(lambda a: a[index - 1], t[f'blocks_{stage}_rest']['block'])
+                      for c, t in variables.items()}
+    assert block_vars['params']['conv_pw']['kernel'].shape[:2] == (4, 1)
+    np.testing.assert_array_equal(block_vars['params']['routing_fn']['fc']['kernel'],
+                                  blk.routing_fn.weight.detach().numpy().T)
+    model = jaxcnn.create_model(name)
+    row = expand_blocks(EFFICIENTNET_CC_B0)[stage][index]
+    block = MBConv(row.kind, row.out, row.kernel, row.stride, row.exp, row.se, act='swish',
+                   padding=model.padding, bn_eps=model.bn_eps, num_experts=row.experts)
+    x = np.random.RandomState(0).randn(3, blk.conv_pw.in_channels, in_size, in_size).astype(np.float32)
+    with torch.no_grad():
+        expected = blk(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+        routing = torch.sigmoid(blk.routing_fn(torch.from_numpy(x).mean((2, 3)))).numpy()
+    assert np.abs(routing[0] - routing[1]).max() > 1e-3        # per-sample kernels differ
+    got = np.asarray(block.apply(block_vars, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

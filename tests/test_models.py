@@ -91,7 +91,8 @@ def test_every_family_has_a_full_bf16_case():
 @pytest.mark.parametrize('name', [n for n in CLASSIFIERS if n not in BF16_FULL])
 def test_bf16_inference(name):
     size = input_size(name)
-    model = jaxcnn.create_model(name, num_classes=7, dtype=jnp.bfloat16)
+    model = jaxcnn.create_model(name, num_classes=7, dtype=jnp.bfloat16,
+                                **jit_test_overrides(name, jnp.bfloat16))
     variables = random_variables(model, (2, size, size, 3))
     x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 3), jnp.float32)
     logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)

@@ -175,3 +175,63 @@ def test_bf16_ema_mixup_and_ten_crop_evaluation(tmp_path):
   assert all(0 <= r['ema_accuracy'] <= 1 for r in evals)
   step, state = final_params(tmp_path)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state['params']))
+
+
+def test_progressive_phases_follow_algorithm_1_of_efficientnetv2():
+  """EfficientNetV2-S's Table 6 schedule (128 -> 300 px, dropout 0.1 -> 0.3, mixup 0) in the
+  paper's 4 stages, against numpy's linspace of the same end points."""
+  from jaxcnn import config as config_lib
+  import jaxcnn
+  config, _ = config_lib.load_config('default')
+  config.augment.mixup = 0.0
+  config.progressive.update(dict(stages=4, start_image_size=128, start_drop_rate=0.1,
+                                 start_mixup=0.0))
+  model = jaxcnn.create_model('efficientnetv2_s', drop_rate=0.3)
+  phases = train.progressive_phases(config, 1000, 300, model)
+  assert [p.start_step for p in phases] == [0, 250, 500, 750]
+  assert [p.image_size for p in phases] == [int(round(s)) for s in np.linspace(128, 300, 4)]
+  np.testing.assert_allclose([p.drop_rate for p in phases], np.linspace(0.1, 0.3, 4))
+  assert [p.mixup for p in phases] == [0.0] * 4
+  config.progressive.stages = 0
+  assert train.progressive_phases(config, 1000, 300, model) == [train.TrainPhase(0, 300)]
+
+
+def test_progressive_training_grows_the_image_size(tmp_path, capsys):
+  """Two stages, 14 px then 28 px, dropout 0 -> 0.2: both stages train and the run finishes."""
+  assert run(tmp_path, '--config.progressive.stages=2', '--config.progressive.start_image_size=14',
+             '--config.progressive.start_drop_rate=0', '--config.model_kwargs.drop_rate=0.2') == 0
+  out = capsys.readouterr().out
+  assert 'progressive stage 1/2 from step 0: 14px, dropout 0' in out
+  assert 'progressive stage 2/2 from step 4: 28px, dropout 0.2' in out
+  assert len(train_losses(tmp_path)) == 8 and np.all(np.isfinite(train_losses(tmp_path)))
+
+
+def test_train_step_feeds_the_model_the_phase_size_and_dropout():
+  """The jitted step of a phase resizes the stored 28 px images to the phase's size and runs
+  the model built with the phase's dropout (recorded while tracing)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import optax
+  from jaxcnn import config as config_lib
+  seen = []
+
+  class Spy(nn.Module):
+    drop_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      seen.append((x.shape, self.drop_rate))
+      return nn.Dense(10)(x.mean((1, 2)))
+
+  config, _ = config_lib.load_config('default:smoke')
+  model = Spy().clone(drop_rate=0.1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  seen.clear()
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                           opt_state=tx.init(params), ema_params=None, rng=jax.random.key(1))
+  images = jnp.zeros((8, 28, 28, 1), jnp.uint8)
+  labels = jnp.arange(8, dtype=jnp.int32) % 10
+  step = train.make_train_step(config, model, tx, (0.5,), (0.25,), 14, 10)
+  jax.jit(step)(state, (images, labels), {'idx': jnp.arange(4, dtype=jnp.int32)})
+  assert seen == [((4, 14, 14, 1), 0.1)]

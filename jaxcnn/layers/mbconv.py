@@ -12,6 +12,12 @@ FBNet and EfficientNet V1/V2.
   one full kxk conv - BN - act - [SE] - 1x1 project - BN.
 * ``'cn'`` a plain conv - BN - act (EfficientNetV2's first stage, MobileNetV3's last 1x1).
 
+With ``num_experts`` > 0 an ``'ir'`` block is a CondConv block (Yang et al. 2019, eq. 1; the
+EfficientNet-B0 CondConv models): its three convolutions (1x1 expand, depthwise, 1x1
+project) are :class:`jaxcnn.layers.dynamic.CondConv` mixtures of ``num_experts`` expert kernels,
+all three mixed by one set of routing weights ``sigmoid(FC(GAP(x)))`` computed from the block
+input by ``routing_fn`` (timm's ``CondConvResidual``); SE and BN are unchanged.
+
 A block adds its input back (with stochastic depth on the branch) when it keeps the shape,
 unless ``skip=False``; a ``'cn'`` block only when ``skip=True``. Module names follow timm's
 ``_efficientnet_blocks`` (``conv_pw``/``bn1``/``conv_dw``/``bn2``/``se``/``conv_pwl``/``bn3`` ...)
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 from .activations import get_act
 from .conv import conv2d, depthwise_conv2d, make_divisible
 from .drop import DropPath
+from .dynamic import CondConv, CondConvRouting
 from .norm import batch_norm
 from .se import SqueezeExcite
 
@@ -62,6 +69,7 @@ class MBConv(nn.Module):
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
     drop_path: float = 0.0
+    num_experts: int = 0                # > 0: CondConv 'ir' block (see the module docstring)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -69,6 +77,8 @@ class MBConv(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.kind not in BLOCK_KINDS:
             raise ValueError(f'MBConv kind must be one of {BLOCK_KINDS}, got {self.kind!r}')
+        if self.num_experts and self.kind != 'ir':
+            raise ValueError(f"MBConv: CondConv experts need kind 'ir', got {self.kind!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ckw = dict(padding=self.padding, **kw)
         act = get_act(self.act)
@@ -91,6 +101,15 @@ class MBConv(nn.Module):
             h = act(bn('bn1')(depthwise_conv2d(in_ch, self.kernel, self.stride, name='conv_dw', **ckw)(h)))
             h = se(h)
             h = bn('bn2')(conv2d(self.out_ch, 1, name='conv_pw', **ckw)(h))
+        elif self.kind == 'ir' and self.num_experts:
+            # CondConv: one routing per block, shared by its three convolutions
+            r = CondConvRouting(self.num_experts, name='routing_fn', **kw)(x)
+            cc = lambda features, k, name, stride=1, groups=1: CondConv(
+                features, k, stride, groups=groups, num_experts=self.num_experts, name=name, **ckw)
+            h = act(bn('bn1')(cc(mid, 1, 'conv_pw')(h, r)))
+            h = act(bn('bn2')(cc(mid, self.kernel, 'conv_dw', self.stride, mid)(h, r)))
+            h = se(h)
+            h = bn('bn3')(cc(self.out_ch, 1, 'conv_pwl')(h, r))
         elif self.kind == 'ir':
             h = act(bn('bn1')(conv2d(mid, 1, name='conv_pw', **ckw)(h)))
             h = act(bn('bn2')(depthwise_conv2d(mid, self.kernel, self.stride, name='conv_dw', **ckw)(h)))

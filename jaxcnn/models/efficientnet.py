@@ -1,5 +1,6 @@
-"""EfficientNet B0-B7 (Tan & Le 2019) and EfficientNetV2 S/M/L (Tan & Le 2021), and the one
-stage-table builder every mobile inverted-bottleneck family here uses.
+"""EfficientNet B0-B7 (Tan & Le 2019), EfficientNet-B0 with CondConv (Yang et al. 2019) and
+EfficientNetV2 S/M/L (Tan & Le 2021), and the one stage-table builder every mobile
+inverted-bottleneck family here uses.
 
 The builder, :class:`MBConvNet`, reads a stage table -- rows of :class:`Row` (block kind,
 repeats, kernel, first stride, expansion, output channels, SE ratio, activation) -- exactly as
@@ -22,7 +23,8 @@ published coefficients, so their parameter counts equal the references'.
 Layout and names follow timm's ``EfficientNet`` / ``MobileNetV3`` (``conv_stem``, ``bn1``,
 ``blocks_{stage}_{block}``, ``conv_head``, ``bn2``); the twins are timm ``efficientnet_b*``
 (PyTorch padding, BN eps 1e-5) and ``tf_efficientnetv2_*`` (TF 'same' padding, BN eps 1e-3),
-whose counts equal torchvision's.
+whose counts equal torchvision's. The CondConv B0s (a ``Row.experts`` column on the B0 table)
+are timm's ``efficientnet_cc_b0_4e`` / ``tf_efficientnet_cc_b0_4e``.
 """
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -41,6 +43,8 @@ class Row(NamedTuple):
 
     kind: 'ds' | 'ir' (MBConv) | 'er' (Fused-MBConv) | 'cn' (conv-BN-act); see MBConv.
     act: None uses the network's activation. skip: None = residual whenever shapes allow.
+    experts: > 0 makes the rows' 'ir' blocks CondConv blocks with that many experts (timm's
+    arch-def option ``cc<n>``; Yang et al. 2019).
     """
     kind: str
     repeats: int
@@ -51,6 +55,7 @@ class Row(NamedTuple):
     se: float = 0.0
     act: Optional[str] = None
     skip: Optional[bool] = None
+    experts: int = 0
 
 
 # A stage is a tuple of rows (most stages have one; MobileNetV3 and FBNet mix kernels and
@@ -194,7 +199,8 @@ class MBConvNet(nn.Module):
                              exp_ratio=r.exp, se_ratio=r.se, se_from_exp=self.se_from_exp,
                              se_act=self.se_act, se_gate=self.se_gate, act=r.act or self.act,
                              skip=r.skip, padding=self.padding, bn_eps=self.bn_eps,
-                             bn_momentum=self.bn_momentum, **kw) for r in blocks]
+                             bn_momentum=self.bn_momentum, num_experts=r.experts, **kw)
+                        for r in blocks]
             scan = self.scan_blocks and len(blocks) > 2 and all(k == block_kw[1] for k in block_kw[2:])
             for b in range(1 if scan else len(blocks)):
                 x = MBConv(**block_kw[b], drop_path=rates[b], name=f'blocks_{s}_{b}')(x, train)
@@ -230,6 +236,7 @@ MBCONV_RENAMES = [
     (r'\.se\.conv_reduce\.', '.se.fc1.'),
     (r'\.se\.conv_expand\.', '.se.fc2.'),
     (r'^classifier\.', 'head.fc.'),
+    (r'\.routing_fn\.', '.routing_fn.fc.'),        # CondConv blocks' routing Linear
 ]
 register_renames('efficientnet', MBCONV_RENAMES)
 
@@ -270,6 +277,27 @@ for _phi, (_w, _d, _res, _drop) in EFFICIENTNET_COEFFS.items():
              reference=f'timm/torchvision efficientnet_b{_phi} (Tan & Le 2019, Table 1 scaled by '
                        f'width {_w}, depth {_d}, {_res} px)',
              reference_params=EFFICIENTNET_PARAMS[_phi], torch_name=f'timm:efficientnet_b{_phi}')
+
+
+# EfficientNet-B0 with CondConv (Yang et al. 2019, "CondConv", the ImageNet CondConv-EfficientNet-B0;
+# 4 experts is the authors' released efficientnet-condconv-b0-4e checkpoint): the
+# B0 table with the MBConv blocks of the last three stages (112, 192 and 320 channels) made
+# CondConv blocks, as the reference code and timm's arch def ('..._cc4' on those stages) do.
+# The experts make those blocks' convolutions 4x the weights (13.3M parameters in all) at about
+# B0's multiply-adds (the kernels are mixed once per sample, then applied once).
+EFFICIENTNET_CC_B0: Stages = EFFICIENTNET_B0[:4] + tuple(
+    tuple(r._replace(experts=4) for r in stage) for stage in EFFICIENTNET_B0[4:])
+EFFICIENTNET_CC_B0_PARAMS = 13_314_116            # timm 1.0.31 (tf_)efficientnet_cc_b0_4e
+for _name, _tf in (('efficientnet_cc_b0_4e', False), ('tf_efficientnet_cc_b0_4e', True)):
+    register(_name, MBConvNet,
+             dict(efficientnet_kwargs(1.0, 1.0, 0.2, base=EFFICIENTNET_CC_B0),
+                  **(dict(padding='same', bn_eps=1e-3) if _tf else {})),
+             family='efficientnet', input_size=(224, 224, 3), min_input=32,
+             **(dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) if _tf else {}),
+             reference=f'timm {_name} (Yang et al. 2019 CondConv: EfficientNet-B0 with '
+                       f'CondConv in the last 3 stages, 4 experts'
+                       f'{"; TF same padding, BN eps 1e-3" if _tf else ""})',
+             reference_params=EFFICIENTNET_CC_B0_PARAMS, torch_name=f'timm:{_name}')
 
 
 # Tan & Le 2021, Table 4 (EfficientNetV2-S) and the reference code's M/L tables (Fused-MBConv in

@@ -156,6 +156,12 @@ class Reduction(nn.Module):
         return jnp.concatenate([max_pool(x, 3, 2)] + _branches(self, x, self.branches, train, 0), -1)
 
 
+def _poly_output(module, x, terms, train):
+    """ReLU(x + beta * sum(terms)), each term dropped by stochastic depth: every structure's end."""
+    terms = [DropPath(module.drop_path, name=f'drop{i}')(t, train) for i, t in enumerate(terms)]
+    return nn.relu(x + module.scale * (terms[0] + terms[1]))
+
+
 class Poly2(nn.Module):
     """poly-2: y = ReLU(x + beta * (F(x) + F(F(x)))), one F for both applications."""
     f: nn.Module
@@ -165,9 +171,7 @@ class Poly2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         fx = self.f(x, train, application=0)
-        ffx = self.f(fx, train, application=1)
-        terms = [DropPath(self.drop_path, name=f'drop{i}')(t, train) for i, t in enumerate((fx, ffx))]
-        return nn.relu(x + self.scale * (terms[0] + terms[1]))
+        return _poly_output(self, x, (fx, self.f(fx, train, application=1)), train)
 
 
 class MPoly2(nn.Module):
@@ -180,9 +184,7 @@ class MPoly2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         fx = self.f(x, train)
-        gfx = self.g(fx, train)
-        terms = [DropPath(self.drop_path, name=f'drop{i}')(t, train) for i, t in enumerate((fx, gfx))]
-        return nn.relu(x + self.scale * (terms[0] + terms[1]))
+        return _poly_output(self, x, (fx, self.g(fx, train)), train)
 
 
 class TwoWay(nn.Module):
@@ -194,10 +196,7 @@ class TwoWay(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        fx = self.f(x, train)
-        gx = self.g(x, train)
-        terms = [DropPath(self.drop_path, name=f'drop{i}')(t, train) for i, t in enumerate((fx, gx))]
-        return nn.relu(x + self.scale * (terms[0] + terms[1]))
+        return _poly_output(self, x, (self.f(x, train), self.g(x, train)), train)
 
 
 STRUCTURES = {'poly2': 1, 'mpoly2': 2, '2way': 2}     # kind -> number of distinct units

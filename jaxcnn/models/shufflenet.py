@@ -56,6 +56,13 @@ class ShuffleV1Unit(nn.Module):
         return nn.relu(x + h)
 
 
+def _stem(net, x, train, kw):
+    """Both versions' stem: conv1 3x3/2 - BN - ReLU - max-pool 3x3/2 (Tables 1 and 5)."""
+    check_image_batch(x, 32, type(net).__name__)
+    x = conv2d(net.stem_channels, 3, 2, name='conv1', **kw)(jnp.asarray(x, net.dtype or jnp.float32))
+    return max_pool(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 3, 2)
+
+
 class ShuffleNetV1(nn.Module):
     """Table 1: conv1 3x3/2 (24) -> max-pool 3x3/2 -> stages 2-4 of (1 + repeats) units (the
     first with stride 2) at widths ``stage_channels`` -> global pool -> FC."""
@@ -71,11 +78,8 @@ class ShuffleNetV1(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
-        check_image_batch(x, 32, type(self).__name__)
-        x = jnp.asarray(x, self.dtype or jnp.float32)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(self.stem_channels, 3, 2, name='conv1', **kw)(x)
-        x = max_pool(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 3, 2)
+        x = _stem(self, x, train, kw)
         for s, (ch, repeats) in enumerate(zip(self.stage_channels, self.stage_repeats)):
             for b in range(repeats + 1):
                 x = ShuffleV1Unit(ch, 2 if b == 0 else 1, self.groups,
@@ -126,11 +130,8 @@ class ShuffleNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
-        check_image_batch(x, 32, type(self).__name__)
-        x = jnp.asarray(x, self.dtype or jnp.float32)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(self.stem_channels, 3, 2, name='conv1', **kw)(x)
-        x = max_pool(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 3, 2)
+        x = _stem(self, x, train, kw)
         for s, (ch, repeats) in enumerate(zip(self.stage_channels, self.stage_repeats)):
             for b in range(repeats):
                 x = ShuffleV2Unit(ch, 2 if b == 0 else 1, name=f'stage{s + 2}_{b}', **kw)(x, train)
