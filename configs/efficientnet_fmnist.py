@@ -13,7 +13,8 @@ def get_config(arg=None):
   c = zoo_fmnist_config(
       'efficientnet_fmnist', arg, 'efficientnet_b0', image_size=32, num_epochs=10.0,
       optim=dict(lr=0.05, weight_decay=1e-5),
-      model_kwargs=dict(drop_rate=0.2, drop_path_rate=0.2),
+      # unscanned stages: XLA:CPU runs convolutions inside lax.scan slowly (docs/reversible.md)
+      model_kwargs=dict(drop_rate=0.2, drop_path_rate=0.2, scan_blocks=False),
       smoke_model_kwargs=dict(width_mult=0.25, depth_mult=0.5, drop_rate=0.0, drop_path_rate=0.0),
       smoke_lr=0.1)
   c.progressive.update(dict(stages=2 if arg else 4, start_image_size=16,

@@ -14,12 +14,13 @@ memory   peak memory of one compiled training step, from XLA's own memory analys
          time per step; e.g. reversible vs ordinary backprop:
            python -m jaxcnn.bench memory --models revnet38,revnet38:plain,resnet32 --batch 128
 
-A model spec is NAME[:plain]; ':plain' sets ``reversible=False`` (ordinary autodiff) on a
-reversible model. `--out FILE.json` writes a record (device, versions, settings, figures).
+A model spec is NAME[:plain][:arg=value ...]; ':plain' sets ``reversible=False`` (ordinary
+autodiff) on a reversible model, ':arg=value' any model argument (e.g. ``:scan_unroll=100``). `--out FILE.json` writes a record (device, versions, settings, figures).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -34,8 +35,21 @@ import jaxcnn
 
 
 def _build(spec, num_classes, dtype):
-    name, _, variant = spec.partition(':')
-    overrides = {'reversible': False} if variant == 'plain' else {}
+    """``NAME[:plain][:arg=value ...]``: 'plain' turns a reversible model's custom VJP off (ordinary
+    autodiff); ``arg=value`` sets any model argument, e.g. ``revnet38:scan_unroll=100``."""
+    name, *variants = spec.split(':')
+    overrides = {}
+    for v in variants:
+        if v == 'plain':
+            overrides['reversible'] = False
+        elif '=' in v:
+            key, value = v.split('=', 1)
+            try:
+                overrides[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                overrides[key] = value
+        else:
+            raise ValueError(f"model spec {spec!r}: {v!r} is neither 'plain' nor arg=value")
     if dtype != jnp.float32:
         overrides['dtype'] = dtype
     return name, jaxcnn.create_model(name, num_classes=num_classes, **overrides)
@@ -381,7 +395,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     mem = sub.add_parser('memory', help='peak memory (XLA memory analysis) of one training step')
-    mem.add_argument('--models', required=True, help='comma-separated NAME[:plain] specs')
+    mem.add_argument('--models', required=True, help='comma-separated NAME[:plain][:arg=value] specs')
     mem.add_argument('--batch', type=int, default=128)
     mem.add_argument('--size', type=int, default=32, help='square input size')
     mem.add_argument('--num-classes', type=int, default=10)
@@ -393,7 +407,7 @@ def main(argv=None):
     for kind, helptext in [('train', 'throughput of the full training step'),
                            ('infer', 'throughput of inference')]:
         p = sub.add_parser(kind, help=helptext)
-        p.add_argument('--model', required=True, help='NAME[:plain], or several comma-separated')
+        p.add_argument('--model', required=True, help='NAME[:plain][:arg=value], or several comma-separated')
         p.add_argument('--batch', type=int, default=64)
         p.add_argument('--size', type=int, default=224)
         p.add_argument('--num-classes', type=int, default=1000)

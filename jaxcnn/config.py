@@ -146,7 +146,7 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     return text
 
 
-FREE_FORM = ('model_kwargs',)  # groups whose keys are not fixed by the schema
+FREE_FORM = ('model_kwargs', 'search')  # groups whose keys are not fixed by the schema
 
 
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
@@ -306,6 +306,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_epochs = -1.0
   c.keep_checkpoints = 3
   c.progress = True                  # tqdm progress bar
+
+  c.search = ConfigDict()            # jaxcnn.search settings (configs/fbnet_search_fmnist.py)
 
   c.distributed = False              # call jax.distributed.initialize() (multi-host)
   c.coordinator_address = ''         # '' -> $JAXCNN_COORDINATOR or auto-detection

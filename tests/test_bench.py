@@ -50,3 +50,10 @@ def test_cli_writes_a_record_with_the_torch_ratio(tmp_path, capsys):
 def test_unknown_model_is_one_clear_error():
     with pytest.raises(ValueError, match='unknown model'):
         bench.main(['infer', '--model', 'resnet_18'])
+
+
+def test_model_spec_sets_model_arguments():
+    _, model = bench._build('revnet38:plain:scan_unroll=4', 10, jnp.float32)
+    assert model.reversible is False and model.scan_unroll == 4
+    with pytest.raises(ValueError, match='neither'):
+        bench._build('revnet38:fast', 10, jnp.float32)

@@ -86,25 +86,26 @@ class _Coupling:
         return y1 - fx, x2
 
 
-def _scan_forward(coupling, variables, keys, rates, x1, x2):
+def _scan_forward(coupling, variables, keys, rates, x1, x2, unroll=1):
     """All blocks in order under ordinary autodiff; returns (y1, y2, stacked new batch_stats)."""
     def step(carry, xs):
         v, key, rate = xs
         y1, y2, stats = coupling.forward(v, key, rate, *carry)
         return (y1, y2), stats
-    (y1, y2), stats = jax.lax.scan(step, (x1, x2), (variables, keys, rates))
+    (y1, y2), stats = jax.lax.scan(step, (x1, x2), (variables, keys, rates), unroll=unroll)
     return y1, y2, stats
 
 
-def _scan_inverse(coupling, variables, keys, rates, y1, y2):
+def _scan_inverse(coupling, variables, keys, rates, y1, y2, unroll=1):
     def step(carry, xs):
         v, key, rate = xs
         return coupling.inverse(v, key, rate, *carry), None
-    (x1, x2), _ = jax.lax.scan(step, (y1, y2), (variables, keys, rates), reverse=True)
+    (x1, x2), _ = jax.lax.scan(step, (y1, y2), (variables, keys, rates), reverse=True,
+                               unroll=unroll)
     return x1, x2
 
 
-def reversible_scan(coupling, variables, keys, rates, x1, x2):
+def reversible_scan(coupling, variables, keys, rates, x1, x2, unroll=1):
     """The blocks' forward pass with the memory-free custom VJP (see the module docstring).
 
     ``variables`` holds the blocks' stacked params and batch_stats; gradients flow to the
@@ -119,7 +120,7 @@ def reversible_scan(coupling, variables, keys, rates, x1, x2):
 
     @jax.custom_vjp
     def run(params, stats, keys, rates, x1, x2):
-        return _scan_forward(coupling, merge(params, stats), keys, rates, x1, x2)
+        return _scan_forward(coupling, merge(params, stats), keys, rates, x1, x2, unroll)
 
     def fwd(params, stats, keys, rates, x1, x2):
         y1, y2, new_stats = run(params, stats, keys, rates, x1, x2)
@@ -149,7 +150,7 @@ def reversible_scan(coupling, variables, keys, rates, x1, x2):
             return (x1, x2, dz, dy2 + dx2), {'f': dpf, 'g': dpg}
 
         (_, _, dx1, dx2), dparams = jax.lax.scan(
-            step, (y1, y2, dy1, dy2), (params, stats, keys, rates), reverse=True)
+            step, (y1, y2, dy1, dy2), (params, stats, keys, rates), reverse=True, unroll=unroll)
         zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
         key_ct = np.zeros(keys.shape, jax.dtypes.float0)
         return dparams, zeros(stats), key_ct, zeros(rates), dx1, dx2
@@ -176,6 +177,7 @@ class ReversibleSequence(nn.Module):
     num_blocks: int
     drop_path_rates: Sequence[float] = ()
     reversible: bool = True
+    unroll: Any = 1
 
     def _stacked_init(self, module, x, name):
         """Independent initial variables for every block, stacked on a leading axis."""
@@ -210,11 +212,11 @@ class ReversibleSequence(nn.Module):
         coupling = _Coupling(f, g, train, use_drop_path)
 
         if inverse:
-            return _scan_inverse(coupling, variables, keys, rates, x1, x2)
+            return _scan_inverse(coupling, variables, keys, rates, x1, x2, self.unroll)
         if self.reversible and not self.is_initializing():
-            y1, y2, new_stats = reversible_scan(coupling, variables, keys, rates, x1, x2)
+            y1, y2, new_stats = reversible_scan(coupling, variables, keys, rates, x1, x2, self.unroll)
         else:
-            y1, y2, new_stats = _scan_forward(coupling, variables, keys, rates, x1, x2)
+            y1, y2, new_stats = _scan_forward(coupling, variables, keys, rates, x1, x2, self.unroll)
         if train and not self.is_initializing():
             for holder, name in ((f_stats, 'f'), (g_stats, 'g')):
                 if holder is not None and self.is_mutable_collection('batch_stats'):

@@ -165,6 +165,7 @@ class RevNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     reversible: bool = True
+    scan_unroll: int = 1            # lax.scan unroll of the reversible stages (see README: CPU)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -205,7 +206,7 @@ class RevNet(nn.Module):
             if n_units > 1:
                 x1, x2 = ReversibleSequence(self._branch(channels), self._branch(channels),
                                             n_units - 1, tuple(stage_rates[1:]), self.reversible,
-                                            name=f'layer{s + 1}_rev')(x1, x2, train)
+                                            self.scan_unroll, name=f'layer{s + 1}_rev')(x1, x2, train)
         x = jnp.concatenate([x1, x2], axis=-1)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
@@ -292,6 +293,7 @@ class IRevNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     reversible: bool = True
+    scan_unroll: int = 1            # lax.scan unroll of the reversible stages (see README: CPU)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -319,7 +321,7 @@ class IRevNet(nn.Module):
                 pair_rates = tuple(r[1 + n_rest % 2::2])   # one rate per coupling (F, G pair)
                 branch = IRevBranch(c, dropout=self.block_dropout, parent=None, **kw)
                 seq = ReversibleSequence(branch, branch, n_rest // 2, pair_rates, self.reversible,
-                                         name=f'stage{s + 1}_rev')
+                                         self.scan_unroll, name=f'stage{s + 1}_rev')
             stages.append((down, odd, seq))
         self.stages = stages
         self.final_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, **kw)
