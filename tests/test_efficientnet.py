@@ -142,9 +142,7 @@ def _conditioned_reference(torch_name, branch_gain=0.2):
     return ref
 
 
-# M and L use S's block kinds in a 7-stage layout with more repeats (their exact counts are
-# checked by test_models); converting S exercises every block kind and keeps the suite short
-@pytest.mark.parametrize('name', ['efficientnetv2_s'])
+@pytest.mark.parametrize('name', ['efficientnetv2_s', 'efficientnetv2_m', 'efficientnetv2_l'])
 def test_efficientnetv2_converts_from_timm(name):
     info = jaxcnn.model_info(name)
     torch_name = 'timm:tf_' + name
