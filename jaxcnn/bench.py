@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 import jaxcnn
+from jaxcnn import sharding
 
 
 def _build(spec, num_classes, dtype):
@@ -53,6 +54,20 @@ def _build(spec, num_classes, dtype):
     if dtype != jnp.float32:
         overrides['dtype'] = dtype
     return name, jaxcnn.create_model(name, num_classes=num_classes, **overrides)
+
+
+def split_specs(text):
+    """Comma-separated model specs; commas inside brackets belong to a value, so
+    ``revnet164:layers=(2,2,2),revnet164`` is two specs."""
+    specs, depth, current = [], 0, ''
+    for ch in text:
+        depth += (ch in '([{') - (ch in ')]}')
+        if ch == ',' and depth == 0:
+            specs.append(current)
+            current = ''
+        else:
+            current += ch
+    return [s for s in specs + [current] if s]
 
 
 def _train_step(model, tx):
@@ -139,9 +154,9 @@ def _setup(spec, batch, size, dtype, num_classes, devices):
     name, model = _build(spec, num_classes, dtype)
     info = jaxcnn.model_info(name)
     channels = info.input_size[2]
-    mesh = jax.make_mesh((devices,), ('data',), devices=jax.devices()[:devices])
+    mesh = sharding.make_mesh(devices)          # the trainer's mesh
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     variables = jax.jit(lambda: model.init({'params': jax.random.key(0)}, x, train=False),
                         out_shardings=rep)()
@@ -319,7 +334,7 @@ def cmd_throughput(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     measure = measure_train if args.command == 'train' else measure_infer
     results = []
-    for spec in [s for s in args.model.split(',') if s]:
+    for spec in split_specs(args.model):
         r = measure(spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
         results.append(r)
         print(_line(r), flush=True)
@@ -338,7 +353,7 @@ def cmd_throughput(args):
 def cmd_compile(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     results = [measure_compile(s, args.batch, args.size, dtype, args.num_classes)
-               for s in args.model.split(',') if s]
+               for s in split_specs(args.model)]
     for r in results:
         print(_line(r), flush=True)
     _write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
@@ -350,7 +365,7 @@ def cmd_latency(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     sizes = [int(b) for b in args.batch_sizes.split(',')]
     table = {}
-    for spec in [s for s in args.models.split(',') if s]:
+    for spec in split_specs(args.models):
         table[spec] = measure_latency(spec, sizes, args.size, dtype, args.steps)
         print(f'{spec:>24}: ' + '  '.join(f'b{b} {ms:.2f}' for b, ms in table[spec].items())
               + '  (ms per image)', flush=True)
@@ -375,7 +390,7 @@ def cmd_latency(args):
 def cmd_memory(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     results = []
-    for spec in [s for s in args.models.split(',') if s]:
+    for spec in split_specs(args.models):
         r = measure_memory(spec, args.batch, args.size, args.num_classes, dtype, args.time_steps)
         results.append(r)
         t = f', {r["sec_per_step"] * 1e3:.0f} ms/step' if 'sec_per_step' in r else ''
@@ -435,9 +450,8 @@ def main(argv=None):
     p.add_argument('--out', default='')
     p.set_defaults(func=cmd_latency)
     args = parser.parse_args(argv)
-    for spec in (getattr(args, 'model', None) or getattr(args, 'models', '')).split(','):
-        if spec:
-            jaxcnn.model_info(spec.partition(':')[0])      # unknown name: one clear line
+    for spec in split_specs(getattr(args, 'model', None) or getattr(args, 'models', '')):
+        jaxcnn.model_info(spec.partition(':')[0])      # unknown name: one clear line
     return args.func(args)
 
 

@@ -57,3 +57,10 @@ def test_model_spec_sets_model_arguments():
     assert model.reversible is False and model.scan_unroll == 4
     with pytest.raises(ValueError, match='neither'):
         bench._build('revnet38:fast', 10, jnp.float32)
+
+
+def test_model_specs_keep_commas_inside_brackets():
+    specs = bench.split_specs('revnet164:layers=(2,2,2),revnet164,resnet32:plain')
+    assert specs == ['revnet164:layers=(2,2,2)', 'revnet164', 'resnet32:plain']
+    _, model = bench._build(specs[0], 10, jnp.float32)
+    assert model.layers == (2, 2, 2) and model.bottleneck

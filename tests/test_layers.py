@@ -40,6 +40,82 @@ def test_torch_padding_matches_pytorch_conv(k, s, d, groups, size):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('k,s,d,size,padding,groups,cout', [
+    (3, 1, 1, 9, 'torch', 1, 6), (3, 2, 1, 10, 'torch', 1, 6), (3, 2, 1, 11, 'torch', 1, 6),
+    (7, 2, 1, 16, 'torch', 1, 6), (1, 2, 1, 7, 'torch', 1, 6), (3, 1, 2, 11, 'torch', 1, 6),
+    (5, 3, 2, 17, 'torch', 1, 6), (3, 2, 1, 10, 'same', 1, 6), (4, 4, 1, 14, 'same', 1, 6),
+    (3, 2, 1, 9, ((0, 2), (1, 0)), 1, 6),
+    # grouped, depthwise, depthwise with channel multiplier 2 (12 input channels throughout)
+    (3, 1, 1, 9, 'torch', 2, 6), (3, 2, 2, 13, 'torch', 2, 6), (3, 2, 1, 11, 'torch', 6, 12),
+    (5, 2, 1, 12, 'same', 12, 12), (7, 1, 1, 10, 'torch', 12, 12), (3, 1, 1, 8, 'torch', 12, 24)])
+def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, cout):
+    """On the CPU conv2d states its input and kernel gradients in forms XLA runs fast (also
+    inside scans); both must equal PyTorch's autograd, here for a loss sum(y * r)."""
+    cin = 12
+    x = RNG.randn(2, cin, size, size).astype(np.float32)
+    w = RNG.randn(cout, cin // groups, k, k).astype(np.float32)
+    expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=s,
+                        padding=d * (k - 1) // 2, dilation=d, groups=groups).numpy()
+    got = run_conv(layers.conv2d(cout, k, s, dilation=d, groups=groups), x, w)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('k,s,d,size,padding,groups', [
+    (3, 1, 1, 9, 'torch', 1), (3, 2, 1, 10, 'torch', 1), (3, 2, 1, 11, 'torch', 1),
+    (7, 2, 1, 16, 'torch', 1), (1, 2, 1, 7, 'torch', 1), (3, 1, 2, 11, 'torch', 1),
+    (5, 3, 2, 17, 'torch', 1), (3, 2, 1, 10, 'same', 1), (4, 4, 1, 14, 'same', 1),
+    (3, 2, 1, 9, ((0, 2), (1, 0)), 1),
+    # grouped (12 -> 6 in 2 groups; 12 -> 12 in 6), depthwise, depthwise with multiplier 2
+    (3, 1, 1, 9, 'torch', 2), (3, 2, 2, 13, 'torch', 2), (3, 2, 1, 11, 'torch', 6),
+    (5, 2, 1, 12, 'same', 12), (7, 1, 1, 10, 'torch', 12), (3, 1, 1, 8, 'torch', -12)])
+def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups):
+    """On the CPU conv2d states its input and kernel gradients in forms XLA runs fast (also
+    inside scans); both must equal PyTorch's autograd, here for a loss sum(y * r)."""
+    cin, cout = 12, {1: 6, 2: 6, 6: 12, 12: 12, -12: 24}[groups]
+    groups = abs(groups)
+    x = RNG.randn(2, cin, size, size).astype(np.float32)
+    w = RNG.randn(cout, cin // groups, k, k).astype(np.float32)
+    conv = layers.conv2d(cout, k, s, dilation=d, padding=padding, groups=groups)
+    pads = conv.padding
+    if pads == 'SAME':
+        pads = jax.lax.padtype_to_pads((size, size), ((k - 1) * d + 1,) * 2, (s, s), 'SAME')
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    yt = F.conv2d(F.pad(xt, (*pads[1], *pads[0])), wt, stride=s, dilation=d, groups=groups)
+    r = RNG.randn(*yt.shape).astype(np.float32)
+    (yt * torch.from_numpy(r)).sum().backward()
+
+    def loss(kernel, x_nhwc):
+        with layers.loop_body():     # the forms scanned blocks take (grouped convs always do)
+            y = conv.apply({'params': {'kernel': kernel}}, x_nhwc)
+        return jnp.sum(y * jnp.asarray(r.transpose(0, 2, 3, 1)))
+    gk, gx = jax.jit(jax.grad(loss, (0, 1)))(jnp.asarray(w.transpose(2, 3, 1, 0)),
+                                             jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(nchw(gx), xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gk).transpose(3, 2, 0, 1), wt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_gradients_inside_scan_match_unrolled_lax():
+    """The same stack scanned (this module's conv) and unrolled (plain lax.conv_general_dilated)."""
+    x = jnp.asarray(RNG.randn(2, 8, 8, 4), jnp.float32)
+    ks = jnp.asarray(RNG.randn(3, 3, 3, 4, 4) * 0.3, jnp.float32)
+
+    def scanned(ks, x):
+        with layers.loop_body():
+            x, _ = jax.lax.scan(lambda h, k: (jnp.tanh(layers.conv_general_dilated(
+                h, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))), None), x, ks)
+        return jnp.sum(x ** 2)
+
+    def unrolled(ks, x):
+        for k in ks:
+            x = jnp.tanh(jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+        return jnp.sum(x ** 2)
+    got = jax.jit(jax.grad(scanned, (0, 1)))(ks, x)
+    want = jax.grad(unrolled, (0, 1))(ks, x)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('k,s,size', [(3, 2, 10), (3, 2, 11), (5, 2, 16), (1, 2, 7), (4, 4, 14)])
 def test_same_padding_matches_tensorflow_rule(k, s, size):
     """TF 'SAME': out = ceil(H / s); total pad = max((out - 1) s + k - H, 0), the odd pixel at the end."""

@@ -39,14 +39,15 @@ def v1_hand_count(g, c2, num_classes=1000):
     return total + 4 * c2 * num_classes + num_classes                 # FC
 
 
-def v1_mult_adds(g, c2):
+def v1_conv_mult_adds(g, c2):
+    """Multiply-adds of the convolutions at 224 px (Table 1's complexity leaves out the FC)."""
     total = 112 * 112 * 27 * 24
     in_size = 56
     for cin, c, stride, g1, size in v1_units(g, c2):
         mid, branch = c // 4, c - cin if stride == 2 else c
         total += in_size ** 2 * cin * mid // g1 + size ** 2 * 9 * mid + size ** 2 * mid * branch // g
         in_size = size
-    return total + 4 * c2 * 1000
+    return total
 
 
 @pytest.mark.parametrize('g', sorted(TABLE1))
@@ -55,8 +56,9 @@ def test_v1_matches_table1(g):
     model = jaxcnn.create_model(f'shufflenet_g{g}')
     variables = abstract_variables(model, (1, 224, 224, 3))
     assert jaxcnn.count_params(variables['params']) == v1_hand_count(g, c2)
-    # the widths were chosen to keep the cost near 140 MFLOPs: ours is within 1.5 % of the table
-    assert abs(v1_mult_adds(g, c2) / 1e6 - mflops) <= 0.015 * mflops
+    # Table 1's complexity, to its rounding (whole MFLOPs); adding the FC (0.6-1.5M) would
+    # put g = 2, 4, 8 one MFLOP above the table
+    assert abs(v1_conv_mult_adds(g, c2) / 1e6 - mflops) <= 0.5
     # output channels and sizes of stages 2-4 (28, 14, 7 px at 224)
     _, state = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 224, 224, 3)),
                                                   capture_intermediates=True, mutable=['intermediates']), variables)

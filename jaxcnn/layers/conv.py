@@ -7,6 +7,9 @@ Two padding conventions matter when weights come from elsewhere:
   * 'same': TensorFlow's dynamic "SAME" padding (extra pad goes bottom/right), which the
     ``tf_`` ports in timm reproduce with ``Conv2dSame``.
 """
+import contextlib
+import contextvars
+import functools
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -43,6 +46,132 @@ def resolve_padding(padding, kernel_size, dilation=1):
     raise ValueError(f"padding must be 'torch', 'same', 'valid', an int or pairs, got {padding!r}")
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+# conv_general_dilated's custom gradient forms on the CPU; False restores lax's own (and with it
+# forward-mode differentiation, which a custom VJP does not support).
+CPU_GRADIENT_FORMS = True
+_IN_LOOP = contextvars.ContextVar('jaxcnn_conv_in_loop', default=False)
+
+
+@contextlib.contextmanager
+def loop_body():
+    """Convolutions traced in this context are the body of a loop (``lax.scan``, ``nn.scan``):
+    on the CPU they take the gradient forms of :func:`conv_general_dilated`."""
+    token = _IN_LOOP.set(True)
+    try:
+        yield
+    finally:
+        _IN_LOOP.reset(token)
+
+
+def _explicit_pads(padding, in_hw, kernel_hw, strides, dilation):
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+        return tuple(jax.lax.padtype_to_pads(in_hw, dilated, strides, padding))
+    return tuple(tuple(p) for p in padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_canonical_grads(x, k, strides, pads, dilation, groups, precision):
+    return jax.lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilation,
+                                        dimension_numbers=_NHWC, feature_group_count=groups,
+                                        precision=precision)
+
+
+def _conv_fwd(x, k, strides, pads, dilation, groups, precision):
+    return _conv_canonical_grads(x, k, strides, pads, dilation, groups, precision), (x, k)
+
+
+def _conv_bwd(strides, pads, dilation, groups, precision, res, dy):
+    x, k = res
+    (kh, kw, cg, c_out), (n, h, w, c_in) = k.shape, x.shape
+    og, (ho, wo) = c_out // groups, dy.shape[1:3]
+    (sh, sw), (dh, dw_) = strides, dilation
+    # rows and columns the strided window never reaches: the input gradient is zero there
+    rest_h = h + sum(pads[0]) - (kh - 1) * dh - 1 - sh * (ho - 1)
+    rest_w = w + sum(pads[1]) - (kw - 1) * dw_ - 1 - sw * (wo - 1)
+    # input gradient: dy (dilated by the stride) correlated with the flipped kernel, its in and
+    # out channels swapped within each group
+    flipped = jnp.flip(k, (0, 1)).reshape(kh, kw, cg, groups, og).transpose(0, 1, 4, 3, 2)
+    dx = jax.lax.conv_general_dilated(
+        dy, flipped.reshape(kh, kw, og, groups * cg), (1, 1),
+        ((dh * (kh - 1) - pads[0][0], dh * (kh - 1) - pads[0][1] + rest_h),
+         (dw_ * (kw - 1) - pads[1][0], dw_ * (kw - 1) - pads[1][1] + rest_w)),
+        lhs_dilation=strides, rhs_dilation=dilation, dimension_numbers=_NHWC,
+        feature_group_count=groups, precision=precision)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    if groups == 1:
+        # kernel gradient: with batch and channels swapped (C, H, W, N) it is an ordinary NHWC
+        # convolution of the padded input by dy (dilated by the stride), strided by the dilation
+        dk = jax.lax.conv_general_dilated(
+            xp.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, 'VALID',
+            rhs_dilation=strides, dimension_numbers=_NHWC, precision=precision)
+        return dx, dk[:, :kh, :kw].transpose(1, 2, 0, 3)
+    # grouped and depthwise: one product per kernel tap of the input window it sees and dy,
+    # summed over batch and positions within each group
+    dy_g = dy.reshape(n, ho, wo, groups, og)
+    acc = jnp.promote_types(k.dtype, jnp.float32)     # accumulate in fp32 (or wider), as convs do
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = jax.lax.slice(xp, (0, i * dh, j * dw_, 0),
+                                   (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c_in),
+                                   (1, sh, sw, 1)).reshape(n, ho, wo, groups, cg)
+            if cg == 1:
+                tap = jnp.sum(window * dy_g, (0, 1, 2), dtype=acc)[None]
+            else:
+                tap = jnp.einsum('nhwgc,nhwgo->cgo', window, dy_g, precision=precision,
+                                 preferred_element_type=acc)
+            taps.append(tap.reshape(cg, c_out))
+    return dx, jnp.stack(taps).reshape(kh, kw, cg, c_out).astype(k.dtype)
+
+
+_conv_canonical_grads.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _explicitly_sharded(x) -> bool:
+    # arrays on a mesh with Explicit axes type-check every op's output sharding; the batch-
+    # contracting gradient forms would need it spelled out, so those keep lax's own rule
+    sharding = getattr(jax.typeof(x), 'sharding', None)
+    mesh = getattr(sharding, 'mesh', None)
+    return bool(mesh is not None and not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` whose gradients XLA:CPU also runs fast inside loops.
+
+    Differentiating a convolution gives two more convolutions with batch and channel roles
+    swapped. XLA:CPU rewrites those into the NHWC form its fast kernels take, but not inside a
+    loop body, where they fall back to a slow loop (measured on 6-layer stacks, batch 32: 3x3
+    convolutions trained 35x slower scanned than unrolled, depthwise 7x7 40x slower); and its
+    kernel gradient of a grouped (not depthwise) convolution is 10x slow even unrolled. For
+    those cases -- convolutions traced under :func:`loop_body`, and grouped ones -- this
+    function, on the CPU backend, states the input gradient as a plain NHWC (grouped)
+    convolution and the kernel gradient as one NHWC convolution (dense) or one product per
+    kernel tap (grouped, depthwise), in a custom VJP with the same numbers. Elsewhere (other
+    backends, unrolled dense and depthwise convolutions, which XLA already runs well, input
+    dilation) it is ``lax.conv_general_dilated``. The custom VJP supports reverse mode only;
+    set ``CPU_GRADIENT_FORMS = False`` in this module (before tracing) for forward mode.
+    """
+    nd = len(window_strides)
+    plain = (nd == 2 and not kwargs and not _explicitly_sharded(lhs) and not any(d != 1 for d in (lhs_dilation or (1,) * nd))
+             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    in_channels = lhs.shape[-1] if plain else 0
+    grouped = 1 < feature_group_count < in_channels
+    if not (plain and CPU_GRADIENT_FORMS and (_IN_LOOP.get() or grouped)
+            and jax.default_backend() == 'cpu'):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                            rhs_dilation, dimension_numbers, feature_group_count,
+                                            precision=precision, **kwargs)
+    dilation = tuple(rhs_dilation or (1, 1))
+    pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
+    return _conv_canonical_grads(lhs, rhs, tuple(window_strides), pads, dilation,
+                                 feature_group_count, precision)
+
+
 def conv2d(features: int, kernel_size: Union[int, Sequence[int]] = 3, stride=1, *,
            padding: Any = 'torch', groups: int = 1, dilation=1, use_bias: bool = False,
            dtype=None, param_dtype=jnp.float32, kernel_init=he_normal_fan_out,
@@ -52,7 +181,7 @@ def conv2d(features: int, kernel_size: Union[int, Sequence[int]] = 3, stride=1, 
                    padding=resolve_padding(padding, kernel_size, dilation),
                    kernel_dilation=_pair(dilation), feature_group_count=groups,
                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=kernel_init, name=name)
+                   kernel_init=kernel_init, conv_general_dilated=conv_general_dilated, name=name)
 
 
 def depthwise_conv2d(channels: int, kernel_size=3, stride=1, **kwargs) -> nn.Conv:

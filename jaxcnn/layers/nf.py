@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .activations import get_act
-from .conv import resolve_padding
+from .conv import conv_general_dilated, resolve_padding
 
 # The NFNet reference code's constants (deepmind-research/nfnets/base.py), Monte Carlo estimates;
 # used only where converted weights must give the reference's logits.
@@ -163,7 +163,7 @@ class ScaledStdConv(nn.Module):
                           self.param_dtype)
         dtype = self.dtype or jnp.float32
         w = self.standardized_kernel(kernel, gain).astype(dtype)
-        y = jax.lax.conv_general_dilated(
+        y = conv_general_dilated(
             x.astype(dtype), w, (self.stride, self.stride), resolve_padding(self.padding, self.kernel_size),
             dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
         if self.use_bias:

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .conv import loop_body
+
 
 def _raw_key(key):
     """A legacy uint32 key: plain arrays cross custom_vjp boundaries without float0 fuss."""
@@ -92,7 +94,8 @@ def _scan_forward(coupling, variables, keys, rates, x1, x2, unroll=1):
         v, key, rate = xs
         y1, y2, stats = coupling.forward(v, key, rate, *carry)
         return (y1, y2), stats
-    (y1, y2), stats = jax.lax.scan(step, (x1, x2), (variables, keys, rates), unroll=unroll)
+    with loop_body():
+        (y1, y2), stats = jax.lax.scan(step, (x1, x2), (variables, keys, rates), unroll=unroll)
     return y1, y2, stats
 
 
@@ -100,8 +103,9 @@ def _scan_inverse(coupling, variables, keys, rates, y1, y2, unroll=1):
     def step(carry, xs):
         v, key, rate = xs
         return coupling.inverse(v, key, rate, *carry), None
-    (x1, x2), _ = jax.lax.scan(step, (y1, y2), (variables, keys, rates), reverse=True,
-                               unroll=unroll)
+    with loop_body():
+        (x1, x2), _ = jax.lax.scan(step, (y1, y2), (variables, keys, rates), reverse=True,
+                                   unroll=unroll)
     return x1, x2
 
 
@@ -149,8 +153,9 @@ def reversible_scan(coupling, variables, keys, rates, x1, x2, unroll=1):
             dpf, dx2 = f_vjp(dz)
             return (x1, x2, dz, dy2 + dx2), {'f': dpf, 'g': dpg}
 
-        (_, _, dx1, dx2), dparams = jax.lax.scan(
-            step, (y1, y2, dy1, dy2), (params, stats, keys, rates), reverse=True, unroll=unroll)
+        with loop_body():
+            (_, _, dx1, dx2), dparams = jax.lax.scan(
+                step, (y1, y2, dy1, dy2), (params, stats, keys, rates), reverse=True, unroll=unroll)
         zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
         key_ct = np.zeros(keys.shape, jax.dtypes.float0)
         return dparams, zeros(stats), key_ct, zeros(rates), dx1, dx2

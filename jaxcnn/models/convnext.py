@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..convert import register_renames, register_scan_rules
-from ..layers import ClassifierHead, DropPath, check_image_batch, conv2d, depthwise_conv2d, get_act, global_avg_pool
+from ..layers import ClassifierHead, loop_body, DropPath, check_image_batch, conv2d, depthwise_conv2d, get_act, global_avg_pool
 from ..layers.layer_scale import LayerScale
 from ..registry import register
 
@@ -128,8 +128,9 @@ class ConvNeXt(nn.Module):
             if self.scan_blocks:
                 scan = nn.scan(_ScannedBlock, variable_axes={'params': 0},
                                split_rngs={'params': True, 'dropout': True}, length=depth)
-                x, _ = scan(tuple(block_kw.items()), train, self.drop_path_rate != 0,
-                            name=f'stages_{s}_scan')(x, jnp.asarray(stage_rates, jnp.float32))
+                with loop_body():
+                    x, _ = scan(tuple(block_kw.items()), train, self.drop_path_rate != 0,
+                                name=f'stages_{s}_scan')(x, jnp.asarray(stage_rates, jnp.float32))
             else:
                 for b in range(depth):
                     x = ConvNeXtBlock(drop_path=stage_rates[b], name=f'stages_{s}_{b}', **block_kw)(x, train)

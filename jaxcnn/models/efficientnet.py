@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, batch_norm, check_image_batch, conv2d, get_act, global_avg_pool, make_divisible
+from ..layers import ClassifierHead, loop_body, batch_norm, check_image_batch, conv2d, get_act, global_avg_pool, make_divisible
 from ..layers.mbconv import MBConv
 from ..registry import register
 
@@ -207,8 +207,9 @@ class MBConvNet(nn.Module):
             if scan:
                 body = nn.scan(_ScannedBlock, variable_axes={'params': 0, 'batch_stats': 0},
                                split_rngs={'params': True, 'dropout': True}, length=len(blocks) - 1)
-                x, _ = body(tuple(block_kw[1].items()), train, self.drop_path_rate != 0,
-                            name=f'blocks_{s}_rest')(x, jnp.asarray(rates[1:], jnp.float32))
+                with loop_body():
+                    x, _ = body(tuple(block_kw[1].items()), train, self.drop_path_rate != 0,
+                                name=f'blocks_{s}_rest')(x, jnp.asarray(rates[1:], jnp.float32))
 
         width = self.head_width()
         if self.head == 'conv':

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import ClassifierHead, loop_body, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 EXPANSION = {'basic': 1, 'bottleneck': 4}
@@ -164,8 +164,9 @@ class MultiResNet(nn.Module):
             if self.scan_blocks and n > 2:
                 scan = nn.scan(_ScannedUnit, variable_axes={'params': 0, 'batch_stats': 0},
                                split_rngs={'params': True, 'dropout': True}, length=n - 1)
-                x, _ = scan(unit_args, train, name=f'stage{s + 1}_rest', **kw)(
-                    x, jnp.asarray(stage_rates[1:], jnp.float32))
+                with loop_body():
+                    x, _ = scan(unit_args, train, name=f'stage{s + 1}_rest', **kw)(
+                        x, jnp.asarray(stage_rates[1:], jnp.float32))
             else:
                 for u in range(1, n):
                     x = MultiResidualUnit(*unit_args[:3], 1, False, self.block_dropout,

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
+from ..layers import ClassifierHead, loop_body, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
 from ..layers.nf import ScaledStdConv, activation_gamma, gamma_act
 from ..registry import register
 
@@ -192,9 +192,10 @@ class NFNet(nn.Module):
             if n_unrolled < depth:
                 scan = nn.scan(_ScannedNFBlock, variable_axes={'params': 0},
                                split_rngs={'params': True, 'dropout': True}, length=depth - 1)
-                x, _ = scan(tuple(block_kw.items()), train, self.drop_path_rate != 0,
-                            name=f'stages_{s}_rest')(
-                    x, (jnp.asarray(betas[1:], jnp.float32), jnp.asarray(rates[1:], jnp.float32)))
+                with loop_body():
+                    x, _ = scan(tuple(block_kw.items()), train, self.drop_path_rate != 0,
+                                name=f'stages_{s}_rest')(
+                        x, (jnp.asarray(betas[1:], jnp.float32), jnp.asarray(rates[1:], jnp.float32)))
         if self.num_features:
             x = conv('final_conv', self.num_features, 1)(x)
         x = act(x)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import (check_image_batch, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
+from ..layers import (check_image_batch, loop_body, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
                       drop_path_rates, max_pool)
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -206,8 +206,9 @@ class ResNet(nn.Module):
                 scan = nn.scan(_ScannedBlock, variable_axes={'params': 0, 'batch_stats': 0},
                                split_rngs={'params': True, 'dropout': True},
                                length=n_blocks - 1)
-                x, _ = scan(block_args, train, name=f'layer{s + 1}_rest', **kw)(
-                    x, jnp.asarray(stage_rates[1:], jnp.float32))
+                with loop_body():
+                    x, _ = scan(block_args, train, name=f'layer{s + 1}_rest', **kw)(
+                        x, jnp.asarray(stage_rates[1:], jnp.float32))
         if preact:
             x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
