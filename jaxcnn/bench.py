@@ -84,9 +84,18 @@ def _train_step(model, tx):
     return step
 
 
+def allocator_peak_bytes(device) -> int | None:
+    """The device allocator's high-water mark (GPU, TPU), or None where the backend keeps no
+    allocator statistics (the CPU). It covers the whole process: measure one model per run."""
+    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+    return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
 def measure_memory(spec, batch, size, num_classes=10, dtype=jnp.float32, time_steps=0):
     """Compiles one training step (state donated, as the trainer does) and reads
-    ``compiled.memory_analysis()``. Returns a dict of byte counts (and seconds per step)."""
+    ``compiled.memory_analysis()``. Returns a dict of byte counts (and seconds per step).
+    On a device with allocator statistics it also runs the step and records the allocator's
+    peak (``allocator_peak_bytes``, process-wide: one model per run for per-model figures)."""
     name, model = _build(spec, num_classes, dtype)
     x = jnp.zeros((batch, size, size, 3), jnp.float32)
     variables = jax.jit(lambda: model.init({'params': jax.random.key(0)}, x[:1], train=False))()
@@ -107,11 +116,15 @@ def measure_memory(spec, batch, size, num_classes=10, dtype=jnp.float32, time_st
                generated_code_bytes=int(m.generated_code_size_in_bytes), compile_s=compile_s)
     # donated state aliases its outputs: count those bytes once
     out['peak_bytes'] = out['temp_bytes'] + out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
-    if time_steps:
+    device = jax.devices()[0]
+    if time_steps or allocator_peak_bytes(device) is not None:
         state = (params, stats, opt_state)
         key = jax.random.key(1)
         state = compiled(*state, images, labels, key)[:3]            # warm-up
         jax.block_until_ready(state)
+        if allocator_peak_bytes(device) is not None:
+            out['allocator_peak_bytes'] = allocator_peak_bytes(device)
+    if time_steps:
         t0 = time.time()
         for _ in range(time_steps):
             *state, loss = compiled(*state, images, labels, key)
@@ -394,6 +407,8 @@ def cmd_memory(args):
         r = measure_memory(spec, args.batch, args.size, args.num_classes, dtype, args.time_steps)
         results.append(r)
         t = f', {r["sec_per_step"] * 1e3:.0f} ms/step' if 'sec_per_step' in r else ''
+        if 'allocator_peak_bytes' in r:
+            t += f', allocator peak {r["allocator_peak_bytes"] / 2**20:.1f} MiB'
         print(f'{spec:>22}: params {r["params"]:>10,}  peak {r["peak_bytes"] / 2**20:8.1f} MiB '
               f'(temp {r["temp_bytes"] / 2**20:8.1f} MiB){t}', flush=True)
     if args.out:

@@ -64,3 +64,18 @@ def test_model_specs_keep_commas_inside_brackets():
     assert specs == ['revnet164:layers=(2,2,2)', 'revnet164', 'resnet32:plain']
     _, model = bench._build(specs[0], 10, jnp.float32)
     assert model.layers == (2, 2, 2) and model.bottleneck
+
+
+def test_allocator_peak_is_read_where_the_backend_keeps_statistics():
+    class Gpu:
+        def memory_stats(self):
+            return {'bytes_in_use': 10, 'peak_bytes_in_use': 3 * 2**20}
+
+    class Cpu:
+        def memory_stats(self):
+            return None
+    assert bench.allocator_peak_bytes(Gpu()) == 3 * 2**20
+    assert bench.allocator_peak_bytes(Cpu()) is None
+    # on this CPU the record carries XLA's analysis only, no allocator figure
+    r = bench.measure_memory('resnet20', 2, 16)
+    assert 'allocator_peak_bytes' not in r and r['peak_bytes'] > 0
