@@ -145,24 +145,21 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     Differentiating a convolution gives two more convolutions with batch and channel roles
     swapped. XLA:CPU rewrites those into the NHWC form its fast kernels take, but not inside a
     loop body, where they fall back to a slow loop (measured on 6-layer stacks, batch 32: 3x3
-    convolutions trained 35x slower scanned than unrolled, depthwise 7x7 40x slower); and its
-    kernel gradient of a grouped (not depthwise) convolution is 10x slow even unrolled. For
-    those cases -- convolutions traced under :func:`loop_body`, and grouped ones -- this
-    function, on the CPU backend, states the input gradient as a plain NHWC (grouped)
-    convolution and the kernel gradient as one NHWC convolution (dense) or one product per
-    kernel tap (grouped, depthwise), in a custom VJP with the same numbers. Elsewhere (other
-    backends, unrolled dense and depthwise convolutions, which XLA already runs well, input
-    dilation) it is ``lax.conv_general_dilated``. The custom VJP supports reverse mode only;
+    convolutions trained 35x slower scanned than unrolled, depthwise 7x7 40x slower). For
+    convolutions traced under :func:`loop_body` this function, on the CPU backend, states the
+    input gradient as a plain NHWC (grouped) convolution and the kernel gradient as one NHWC
+    convolution (dense) or one product per kernel tap (grouped, depthwise), in a custom VJP
+    with the same numbers. Elsewhere (other backends, unrolled convolutions, input dilation,
+    arrays on meshes with Explicit axes) it is ``lax.conv_general_dilated``. (The per-tap form
+    would also speed up unrolled grouped convolutions' kernel gradient ~10x, but adds ~40 % to
+    their compile time, so it is kept to loops.) The custom VJP supports reverse mode only;
     set ``CPU_GRADIENT_FORMS = False`` in this module (before tracing) for forward mode.
     """
     nd = len(window_strides)
     plain = (nd == 2 and not kwargs and not _explicitly_sharded(lhs) and not any(d != 1 for d in (lhs_dilation or (1,) * nd))
              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    in_channels = lhs.shape[-1] if plain else 0
-    grouped = 1 < feature_group_count < in_channels
-    if not (plain and CPU_GRADIENT_FORMS and (_IN_LOOP.get() or grouped)
-            and jax.default_backend() == 'cpu'):
+    if not (plain and CPU_GRADIENT_FORMS and _IN_LOOP.get() and jax.default_backend() == 'cpu'):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                             rhs_dilation, dimension_numbers, feature_group_count,
                                             precision=precision, **kwargs)
