@@ -33,6 +33,7 @@ import optax
 
 import jaxcnn
 from jaxcnn import sharding
+from jaxcnn.layers import compiler_options
 
 
 def _build(spec, num_classes, dtype):
@@ -70,6 +71,12 @@ def split_specs(text):
     return [s for s in specs + [current] if s]
 
 
+def _xla_options(model, variables, images):
+    """The trainer's XLA options for this model (jaxcnn.layers.compiler_options)."""
+    return compiler_options(lambda v, x: model.apply(v, x, train=False), variables,
+                            jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
+
+
 def _train_step(model, tx):
     """The trainer's update (jaxcnn.train) reduced to its parts: loss, grads, SGD, new stats."""
     def step(params, batch_stats, opt_state, images, labels, key):
@@ -104,7 +111,8 @@ def measure_memory(spec, batch, size, num_classes=10, dtype=jnp.float32, time_st
     opt_state = tx.init(params)
     images = jnp.asarray(np.random.RandomState(0).randn(batch, size, size, 3), dtype)
     labels = jnp.asarray(np.arange(batch) % num_classes, jnp.int32)
-    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2))
+    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2),
+                   compiler_options=_xla_options(model, variables, images))
     t0 = time.time()
     compiled = step.lower(params, stats, opt_state, images, labels, jax.random.key(1)).compile()
     compile_s = time.time() - t0
@@ -210,7 +218,8 @@ def measure_train(spec, batch, size, dtype=jnp.float32, num_classes=1000, device
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = jax.jit(tx.init, out_shardings=rep)(params)
-    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2))
+    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2),
+                   compiler_options=_xla_options(model, variables, images))
     key = jax.random.key(1)
     t0 = time.perf_counter()
     compiled = step.lower(params, stats, opt_state, images, labels, key).compile()
@@ -223,7 +232,8 @@ def measure_train(spec, batch, size, dtype=jnp.float32, num_classes=1000, device
 def measure_infer(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
     """Images/s of the forward pass in inference mode."""
     name, model, variables, images, labels, rep = _setup(spec, batch, size, dtype, num_classes, devices)
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                  compiler_options=_xla_options(model, variables, images))
     t0 = time.perf_counter()
     compiled = fwd.lower(variables, images).compile()
     compile_s = time.perf_counter() - t0
@@ -240,7 +250,8 @@ def measure_compile(spec, batch, size, dtype=jnp.float32, num_classes=1000):
     tx = optax.sgd(0.1, momentum=0.9)
     opt_shapes = jax.eval_shape(tx.init, shapes['params'])
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2))
+    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2),
+                   compiler_options=_xla_options(model, shapes, x))
     t0 = time.perf_counter()
     step.lower(shapes['params'], shapes.get('batch_stats', {}), opt_shapes, x, labels,
                jax.random.key(1)).compile()

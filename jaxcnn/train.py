@@ -36,6 +36,7 @@ from jaxcnn import metrics as metrics_lib
 from jaxcnn import optim
 from jaxcnn import sharding
 from jaxcnn import transfer as transfer_lib
+from jaxcnn.layers import compiler_options
 
 
 @flax.struct.dataclass
@@ -424,6 +425,11 @@ def main(argv=None) -> int:
       f'{"bf16" if config.get("bf16", False) else "fp32"} compute')
 
   # == Train and eval steps ====================================================================
+  # XLA options for this model's steps (on the CPU: which library runs its convolutions)
+  xla_options = compiler_options(
+      lambda v, x: model.apply(v, x, train=False),
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32))
   # One compiled step per training phase (one phase unless config.progressive is on).
   phases = progressive_phases(config, total_steps, image_size, model)
 
@@ -435,9 +441,11 @@ def main(argv=None) -> int:
                               mixup=phase.mixup)
     # The state is donated: its buffers are reused for the new state (halves peak memory).
     return jax.jit(step_fn, donate_argnums=(0,),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   compiler_options=xla_options)
 
-  eval_step = jax.jit(make_eval_step(config, model, mean, std, test_size, config.num_classes))
+  eval_step = jax.jit(make_eval_step(config, model, mean, std, test_size, config.num_classes),
+                      compiler_options=xla_options)
   n_dev = mesh.devices.size
   eval_batch = max(n_dev, (config.get('eval_batch_size', 1000) // n_dev) * n_dev)
   plateau = config.schedule.get('name', '') == 'plateau'

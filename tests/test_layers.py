@@ -1,5 +1,6 @@
 """Shared layers against PyTorch's implementations and the papers' formulas."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,29 @@ def test_max_pool_pads_with_minus_infinity_like_pytorch():
     x = -np.abs(RNG.randn(2, 3, 9, 9)).astype(np.float32) - 1
     expected = F.max_pool2d(torch.from_numpy(x), 3, 2, 1).numpy()
     np.testing.assert_array_equal(nchw(layers.max_pool(nhwc(torch.from_numpy(x)), 3, 2)), expected)
+
+
+@pytest.mark.parametrize('window,stride,padding,ceil,size', [
+    (3, 2, 1, False, 9), (3, 2, 1, False, 10), (2, 2, 0, False, 8), (3, 1, 1, False, 7),
+    (3, 2, 0, True, 10), (3, 2, 0, True, 13), (5, 3, 2, False, 14)])
+def test_max_pool_gradient_matches_pytorch_with_ties(window, stride, padding, ceil, size):
+    """PyTorch gives each window's gradient to the first maximum in it; so must max_pool, whose
+    CPU form has its own VJP. Rounding to halves makes ties common (ReLU's zeros do in nets)."""
+    x = np.round(RNG.randn(2, 3, size, size) * 2).astype(np.float32) / 2
+    r = RNG.randn(*F.max_pool2d(torch.from_numpy(x), window, stride, padding, ceil_mode=ceil).shape)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = F.max_pool2d(xt, window, stride, padding, ceil_mode=ceil)
+    (yt * torch.from_numpy(r.astype(np.float32))).sum().backward()
+
+    def pool(v):
+        if ceil:
+            return layers.ceil_max_pool(v, window, stride)
+        return layers.max_pool(v, window, stride, padding=padding)
+    y, vjp = jax.vjp(pool, nhwc(torch.from_numpy(x)))
+    np.testing.assert_array_equal(nchw(y), yt.detach().numpy())
+    # equal up to the order of summing where windows overlap; a tie sent elsewhere is off by O(1)
+    np.testing.assert_allclose(nchw(vjp(jnp.asarray(r.transpose(0, 2, 3, 1), jnp.float32))[0]),
+                               xt.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('name,ref', [
@@ -259,3 +283,38 @@ def test_make_divisible_keeps_within_ten_percent():
     assert layers.make_divisible(32 * 0.75, 8) == 24
     assert layers.make_divisible(10, 8) == 16       # 8 would lose more than 10 %
     assert layers.make_divisible(256 / 16, 8, round_limit=0.0) == 16
+
+
+def ynn_convolutions(hlo: str) -> int:
+    """Convolutions inside the computations that YNNPACK fusions call, in an HLO text dump."""
+    called = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"kind":"__ynn_fusion"', hlo))
+    bodies = re.findall(r'^(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo, re.S | re.M)
+    return sum(body.count('convolution(') for name, body in bodies if name in called)
+
+
+def test_compiler_options_move_dense_convolutions_off_ynnpack_only():
+    """On the CPU a step without depthwise convolutions gets XLA's own convolutions (YNNPACK's
+    other fusions stay), one with them keeps XLA's defaults; results equal the default's."""
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    x = jnp.asarray(RNG.randn(2, 16, 16, 32), jnp.float32)   # large enough for YNNPACK to take
+    dense_k = jnp.asarray(RNG.randn(3, 3, 32, 32) * 0.1, jnp.float32)
+    depth_k = jnp.asarray(RNG.randn(3, 3, 1, 32), jnp.float32)
+
+    def dense(k, x):
+        return jnp.sum(jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn) ** 2)
+
+    def depthwise(k, x):
+        return jnp.sum(jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn,
+                                                    feature_group_count=32) ** 2)
+    assert layers.compiler_options(depthwise, depth_k, x) == {}
+    # found inside loop bodies too
+    assert layers.compiler_options(lambda k, x: jax.lax.scan(
+        lambda h, _: (h + depthwise(k, x), None), 0.0, None, length=2)[0], depth_k, x) == {}
+    options = layers.compiler_options(dense, dense_k, x)
+    assert options and all(k.startswith('xla_cpu_') for k in options)
+    compiled = jax.jit(jax.grad(dense), compiler_options=options).lower(dense_k, x).compile()
+    default = jax.jit(jax.grad(dense)).lower(dense_k, x).compile()
+    assert ynn_convolutions(default.as_text()) > 0      # what XLA:CPU does by default
+    assert ynn_convolutions(compiled.as_text()) == 0
+    assert 'convolution(' in compiled.as_text()
+    np.testing.assert_allclose(compiled(dense_k, x), default(dense_k, x), rtol=1e-4, atol=1e-3)
