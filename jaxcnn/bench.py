@@ -71,8 +71,18 @@ def split_specs(text):
     return [s for s in specs + [current] if s]
 
 
+# `--xla-options`: 'trainer' (jaxcnn.layers.compiler_options for the model, as the trainer
+# compiles), 'defaults' (XLA's own) or 'dense' (the options for models without depthwise
+# convolutions, whatever the model)
+XLA_OPTIONS = 'trainer'
+
+
 def _xla_options(model, variables, images):
-    """The trainer's XLA options for this model (jaxcnn.layers.compiler_options)."""
+    """The XLA compiler options the bench compiles this model's steps with."""
+    if XLA_OPTIONS == 'defaults':
+        return {}
+    if XLA_OPTIONS == 'dense':
+        return compiler_options()
     return compiler_options(lambda v, x: model.apply(v, x, train=False), variables,
                             jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
 
@@ -218,27 +228,29 @@ def measure_train(spec, batch, size, dtype=jnp.float32, num_classes=1000, device
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = jax.jit(tx.init, out_shardings=rep)(params)
-    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2),
-                   compiler_options=_xla_options(model, variables, images))
+    options = _xla_options(model, variables, images)
+    step = jax.jit(_train_step(model, tx), donate_argnums=(0, 1, 2), compiler_options=options)
     key = jax.random.key(1)
     t0 = time.perf_counter()
     compiled = step.lower(params, stats, opt_state, images, labels, key).compile()
     compile_s = time.perf_counter() - t0
     sec = _time(compiled, (params, stats, opt_state, images, labels, key), steps,
                 update_args=lambda a, out: (*out[:3], *a[3:]))
-    return _report('train', spec, batch, size, dtype, devices, sec, compile_s, _flops(compiled))
+    return dict(_report('train', spec, batch, size, dtype, devices, sec, compile_s,
+                        _flops(compiled)), xla_options=options)
 
 
 def measure_infer(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
     """Images/s of the forward pass in inference mode."""
     name, model, variables, images, labels, rep = _setup(spec, batch, size, dtype, num_classes, devices)
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                  compiler_options=_xla_options(model, variables, images))
+    options = _xla_options(model, variables, images)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
     t0 = time.perf_counter()
     compiled = fwd.lower(variables, images).compile()
     compile_s = time.perf_counter() - t0
     sec = _time(compiled, (variables, images), steps)
-    return _report('infer', spec, batch, size, dtype, devices, sec, compile_s, _flops(compiled))
+    return dict(_report('infer', spec, batch, size, dtype, devices, sec, compile_s,
+                        _flops(compiled)), xla_options=options)
 
 
 def measure_compile(spec, batch, size, dtype=jnp.float32, num_classes=1000):
@@ -355,6 +367,8 @@ def _line(r):
 
 
 def cmd_throughput(args):
+    global XLA_OPTIONS
+    XLA_OPTIONS = args.xla_options
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     measure = measure_train if args.command == 'train' else measure_infer
     results = []
@@ -456,6 +470,9 @@ def main(argv=None):
         p.add_argument('--devices', type=int, default=1, help='data-parallel over this many devices')
         p.add_argument('--steps', type=int, default=10, help='timed steps after warm-up')
         p.add_argument('--vs', choices=['timm'], default=None, help='also run the PyTorch twin')
+        p.add_argument('--xla-options', choices=['trainer', 'defaults', 'dense'], default='trainer',
+                       help="XLA compiler options: the trainer's for the model (default), XLA's "
+                            "defaults, or those for models without depthwise convolutions")
         p.add_argument('--out', default='')
         p.set_defaults(func=cmd_throughput)
     p = sub.add_parser('compile', help='compile time of one training step')

@@ -16,7 +16,9 @@ def abstract_variables(model, input_shape):
 def random_variables(model, input_shape, seed=0):
     """Variables filled like an initialiser would (fan-in scaled kernels, unit scales),
     built on the host so tests need not compile each model's init."""
-    rng = np.random.RandomState(seed)
+    # PCG64's float32 normals: several times faster than RandomState.randn for the largest
+    # models (hundreds of millions of parameters)
+    rng = np.random.default_rng(seed)
     shapes = abstract_variables(model, input_shape)
 
     def fill(path, s):
@@ -26,7 +28,9 @@ def random_variables(model, input_shape, seed=0):
         if leaf in ('bias', 'mean'):
             return jnp.zeros(s.shape, s.dtype)
         fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        return jnp.asarray(rng.randn(*s.shape) / np.sqrt(max(fan_in, 1)), s.dtype)
+        values = rng.standard_normal(s.shape, dtype=np.float32)
+        values *= np.float32(1 / np.sqrt(max(fan_in, 1)))
+        return jnp.asarray(values, s.dtype)
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 

@@ -65,9 +65,10 @@ def loop_body():
 
 
 # XLA:CPU hands convolutions to YNNPACK by default. On the 2-core test machine YNNPACK runs dense
-# convolutions slower than XLA's Eigen ones (ResNet-18 training step, batch 32, 112 px: 825 ms
-# against 654 ms) but depthwise ones faster (ConvNeXt-T, batch 16, 64 px: 1013 ms against
-# 1221 ms; MobileNetV2 and EfficientNet-B0 likewise), and XLA has no per-operation switch. So a
+# convolutions slower than XLA's Eigen ones but depthwise ones faster (training steps, batch 32,
+# 112 px: ResNet-18 964 ms with YNNPACK's convolutions, 667 ms without; ConvNeXt-T 4,968 ms
+# with, 6,851 ms without; `python -m jaxcnn.bench train --xla-options defaults|dense`, records
+# in benchmarks/results/cpu_xla_options_*.json), and XLA has no per-operation switch. So a
 # step without depthwise convolutions keeps YNNPACK's other default fusions (dots, reductions)
 # and leaves its convolutions to Eigen; a step with them keeps the defaults.
 _DENSE_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
@@ -248,8 +249,8 @@ def max_pool(x, window=3, stride=2, padding='torch'):
     On the CPU backend it is the maximum of the window's strided slices, with a custom VJP that
     sends each output's gradient to the first input (row-major in the window) holding the
     maximum, as PyTorch does. XLA:CPU runs ``reduce_window``'s gradient as an argmax over four
-    index tensors: for ResNet-18's stem pool (batch 32, 112 px) that took ~140 ms of a 730 ms
-    training step, against ~15 ms for this form. ``CPU_GRADIENT_FORMS = False`` restores
+    index tensors; with this form ResNet-18's training step (batch 32, 112 px) takes 635 ms
+    instead of 680 ms (benchmarks/maxpool_form_cpu.py). ``CPU_GRADIENT_FORMS = False`` restores
     ``nn.max_pool``.
     """
     window, stride = _pair(window), _pair(stride)
