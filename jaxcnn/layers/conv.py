@@ -250,8 +250,8 @@ def max_pool(x, window=3, stride=2, padding='torch'):
     sends each output's gradient to the first input (row-major in the window) holding the
     maximum, as PyTorch does. XLA:CPU runs ``reduce_window``'s gradient as an argmax over four
     index tensors; with this form ResNet-18's training step (batch 32, 112 px) takes 635 ms
-    instead of 680 ms (benchmarks/maxpool_form_cpu.py). ``CPU_GRADIENT_FORMS = False`` restores
-    ``nn.max_pool``.
+    instead of 680 ms (``python -m jaxcnn.experiments.maxpool_form_cpu``).
+    ``CPU_GRADIENT_FORMS = False`` restores ``nn.max_pool``.
     """
     window, stride = _pair(window), _pair(stride)
     padding = resolve_padding(padding, window)

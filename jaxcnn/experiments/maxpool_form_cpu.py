@@ -1,6 +1,6 @@
 """ResNet-18's CPU training step with jaxcnn's max-pool gradient form and with nn.max_pool's.
 
-    python benchmarks/maxpool_form_cpu.py --out benchmarks/results/maxpool_form_cpu.json
+    python -m jaxcnn.experiments.maxpool_form_cpu --out benchmarks/results/maxpool_form_cpu.json
 
 Batch 32, 112 px, the bench's SGD step and the trainer's XLA options; the two compiled steps are
 timed in alternation (4 rounds of 3 steps), and the minimum per variant is reported.
@@ -36,7 +36,8 @@ def main():
     for _ in range(4):
         for form, fn in compiled.items():
             times[form].append(bench._time(fn, step_args, 3) * 1e3)
-    record = {'command': 'python benchmarks/maxpool_form_cpu.py' + (f' --out {args.out}' if args.out else ''),
+    command = 'python -m jaxcnn.experiments.maxpool_form_cpu' + (f' --out {args.out}' if args.out else '')
+    record = {'command': command,
               **bench._environment(), 'xla_options': options,
               'ms_per_step': {'jaxcnn max_pool form': min(times[True]),
                               'nn.max_pool (XLA reduce_window gradient)': min(times[False])},
