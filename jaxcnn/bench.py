@@ -33,7 +33,7 @@ import optax
 
 import jaxcnn
 from jaxcnn import sharding
-from jaxcnn.layers import compiler_options
+from jaxcnn.layers import compiler_options, model_compiler_options
 
 
 def _build(spec, num_classes, dtype):
@@ -83,8 +83,7 @@ def _xla_options(model, variables, images):
         return {}
     if XLA_OPTIONS == 'dense':
         return compiler_options()
-    return compiler_options(lambda v, x: model.apply(v, x, train=False), variables,
-                            jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
+    return model_compiler_options(model, variables, images.shape[1:], images.dtype)
 
 
 def _train_step(model, tx):

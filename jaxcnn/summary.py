@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 import jaxcnn
+from jaxcnn.layers import conv as conv_layers
 
 
 @dataclasses.dataclass
@@ -95,7 +96,6 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
     shapes_by_path = {k: tuple(v.shape) for k, v in flat.items()}
     # a forward trace: convolutions as plain lax ops (the CPU gradient forms would wrap scanned
     # ones in custom-VJP calls that hide which operand is the kernel)
-    from .layers import conv as conv_layers
     saved, conv_layers.CPU_GRADIENT_FORMS = conv_layers.CPU_GRADIENT_FORMS, False
     try:
         closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)

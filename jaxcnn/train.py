@@ -36,7 +36,7 @@ from jaxcnn import metrics as metrics_lib
 from jaxcnn import optim
 from jaxcnn import sharding
 from jaxcnn import transfer as transfer_lib
-from jaxcnn.layers import compiler_options
+from jaxcnn.layers import model_compiler_options
 
 
 @flax.struct.dataclass
@@ -426,10 +426,9 @@ def main(argv=None) -> int:
 
   # == Train and eval steps ====================================================================
   # XLA options for this model's steps (on the CPU: which library runs its convolutions)
-  xla_options = compiler_options(
-      lambda v, x: model.apply(v, x, train=False),
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32))
+  xla_options = model_compiler_options(
+      model, {'params': state.params, 'batch_stats': state.batch_stats},
+      (image_size, image_size, channels))
   # One compiled step per training phase (one phase unless config.progressive is on).
   phases = progressive_phases(config, total_steps, image_size, model)
 

@@ -120,6 +120,13 @@ def compiler_options(fn=None, *example_args) -> dict:
     return dict(options) if _accepted(options) else {}
 
 
+def model_compiler_options(model, variables, image_shape, dtype=jnp.float32) -> dict:
+    """:func:`compiler_options` for the training and inference steps of a Flax ``model``, from
+    its inference forward pass on one ``image_shape`` (H, W, C) image."""
+    return compiler_options(lambda v, x: model.apply(v, x, train=False), variables,
+                            jax.ShapeDtypeStruct((1, *image_shape), dtype))
+
+
 def _explicit_pads(padding, in_hw, kernel_hw, strides, dilation):
     if isinstance(padding, str):
         dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
@@ -291,13 +298,13 @@ def _max_pool_bwd(window, stride, pads, res, dy):
     x, y = res
     xp, taps = _pool_windows(x, window, stride, pads)
     (sh, sw), hp, wp = stride, xp.shape[1], xp.shape[2]
+    span_h, span_w = sh * (y.shape[1] - 1) + 1, sw * (y.shape[2] - 1) + 1
     free = jnp.ones(y.shape, bool)          # outputs whose gradient is not yet given to an input
     dxp = jnp.zeros(xp.shape, dy.dtype)
     for (i, j), t in taps:
         hit = free & (t == y)
         free = free & ~hit
         # scatter back to the tap's strided positions: interior padding by stride - 1
-        span_h, span_w = sh * (y.shape[1] - 1) + 1, sw * (y.shape[2] - 1) + 1
         dxp = dxp + jax.lax.pad(jnp.where(hit, dy, 0).astype(dy.dtype), jnp.zeros((), dy.dtype),
                                 ((0, 0, 0), (i, hp - i - span_h, sh - 1),
                                  (j, wp - j - span_w, sw - 1), (0, 0, 0)))
