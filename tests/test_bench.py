@@ -79,3 +79,22 @@ def test_allocator_peak_is_read_where_the_backend_keeps_statistics():
     # on this CPU the record carries XLA's analysis only, no allocator figure
     r = bench.measure_memory('resnet20', 2, 16)
     assert 'allocator_peak_bytes' not in r and r['peak_bytes'] > 0
+
+
+def test_step_profile_sums_each_operation_kind_per_step(tmp_path):
+    import gzip
+    from jaxcnn.experiments.cpu_step_profile import op_times
+    events = [
+        {'ph': 'X', 'name': 'transpose_copy_fusion.29', 'dur': 4000},
+        {'ph': 'X', 'name': 'transpose_copy_fusion', 'dur': 2000},
+        {'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 1000},
+        {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'dur': 9000},     # the executor, not an op
+        {'ph': 'X', 'name': '$api.py:2479 block_until_ready', 'dur': 9000},
+        {'ph': 'X', 'name': 'end: ynn_fusion', 'dur': 5},
+        {'ph': 'i', 'name': 'ynn_fusion.4', 'dur': 7000},               # not a duration event
+    ]
+    trace = tmp_path / 'trace.json.gz'
+    with gzip.open(trace, 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+    times = op_times(str(trace), steps=2)          # microseconds in, ms per step out
+    assert dict(times) == {'transpose_copy_fusion': 3.0, 'ynn_fusion': 0.5}
