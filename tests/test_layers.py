@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from jaxcnn import layers
+from jaxcnn.layers import conv as conv_layers
 
 RNG = np.random.RandomState(0)
 
@@ -318,3 +319,57 @@ def test_compiler_options_move_dense_convolutions_off_ynnpack_only():
     assert ynn_convolutions(compiled.as_text()) == 0
     assert 'convolution(' in compiled.as_text()
     np.testing.assert_allclose(compiled(dense_k, x), default(dense_k, x), rtol=1e-4, atol=1e-3)
+
+
+def test_residual_output_is_the_identity_under_every_transformation():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 3), np.float32))
+    f = lambda v: jnp.sum(jnp.sin(layers.residual_output(v)))
+    np.testing.assert_array_equal(jax.jit(layers.residual_output)(x), x)
+    np.testing.assert_allclose(jax.grad(f)(x), jnp.cos(x), rtol=1e-6)
+    _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(tangent, jnp.sum(jnp.cos(x)), rtol=1e-5)
+    np.testing.assert_array_equal(jax.vmap(layers.residual_output)(x), x)
+    nan_first = x.at[0, 0, 0, 0].set(jnp.nan)        # the predicate reads the first element
+    np.testing.assert_array_equal(jax.jit(layers.residual_output)(nan_first), nan_first)
+    with layers.loop_body():                           # a loop carry is stored anyway
+        assert layers.residual_output(x) is x
+
+
+def _fused_instructions(hlo_text):
+    """Instructions inside the compiled module's fusions: what XLA computes, recomputation
+    included."""
+    count, inside = 0, False
+    for line in hlo_text.splitlines():
+        if re.match(r'^%\S*(fus|wrapped)', line):
+            inside = True
+        elif line.startswith('}'):
+            inside = False
+        elif inside and ' = ' in line and not re.search(r'parameter\(|constant\(', line):
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the boundary is a CPU-only measure')
+def test_residual_output_keeps_xla_from_recomputing_the_residual_chain(monkeypatch):
+    # Without the boundary XLA fuses every earlier block's element-wise work into each later
+    # block's kernel-gradient transposes: the fused work grows with depth squared. With it,
+    # each block's fused work is the same, so the total grows linearly.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 16), np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 16, 16), np.float32) * 0.1)
+
+    def loss(k, x, depth):
+        for _ in range(depth):
+            h = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+            x = layers.residual_output(jax.nn.relu(x + 0.5 * h + 0.1))
+        return jnp.sum(x ** 2)
+
+    def fused(depth, boundary):
+        monkeypatch.setattr(conv_layers, 'CPU_MATERIALIZE_RESIDUALS', boundary)
+        grad = jax.jit(jax.grad(loss), static_argnums=2)
+        return _fused_instructions(grad.lower(k, x, depth).compile().as_text())
+
+    with_4, with_8, with_16 = (fused(d, True) for d in (4, 8, 16))
+    assert with_16 - with_8 <= 1.1 * 2 * (with_8 - with_4)      # linear in depth
+    assert with_16 < 0.5 * fused(16, False)

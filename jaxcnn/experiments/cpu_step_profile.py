@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn import bench
+from jaxcnn.layers import conv as conv_layers
 
 # trace events that are not XLA operations: Python frames, the executor's waits, jit dispatch
 _NOT_OPS = re.compile(r'^\$|Execute|PjitFunction|block_until_ready|^end: ')
@@ -44,10 +45,14 @@ def main():
     parser.add_argument('--batch', type=int, default=32)
     parser.add_argument('--size', type=int, default=112)
     parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--devices', type=int, default=1)
+    parser.add_argument('--no-residual-boundary', action='store_true',
+                        help='trace without layers.residual_output (A/B timing)')
     parser.add_argument('--out', default='')
     args = parser.parse_args()
+    conv_layers.CPU_MATERIALIZE_RESIDUALS = not args.no_residual_boundary
     _, model, variables, images, labels, _ = bench._setup(
-        args.model, args.batch, args.size, jnp.float32, 1000, 1)
+        args.model, args.batch, args.size, jnp.float32, 1000, args.devices)
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)
     step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
@@ -64,9 +69,12 @@ def main():
     listed = sum(per_kind.values())
     command = ('python -m jaxcnn.experiments.cpu_step_profile'
                f' --model {args.model} --batch {args.batch} --size {args.size}'
+               + (f' --devices {args.devices}' if args.devices != 1 else '')
+               + (' --no-residual-boundary' if args.no_residual_boundary else '')
                + (f' --out {args.out}' if args.out else ''))
     record = {'command': command, **bench._environment(), 'xla_options': options,
-              'model': args.model, 'batch': args.batch, 'size': args.size,
+              'model': args.model, 'batch': args.batch, 'size': args.size, 'devices': args.devices,
+              'residual_boundary': not args.no_residual_boundary,
               'ms_per_step': ms_per_step, 'ms_listed_operations': listed,
               'ms_per_operation_kind': dict(per_kind.most_common())}
     print(f'{args.model}: {ms_per_step:.1f} ms per step; listed operations {listed:.1f} ms')

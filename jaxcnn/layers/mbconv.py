@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .activations import get_act
-from .conv import conv2d, depthwise_conv2d, make_divisible
+from .conv import conv2d, depthwise_conv2d, make_divisible, residual_output
 from .drop import DropPath
 from .dynamic import CondConv, CondConvRouting
 from .norm import batch_norm
@@ -124,4 +124,4 @@ class MBConv(nn.Module):
         residual = same_shape and (self.skip if self.kind == 'cn' else self.skip is not False)
         if not residual:
             return h
-        return DropPath(self.drop_path)(h, train) + x
+        return residual_output(DropPath(self.drop_path)(h, train) + x)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..convert import register_renames, register_scan_rules
-from ..layers import ClassifierHead, loop_body, DropPath, check_image_batch, conv2d, depthwise_conv2d, get_act, global_avg_pool
+from ..layers import residual_output, ClassifierHead, loop_body, DropPath, check_image_batch, conv2d, depthwise_conv2d, get_act, global_avg_pool
 from ..layers.layer_scale import LayerScale
 from ..registry import register
 
@@ -65,7 +65,7 @@ class ConvNeXtBlock(nn.Module):
         h = get_act(self.act)(h)
         h = nn.Dense(self.dim, kernel_init=_INIT, name='fc2', **kw)(h)
         h = LayerScale(self.ls_init_value, self.param_dtype, name='layer_scale')(h)
-        return x + DropPath(self.drop_path)(h, train)
+        return residual_output(x + DropPath(self.drop_path)(h, train))
 
 
 class _ScannedBlock(nn.Module):

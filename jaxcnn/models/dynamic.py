@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import residual_output, ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
 from ..layers.dynamic import CondConv, DynamicConv, DynamicLocalFilter
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 from .hypernet import zero_pad_shortcut
@@ -43,7 +43,7 @@ class CondConvBlock(nn.Module):
         h = nn.relu(batch_norm(train, name='bn1', **kw)(h))
         h = CondConv(self.features, 3, 1, num_experts=self.num_experts, name='conv2', **kw)(h)
         h = batch_norm(train, name='bn2', **kw)(h)
-        return nn.relu(DropPath(self.drop_path)(h, train) + shortcut)
+        return residual_output(nn.relu(DropPath(self.drop_path)(h, train) + shortcut))
 
 
 class CondConvResNet(nn.Module):
@@ -108,11 +108,11 @@ class DynamicFilterNet(nn.Module):
             x = nn.relu(batch_norm(train, name=f'{name}_bn', **kw)(x))
             h = DynamicConv(w, 3, hidden=self.hidden, name=f'stage{s + 1}_dynconv', **kw)(x)
             h = batch_norm(train, name=f'stage{s + 1}_dynconv_bn', **kw)(h)
-            x = nn.relu(x + DropPath(rates[2 * s])(h, train))
+            x = residual_output(nn.relu(x + DropPath(rates[2 * s])(h, train)))
             h = DynamicLocalFilter(self.local_kernel, w, self.local_hidden, per_channel=self.per_channel,
                                    name=f'stage{s + 1}_local', **kw)(x)
             h = batch_norm(train, name=f'stage{s + 1}_local_bn', **kw)(h)
-            x = nn.relu(x + DropPath(rates[2 * s + 1])(h, train))
+            x = residual_output(nn.relu(x + DropPath(rates[2 * s + 1])(h, train)))
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

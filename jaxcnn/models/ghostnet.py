@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (ClassifierHead, DropPath, SqueezeExcite, batch_norm, check_image_batch, conv2d,
+from ..layers import (residual_output, ClassifierHead, DropPath, SqueezeExcite, batch_norm, check_image_batch, conv2d,
                       depthwise_conv2d, drop_path_rates, global_avg_pool, make_divisible)
 from ..registry import register
 
@@ -92,7 +92,7 @@ class GhostBottleneck(nn.Module):
             shortcut = bn('shortcut_bn1', depthwise_conv2d(x.shape[-1], self.kernel_size, self.stride,
                                                            name='shortcut_dw', **kw)(x))
             shortcut = bn('shortcut_bn2', conv2d(self.out_channels, 1, name='shortcut_pw', **kw)(shortcut))
-        return shortcut + DropPath(self.drop_path)(h, train)
+        return residual_output(shortcut + DropPath(self.drop_path)(h, train))
 
 
 class GhostNet(nn.Module):

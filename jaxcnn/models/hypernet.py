@@ -28,7 +28,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import residual_output, ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
 from ..layers.dynamic import HyperConv, HyperKernelGenerator
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -65,7 +65,7 @@ class HyperBlock(nn.Module):
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = HyperConv(self.features, 3, 1, use_bias=True, fan_in_scale=self.fan_in_scale,
                       name='conv2', **kw)(h, generator)
-        return DropPath(self.drop_path)(h, train) + shortcut
+        return residual_output(DropPath(self.drop_path)(h, train) + shortcut)
 
 
 class HyperWRN(nn.Module):

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, loop_body, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import residual_output, ClassifierHead, loop_body, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 EXPANSION = {'basic': 1, 'bottleneck': 4}
@@ -106,7 +106,7 @@ class MultiResidualUnit(nn.Module):
         residual = [ResidualFunction(self.block, self.planes, self.stride, not self.first, self.dropout,
                                      name=f'f{i + 1}', **kw)(h, train) for i in range(self.k)]
         residual = sum(residual[1:], residual[0])
-        return shortcut + DropPath(self.drop_path)(residual, train)
+        return residual_output(shortcut + DropPath(self.drop_path)(residual, train))
 
 
 class _ScannedUnit(nn.Module):

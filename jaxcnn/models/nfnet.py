@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, loop_body, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
+from ..layers import residual_output, ClassifierHead, loop_body, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
 from ..layers.nf import ScaledStdConv, activation_gamma, gamma_act
 from ..registry import register
 
@@ -88,7 +88,7 @@ class NFBlock(nn.Module):
         h = DropPath(self.drop_path)(h, train)
         if self.skipinit:
             h = h * self.param('skip_gain', nn.initializers.zeros, (), self.param_dtype).astype(h.dtype)
-        return h * jnp.asarray(self.alpha, h.dtype) + shortcut
+        return residual_output(h * jnp.asarray(self.alpha, h.dtype) + shortcut)
 
 
 class _ScannedNFBlock(nn.Module):

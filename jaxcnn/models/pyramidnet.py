@@ -19,7 +19,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import check_image_batch, ClassifierHead, DropPath, avg_pool, batch_norm, conv2d, drop_path_rates
+from ..layers import residual_output, check_image_batch, ClassifierHead, DropPath, avg_pool, batch_norm, conv2d, drop_path_rates
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 
@@ -52,7 +52,7 @@ class PyramidUnit(nn.Module):
             shortcut = avg_pool(shortcut, 2, 2, ((0, ph), (0, pw)), count_include_pad=False)
         extra = self.out_channels - shortcut.shape[-1]
         shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, extra)))
-        return h + shortcut
+        return residual_output(h + shortcut)
 
 
 class PyramidNet(nn.Module):

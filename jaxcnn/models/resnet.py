@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import (check_image_batch, loop_body, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
+from ..layers import (check_image_batch, loop_body, residual_output, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
                       drop_path_rates, max_pool)
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -123,7 +123,7 @@ class ResidualBlock(nn.Module):
             h = SqueezeExcite(rd_ratio=self.se_ratio, name='se', **kw)(h)
         h = DropPath(self.drop_path)(h, train)
         out = h + shortcut
-        return out if preact else nn.relu(out)
+        return residual_output(out if preact else nn.relu(out))
 
 
 class _ScannedBlock(nn.Module):

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import DropPath, batch_norm, ceil_max_pool, check_image_batch, conv2d, drop_path_rates, global_avg_pool
+from ..layers import residual_output, DropPath, batch_norm, ceil_max_pool, check_image_batch, conv2d, drop_path_rates, global_avg_pool
 from ..registry import register
 
 SQNXT23 = (6, 6, 8, 1)             # blocks per stage, §4 (23 layers)
@@ -80,7 +80,7 @@ class SqnxtBlock(nn.Module):
         h = cbr(self.features, (1, 1), 1, 'expand')(h, train)
         if self.stride != 1 or c != self.features:
             x = cbr(self.features, (1, 1), self.stride, 'shortcut')(x, train)
-        return nn.relu(x + DropPath(self.drop_path)(h, train))
+        return residual_output(nn.relu(x + DropPath(self.drop_path)(h, train)))
 
 
 class FeatureHead(nn.Module):

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d,
+from ..layers import (residual_output, ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d,
                       depthwise_conv2d, drop_path_rates, make_divisible, max_pool)
 from ..registry import register
 
@@ -90,7 +90,7 @@ class XceptionBlock(nn.Module):
         if row.out != c_in or row.stride != 1:
             x = conv2d(row.out, 1, row.stride, name='skip', **kw)(x)
             x = batch_norm(train, name='skipbn', **kw)(x)
-        return DropPath(self.drop_path)(h, train) + x
+        return residual_output(DropPath(self.drop_path)(h, train) + x)
 
 
 class Xception(nn.Module):

@@ -1,0 +1,43 @@
+"""The bar chart of docs/reversible.md from the bench's memory record.
+
+    python -m jaxcnn.experiments.plot_reversible_memory benchmarks/results/memory_cifar_b128.json docs/reversible_memory.png
+
+The record is that of ``python -m jaxcnn.bench memory --models revnet38,revnet38:plain,resnet32,
+revnet110,...,resnet164 --batch 128``: each depth gets the reversible RevNet, the same RevNet
+under ordinary autodiff, and the ResNet of its depth class.
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUPS = (('depth 38 / 32', 'revnet38', 'resnet32'), ('depth 110', 'revnet110', 'resnet110'),
+          ('depth 164', 'revnet164', 'resnet164'))
+SERIES = (('RevNet (reversible)', '{rev}', 'tab:green'),
+          ('RevNet (ordinary autodiff)', '{rev}:plain', 'tab:orange'),
+          ('ResNet', '{res}', 'tab:blue'))
+
+
+def main(record_path, png_path):
+    with open(record_path) as f:
+        record = json.load(f)
+    peak = {r['model']: r['peak_bytes'] / 2**20 for r in record['results']}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.27
+    for i, (label, pattern, color) in enumerate(SERIES):
+        heights = [peak[pattern.format(rev=rev, res=res)] for _, rev, res in GROUPS]
+        ax.bar([g + (i - 1) * width for g in range(len(GROUPS))], heights, width, label=label,
+               color=color)
+    ax.set_xticks(range(len(GROUPS)), [name for name, _, _ in GROUPS])
+    ax.set(ylabel='peak MiB, one training step', title='CIFAR, batch 128, fp32 (XLA memory analysis)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print(f'wrote {png_path}')
+
+
+if __name__ == '__main__':
+    main(*sys.argv[1:3])

@@ -1,0 +1,63 @@
+"""CPU training steps with and without ``layers.residual_output``'s boundary, timed in alternation.
+
+    python -m jaxcnn.experiments.residual_boundary_cpu --out benchmarks/results/residual_boundary_cpu.json
+
+For each model (name, batch, resolution) both steps are compiled (the switch
+``layers.conv.CPU_MATERIALIZE_RESIDUALS`` is read while tracing), then timed in alternation,
+4 rounds of 2 steps; the minimum per variant is reported. The bench's SGD step and the trainer's
+XLA options.
+"""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcnn import bench
+from jaxcnn.layers import conv as conv_layers
+
+CASES = (('resnet18', 32, 112), ('resnet18:stem=cifar', 128, 28), ('resnet50', 16, 112),
+         ('resnet152', 16, 112), ('convnext_tiny', 16, 112))
+
+
+def compare(spec, batch, size, rounds=4):
+    _, model, variables, images, labels, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    tx = optax.sgd(0.1, momentum=0.9)
+    step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
+    options = bench._xla_options(model, variables, images)
+    compiled = {}
+    for boundary in (True, False):
+        conv_layers.CPU_MATERIALIZE_RESIDUALS = boundary
+        compiled[boundary] = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(
+            *step_args).compile()
+    conv_layers.CPU_MATERIALIZE_RESIDUALS = True
+    times = {boundary: [] for boundary in compiled}
+    for _ in range(rounds):
+        for boundary, fn in compiled.items():
+            times[boundary].append(bench._time(fn, step_args, 2) * 1e3)
+    return {'model': spec, 'batch': batch, 'size': size, 'xla_options': options,
+            'ms_per_step': {'boundary': min(times[True]), 'no boundary': min(times[False])},
+            'all_ms': {'boundary': times[True], 'no boundary': times[False]}}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--out', default='')
+    args = parser.parse_args()
+    results = []
+    for spec, batch, size in CASES:
+        r = compare(spec, batch, size)
+        ms = r['ms_per_step']
+        print(f"{spec:>22} b{batch} {size}px: {ms['boundary']:8.1f} ms with the boundary, "
+              f"{ms['no boundary']:8.1f} ms without ({ms['no boundary'] / ms['boundary']:.2f}x)")
+        results.append(r)
+    command = 'python -m jaxcnn.experiments.residual_boundary_cpu' + (f' --out {args.out}' if args.out else '')
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump({'command': command, **bench._environment(), 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
