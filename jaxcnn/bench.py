@@ -345,6 +345,16 @@ def _environment():
                 flax=__import__('flax').__version__, optax=optax.__version__)
 
 
+def time_alternating(compiled, args, rounds=4, steps=2):
+    """Milliseconds per call of each compiled variant ({key: fn}), timed in alternation for
+    ``rounds`` rounds of ``steps`` calls, so that drift in the machine's speed hits all alike."""
+    times = {key: [] for key in compiled}
+    for _ in range(rounds):
+        for key, fn in compiled.items():
+            times[key].append(_time(fn, args, steps) * 1e3)
+    return times
+
+
 def _write(path, record):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

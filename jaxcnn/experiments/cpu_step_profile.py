@@ -80,9 +80,7 @@ def main():
     print(f'{args.model}: {ms_per_step:.1f} ms per step; listed operations {listed:.1f} ms')
     for kind, ms in per_kind.most_common(12):
         print(f'{ms:9.1f} ms  {kind}')
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+    bench._write(args.out, record)
 
 
 if __name__ == '__main__':

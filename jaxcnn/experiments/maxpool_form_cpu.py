@@ -6,7 +6,6 @@ Batch 32, 112 px, the bench's SGD step and the trainer's XLA options; the two co
 timed in alternation (4 rounds of 3 steps), and the minimum per variant is reported.
 """
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +31,7 @@ def main():
         compiled[form] = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(
             *step_args).compile()
     conv_layers.CPU_GRADIENT_FORMS = True
-    times = {form: [] for form in compiled}
-    for _ in range(4):
-        for form, fn in compiled.items():
-            times[form].append(bench._time(fn, step_args, 3) * 1e3)
+    times = bench.time_alternating(compiled, step_args, rounds=4, steps=3)
     command = 'python -m jaxcnn.experiments.maxpool_form_cpu' + (f' --out {args.out}' if args.out else '')
     record = {'command': command,
               **bench._environment(), 'xla_options': options,
@@ -44,9 +40,7 @@ def main():
               'all_ms': {'form': times[True], 'nn.max_pool': times[False]}}
     for k, v in record['ms_per_step'].items():
         print(f'{k:>42}: {v:7.1f} ms per step')
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=1)
+    bench._write(args.out, record)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,6 @@ For each model (name, batch, resolution) both steps are compiled (the switch
 XLA options.
 """
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +32,7 @@ def compare(spec, batch, size, rounds=4):
         compiled[boundary] = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(
             *step_args).compile()
     conv_layers.CPU_MATERIALIZE_RESIDUALS = True
-    times = {boundary: [] for boundary in compiled}
-    for _ in range(rounds):
-        for boundary, fn in compiled.items():
-            times[boundary].append(bench._time(fn, step_args, 2) * 1e3)
+    times = bench.time_alternating(compiled, step_args, rounds=rounds, steps=2)
     return {'model': spec, 'batch': batch, 'size': size, 'xla_options': options,
             'ms_per_step': {'boundary': min(times[True]), 'no boundary': min(times[False])},
             'all_ms': {'boundary': times[True], 'no boundary': times[False]}}
@@ -54,9 +50,7 @@ def main():
               f"{ms['no boundary']:8.1f} ms without ({ms['no boundary'] / ms['boundary']:.2f}x)")
         results.append(r)
     command = 'python -m jaxcnn.experiments.residual_boundary_cpu' + (f' --out {args.out}' if args.out else '')
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump({'command': command, **bench._environment(), 'results': results}, f, indent=1)
+    bench._write(args.out, {'command': command, **bench._environment(), 'results': results})
 
 
 if __name__ == '__main__':
