@@ -47,6 +47,18 @@ def test_cli_writes_a_record_with_the_torch_ratio(tmp_path, capsys):
     assert 'jaxcnn / timm' in capsys.readouterr().out
 
 
+def test_rounds_compare_the_best_of_alternating_measurements(tmp_path):
+    out = tmp_path / 'r.json'
+    assert bench.main(['infer', '--model', 'resnet18', '--batch', '2', '--size', '32', '--steps', '1',
+                       '--vs', 'timm', '--rounds', '2', '--out', str(out)]) == 0
+    jax_r, torch_r = json.load(open(out))['results']
+    for r in (jax_r, torch_r):
+        assert len(r['ms_per_step_rounds']) == 2
+        assert r['ms_per_step'] == min(r['ms_per_step_rounds'])
+    assert torch_r['ratio_jaxcnn_over_torch'] == pytest.approx(
+        min(torch_r['ms_per_step_rounds']) / min(jax_r['ms_per_step_rounds']))
+
+
 def test_unknown_model_is_one_clear_error():
     with pytest.raises(ValueError, match='unknown model'):
         bench.main(['infer', '--model', 'resnet_18'])
@@ -98,3 +110,18 @@ def test_step_profile_sums_each_operation_kind_per_step(tmp_path):
         json.dump({'traceEvents': events}, f)
     times = op_times(str(trace), steps=2)          # microseconds in, ms per step out
     assert dict(times) == {'transpose_copy_fusion': 3.0, 'ynn_fusion': 0.5}
+
+
+def test_conv_kernels_experiment_reads_every_convolution_of_the_model():
+    """ResNet-18 (He et al. 2016, Table 1) has 20 convolutions: the 7x7 stem, two 3x3 per basic
+    block (8 blocks) and three 1x1 projection shortcuts; only the stem reads the images."""
+    from jaxcnn.experiments.conv_kernels_cpu import conv_equations
+    model = jaxcnn.create_model('resnet18', num_classes=10)
+    x = jnp.zeros((2, 64, 64, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    closed = jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(x)
+    convs = conv_equations(closed.jaxpr, closed.jaxpr.invars)
+    kernels = sorted(tuple(rhs[:2]) for _, _, rhs, _ in convs)
+    assert len(convs) == 20
+    assert kernels.count((3, 3)) == 16 and kernels.count((1, 1)) == 3 and kernels.count((7, 7)) == 1
+    assert [rhs[:2] for _, _, rhs, reads in convs if reads] == [(7, 7)]
