@@ -2,9 +2,11 @@
 import json
 import types
 
+import jax
 import jax.numpy as jnp
 import pytest
 
+import jaxcnn
 from jaxcnn import bench
 from jaxcnn.summary import layer_costs
 
