@@ -356,6 +356,27 @@ def time_alternating(compiled, args, rounds=4, steps=2):
     return times
 
 
+def time_switch(spec, batch, size, switch, rounds=4, steps=2):
+    """The bench's training step (SGD, the trainer's XLA options) compiled with a boolean switch of
+    ``jaxcnn.layers.conv`` (read while tracing, e.g. ``CPU_DEPTHWISE_TAPS``) on and off, timed in
+    alternation. Returns {True: XLA options, False: ...} and {True: [ms, ...], False: [...]}."""
+    from jaxcnn.layers import conv as conv_layers
+    _, model, variables, images, labels, _ = _setup(spec, batch, size, jnp.float32, 1000, 1)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    tx = optax.sgd(0.1, momentum=0.9)
+    step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
+    saved, compiled, options = getattr(conv_layers, switch), {}, {}
+    try:
+        for on in (True, False):
+            setattr(conv_layers, switch, on)
+            options[on] = _xla_options(model, variables, images)   # as the trainer would pick them
+            compiled[on] = jax.jit(_train_step(model, tx), compiler_options=options[on]).lower(
+                *step_args).compile()
+    finally:
+        setattr(conv_layers, switch, saved)
+    return options, time_alternating(compiled, step_args, rounds=rounds, steps=steps)
+
+
 def _write(path, record):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,4 +1,6 @@
 """Shared layers against PyTorch's implementations and the papers' formulas."""
+import contextlib
+import functools
 import math
 import re
 
@@ -50,9 +52,11 @@ def test_torch_padding_matches_pytorch_conv(k, s, d, groups, size):
     # grouped, depthwise, depthwise with channel multiplier 2 (12 input channels throughout)
     (3, 1, 1, 9, 'torch', 2, 6), (3, 2, 2, 13, 'torch', 2, 6), (3, 2, 1, 11, 'torch', 6, 12),
     (5, 2, 1, 12, 'same', 12, 12), (7, 1, 1, 10, 'torch', 12, 12), (3, 1, 1, 8, 'torch', 12, 24)])
-def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, cout):
-    """On the CPU conv2d states its input and kernel gradients in forms XLA runs fast (also
-    inside scans); both must equal PyTorch's autograd, here for a loss sum(y * r)."""
+@pytest.mark.parametrize('in_loop', [True, False])
+def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, cout, in_loop):
+    """On the CPU conv2d states its input and kernel gradients in forms XLA runs fast (inside
+    scans; depthwise convolutions everywhere); the output and both gradients must equal
+    PyTorch's, here for a loss sum(y * r)."""
     cin = 12
     x = RNG.randn(2, cin, size, size).astype(np.float32)
     w = RNG.randn(cout, cin // groups, k, k).astype(np.float32)
@@ -66,11 +70,12 @@ def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, c
     (yt * torch.from_numpy(r)).sum().backward()
 
     def loss(kernel, x_nhwc):
-        with layers.loop_body():     # the forms that scanned blocks take
+        with (layers.loop_body() if in_loop else contextlib.nullcontext()):   # scanned blocks' forms
             y = conv.apply({'params': {'kernel': kernel}}, x_nhwc)
-        return jnp.sum(y * jnp.asarray(r.transpose(0, 2, 3, 1)))
-    gk, gx = jax.jit(jax.grad(loss, (0, 1)))(jnp.asarray(w.transpose(2, 3, 1, 0)),
-                                             jnp.asarray(x.transpose(0, 2, 3, 1)))
+        return jnp.sum(y * jnp.asarray(r.transpose(0, 2, 3, 1))), y
+    (_, y), (gk, gx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+        jnp.asarray(w.transpose(2, 3, 1, 0)), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(nchw(y), yt.detach().numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(nchw(gx), xt.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gk).transpose(3, 2, 0, 1), wt.grad.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -291,6 +296,24 @@ def ynn_convolutions(hlo: str) -> int:
     called = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"kind":"__ynn_fusion"', hlo))
     bodies = re.findall(r'^(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo, re.S | re.M)
     return sum(body.count('convolution(') for name, body in bodies if name in called)
+
+
+def test_depthwise_conv_runs_as_fused_taps_on_the_cpu():
+    """On the CPU a depthwise convolution's step holds no convolution (XLA:CPU's grouped kernels
+    are slow); its output and gradients equal lax's convolution, with a channel multiplier too."""
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    x = jnp.asarray(RNG.randn(2, 11, 11, 6), jnp.float32)
+    for k, s, mult in ((3, 1, 1), (5, 2, 1), (3, 2, 2)):
+        kern = jnp.asarray(RNG.randn(k, k, 1, 6 * mult), jnp.float32)
+
+        def loss(conv, kern, x):
+            y = conv(x, kern, (s, s), 'SAME', dimension_numbers=dn, feature_group_count=6)
+            return jnp.sum(jnp.sin(y))
+        ours = jax.jit(jax.value_and_grad(functools.partial(loss, layers.conv_general_dilated), (0, 1)))
+        assert 'convolution(' not in ours.lower(kern, x).compile().as_text()
+        got, want = ours(kern, x), jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(kern, x)
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_compiler_options_move_dense_convolutions_off_ynnpack_only():

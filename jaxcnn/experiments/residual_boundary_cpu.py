@@ -9,31 +9,15 @@ XLA options.
 """
 import argparse
 
-import jax
-import jax.numpy as jnp
-import optax
-
 from jaxcnn import bench
-from jaxcnn.layers import conv as conv_layers
 
 CASES = (('resnet18', 32, 112), ('resnet18:stem=cifar', 128, 28), ('resnet50', 16, 112),
          ('resnet152', 16, 112), ('convnext_tiny', 16, 112))
 
 
 def compare(spec, batch, size, rounds=4):
-    _, model, variables, images, labels, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
-    params, stats = variables['params'], variables.get('batch_stats', {})
-    tx = optax.sgd(0.1, momentum=0.9)
-    step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
-    options = bench._xla_options(model, variables, images)
-    compiled = {}
-    for boundary in (True, False):
-        conv_layers.CPU_MATERIALIZE_RESIDUALS = boundary
-        compiled[boundary] = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(
-            *step_args).compile()
-    conv_layers.CPU_MATERIALIZE_RESIDUALS = True
-    times = bench.time_alternating(compiled, step_args, rounds=rounds, steps=2)
-    return {'model': spec, 'batch': batch, 'size': size, 'xla_options': options,
+    options, times = bench.time_switch(spec, batch, size, 'CPU_MATERIALIZE_RESIDUALS', rounds)
+    return {'model': spec, 'batch': batch, 'size': size, 'xla_options': options[True],
             'ms_per_step': {'boundary': min(times[True]), 'no boundary': min(times[False])},
             'all_ms': {'boundary': times[True], 'no boundary': times[False]}}
 

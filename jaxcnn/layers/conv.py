@@ -66,6 +66,9 @@ def loop_body():
 
 # residual_output's boundary on the CPU; False leaves XLA's fusion to decide (for A/B timing)
 CPU_MATERIALIZE_RESIDUALS = True
+# depthwise convolutions as fused per-tap sums on the CPU (conv_general_dilated); False keeps
+# XLA's grouped convolutions (for A/B timing)
+CPU_DEPTHWISE_TAPS = True
 
 
 def residual_output(x):
@@ -96,7 +99,9 @@ def residual_output(x):
 # with, 6,851 ms without; `python -m jaxcnn.bench train --xla-options defaults|dense`, records
 # in benchmarks/results/cpu_xla_options_*.json), and XLA has no per-operation switch. So a
 # step without depthwise convolutions keeps YNNPACK's other default fusions (dots, reductions)
-# and leaves its convolutions to Eigen; a step with them keeps the defaults.
+# and leaves its convolutions to Eigen; a step with them keeps the defaults. (Under
+# CPU_GRADIENT_FORMS depthwise convolutions are per-tap sums, not convolutions, so every step
+# gets Eigen's dense convolutions.)
 _DENSE_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                       'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
@@ -227,6 +232,78 @@ def _explicitly_sharded(x) -> bool:
         t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
 
 
+def _tap_windows(xp, kernel_hw, out_hw, strides, dilation):
+    """(i, j, the strided window of the padded input that kernel tap (i, j) sees)."""
+    (kh, kw), (ho, wo), (sh, sw), (dh, dw_) = kernel_hw, out_hw, strides, dilation
+    n, c = xp.shape[0], xp.shape[3]
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, jax.lax.slice(xp, (0, i * dh, j * dw_, 0),
+                                      (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c),
+                                      (1, sh, sw, 1))
+
+
+def _padded_for_taps(x, k, strides, pads, dilation):
+    """The zero-padded input, each channel repeated once per output channel it feeds (the
+    channel multiplier), and the output's spatial size."""
+    (kh, kw, _, c_out), c_in = k.shape, x.shape[3]
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    if c_out != c_in:          # output channel g * m + j reads input channel g
+        xp = jnp.repeat(xp, c_out // c_in, axis=3)
+    out_hw = tuple((p - (kk - 1) * d - 1) // s + 1
+                   for p, kk, d, s in zip(xp.shape[1:3], (kh, kw), dilation, strides))
+    return xp, out_hw
+
+
+def _depthwise_taps(x, k, strides, pads, dilation):
+    acc = jnp.promote_types(x.dtype, jnp.float32)   # accumulate in fp32 (or wider), as convs do
+    xp, out_hw = _padded_for_taps(x, k, strides, pads, dilation)
+    y = None
+    for i, j, window in _tap_windows(xp, k.shape[:2], out_hw, strides, dilation):
+        tap = window.astype(acc) * k[i, j, 0].astype(acc)
+        y = tap if y is None else y + tap
+    return y.astype(jnp.result_type(x.dtype, k.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise(x, k, strides, pads, dilation):
+    """A depthwise convolution (NHWC input, HWIO kernel with one input channel per group) as the
+    sum over kernel taps of the strided input window times that tap's per-channel weights.
+    XLA:CPU fuses the taps into one loop, where its grouped-convolution kernels are 10-40x slower.
+    The input gradient is the same form on dy (correlation with the flipped kernel), which for
+    7x7 kernels runs ~5x faster than the pads autodiff would derive from the taps."""
+    return _depthwise_taps(x, k, strides, pads, dilation)
+
+
+def _depthwise_fwd(x, k, strides, pads, dilation):
+    return _depthwise_taps(x, k, strides, pads, dilation), (x, k)
+
+
+def _depthwise_bwd(strides, pads, dilation, res, dy):
+    x, k = res
+    (kh, kw, _, c_out), (n, h, w, c_in) = k.shape, x.shape
+    (sh, sw), (dh, dw_), (ho, wo) = strides, dilation, dy.shape[1:3]
+    rest_h = h + sum(pads[0]) - (kh - 1) * dh - 1 - sh * (ho - 1)
+    rest_w = w + sum(pads[1]) - (kw - 1) * dw_ - 1 - sw * (wo - 1)
+    # input gradient: dy, dilated by the stride and padded, correlated tap by tap with the
+    # flipped kernel; a channel multiplier's outputs add up into their input channel
+    dy_full = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
+        (0, 0, 0), (dh * (kh - 1) - pads[0][0], dh * (kh - 1) - pads[0][1] + rest_h, sh - 1),
+        (dw_ * (kw - 1) - pads[1][0], dw_ * (kw - 1) - pads[1][1] + rest_w, sw - 1), (0, 0, 0)))
+    dx = _depthwise_taps(dy_full, jnp.flip(k, (0, 1)), (1, 1), ((0, 0), (0, 0)), dilation)
+    dx = dx.reshape(n, h, w, c_in, c_out // c_in).sum(-1).astype(x.dtype)
+    # kernel gradient: one sum per tap of its input window times dy
+    acc = jnp.promote_types(k.dtype, jnp.float32)
+    xp, _ = _padded_for_taps(x, k, strides, pads, dilation)
+    dk = jnp.stack([jnp.sum(window.astype(acc) * dy.astype(acc), axis=(0, 1, 2))
+                    for _, _, window in _tap_windows(xp, (kh, kw), (ho, wo), strides, dilation)])
+    dk = dk.reshape(kh, kw, 1, c_out).astype(k.dtype)
+    return dx, dk
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` whose gradients XLA:CPU also runs fast inside loops.
@@ -241,18 +318,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     with the same numbers. Elsewhere (other backends, unrolled convolutions, input dilation,
     arrays on meshes with Explicit axes) it is ``lax.conv_general_dilated``. (The per-tap form
     would also speed up unrolled grouped convolutions' kernel gradient ~10x, but adds ~40 % to
-    their compile time, so it is kept to loops.) The custom VJP supports reverse mode only;
-    set ``CPU_GRADIENT_FORMS = False`` in this module (before tracing) for forward mode.
+    their compile time, so it is kept to loops.) Depthwise convolutions on the CPU, in loops or
+    not, are the per-tap sums of :func:`_depthwise` instead. The custom VJPs support reverse
+    mode only; set ``CPU_GRADIENT_FORMS = False`` in this module (before tracing) for forward
+    mode.
     """
     nd = len(window_strides)
     plain = (nd == 2 and not kwargs and not _explicitly_sharded(lhs) and not any(d != 1 for d in (lhs_dilation or (1,) * nd))
              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if not (plain and CPU_GRADIENT_FORMS and _IN_LOOP.get() and jax.default_backend() == 'cpu'):
+    cpu_forms = plain and CPU_GRADIENT_FORMS and jax.default_backend() == 'cpu'
+    dilation = tuple(rhs_dilation or (1, 1))
+    depthwise = 1 < feature_group_count == lhs.shape[3] and rhs.shape[2] == 1
+    if cpu_forms and CPU_DEPTHWISE_TAPS and depthwise:
+        pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
+        return _depthwise(lhs, rhs, tuple(window_strides), pads, dilation)
+    if not (cpu_forms and _IN_LOOP.get()):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                             rhs_dilation, dimension_numbers, feature_group_count,
                                             precision=precision, **kwargs)
-    dilation = tuple(rhs_dilation or (1, 1))
     pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
     return _conv_canonical_grads(lhs, rhs, tuple(window_strides), pads, dilation,
                                  feature_group_count, precision)
