@@ -298,9 +298,13 @@ def ynn_convolutions(hlo: str) -> int:
     return sum(body.count('convolution(') for name, body in bodies if name in called)
 
 
-def test_depthwise_conv_runs_as_fused_taps_on_the_cpu():
+@pytest.mark.parametrize('band_elements', [None, 1])
+def test_depthwise_conv_runs_as_fused_taps_on_the_cpu(band_elements, monkeypatch):
     """On the CPU a depthwise convolution's step holds no convolution (XLA:CPU's grouped kernels
-    are slow); its output and gradients equal lax's convolution, with a channel multiplier too."""
+    are slow); its output and gradients equal lax's convolution, with a channel multiplier too,
+    and with the kernel gradient summed in one pass or in bands of one output row."""
+    if band_elements:
+        monkeypatch.setattr(conv_layers, '_BAND_ELEMENTS', band_elements)
     dn = ('NHWC', 'HWIO', 'NHWC')
     x = jnp.asarray(RNG.randn(2, 11, 11, 6), jnp.float32)
     for k, s, mult in ((3, 1, 1), (5, 2, 1), (3, 2, 2)):
