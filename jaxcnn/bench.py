@@ -35,6 +35,7 @@ import optax
 import jaxcnn
 from jaxcnn import sharding
 from jaxcnn.layers import compiler_options, model_compiler_options
+from jaxcnn.layers import conv as conv_layers
 
 
 def _build(spec, num_classes, dtype):
@@ -360,7 +361,6 @@ def time_switch(spec, batch, size, switch, rounds=4, steps=2):
     """The bench's training step (SGD, the trainer's XLA options) compiled with a boolean switch of
     ``jaxcnn.layers.conv`` (read while tracing, e.g. ``CPU_DEPTHWISE_TAPS``) on and off, timed in
     alternation. Returns {True: XLA options, False: ...} and {True: [ms, ...], False: [...]}."""
-    from jaxcnn.layers import conv as conv_layers
     _, model, variables, images, labels, _ = _setup(spec, batch, size, jnp.float32, 1000, 1)
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)

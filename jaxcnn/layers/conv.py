@@ -165,6 +165,27 @@ def _explicit_pads(padding, in_hw, kernel_hw, strides, dilation):
     return tuple(tuple(p) for p in padding)
 
 
+def _tap_windows(xp, kernel_hw, out_hw, strides, dilation):
+    """(i, j, the strided window of the padded input that kernel tap (i, j) sees)."""
+    (kh, kw), (ho, wo), (sh, sw), (dh, dw_) = kernel_hw, out_hw, strides, dilation
+    n, c = xp.shape[0], xp.shape[3]
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, jax.lax.slice(xp, (0, i * dh, j * dw_, 0),
+                                      (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c),
+                                      (1, sh, sw, 1))
+
+
+def _input_gradient_pads(x_hw, kernel_hw, dy_hw, strides, pads, dilation):
+    """Padding of dy, dilated by the stride, whose correlation with the flipped kernel is the
+    input gradient (rows and columns the strided window never reaches get zeros)."""
+    out = []
+    for size, kk, o, s, (lo, hi), d in zip(x_hw, kernel_hw, dy_hw, strides, pads, dilation):
+        rest = size + lo + hi - (kk - 1) * d - 1 - s * (o - 1)
+        out.append((d * (kk - 1) - lo, d * (kk - 1) - hi + rest))
+    return tuple(out)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _conv_canonical_grads(x, k, strides, pads, dilation, groups, precision):
     return jax.lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilation,
@@ -178,19 +199,14 @@ def _conv_fwd(x, k, strides, pads, dilation, groups, precision):
 
 def _conv_bwd(strides, pads, dilation, groups, precision, res, dy):
     x, k = res
-    (kh, kw, cg, c_out), (n, h, w, c_in) = k.shape, x.shape
+    (kh, kw, cg, c_out), (n, h, w, _) = k.shape, x.shape
     og, (ho, wo) = c_out // groups, dy.shape[1:3]
-    (sh, sw), (dh, dw_) = strides, dilation
-    # rows and columns the strided window never reaches: the input gradient is zero there
-    rest_h = h + sum(pads[0]) - (kh - 1) * dh - 1 - sh * (ho - 1)
-    rest_w = w + sum(pads[1]) - (kw - 1) * dw_ - 1 - sw * (wo - 1)
     # input gradient: dy (dilated by the stride) correlated with the flipped kernel, its in and
     # out channels swapped within each group
     flipped = jnp.flip(k, (0, 1)).reshape(kh, kw, cg, groups, og).transpose(0, 1, 4, 3, 2)
     dx = jax.lax.conv_general_dilated(
         dy, flipped.reshape(kh, kw, og, groups * cg), (1, 1),
-        ((dh * (kh - 1) - pads[0][0], dh * (kh - 1) - pads[0][1] + rest_h),
-         (dw_ * (kw - 1) - pads[1][0], dw_ * (kw - 1) - pads[1][1] + rest_w)),
+        _input_gradient_pads((h, w), (kh, kw), (ho, wo), strides, pads, dilation),
         lhs_dilation=strides, rhs_dilation=dilation, dimension_numbers=_NHWC,
         feature_group_count=groups, precision=precision)
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
@@ -206,17 +222,14 @@ def _conv_bwd(strides, pads, dilation, groups, precision, res, dy):
     dy_g = dy.reshape(n, ho, wo, groups, og)
     acc = jnp.promote_types(k.dtype, jnp.float32)     # accumulate in fp32 (or wider), as convs do
     taps = []
-    for i in range(kh):
-        for j in range(kw):
-            window = jax.lax.slice(xp, (0, i * dh, j * dw_, 0),
-                                   (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c_in),
-                                   (1, sh, sw, 1)).reshape(n, ho, wo, groups, cg)
-            if cg == 1:
-                tap = jnp.sum(window * dy_g, (0, 1, 2), dtype=acc)[None]
-            else:
-                tap = jnp.einsum('nhwgc,nhwgo->cgo', window, dy_g, precision=precision,
-                                 preferred_element_type=acc)
-            taps.append(tap.reshape(cg, c_out))
+    for _, _, window in _tap_windows(xp, (kh, kw), (ho, wo), strides, dilation):
+        window = window.reshape(n, ho, wo, groups, cg)
+        if cg == 1:
+            tap = jnp.sum(window * dy_g, (0, 1, 2), dtype=acc)[None]
+        else:
+            tap = jnp.einsum('nhwgc,nhwgo->cgo', window, dy_g, precision=precision,
+                             preferred_element_type=acc)
+        taps.append(tap.reshape(cg, c_out))
     return dx, jnp.stack(taps).reshape(kh, kw, cg, c_out).astype(k.dtype)
 
 
@@ -230,17 +243,6 @@ def _explicitly_sharded(x) -> bool:
     mesh = getattr(sharding, 'mesh', None)
     return bool(mesh is not None and not mesh.empty and any(
         t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
-
-
-def _tap_windows(xp, kernel_hw, out_hw, strides, dilation):
-    """(i, j, the strided window of the padded input that kernel tap (i, j) sees)."""
-    (kh, kw), (ho, wo), (sh, sw), (dh, dw_) = kernel_hw, out_hw, strides, dilation
-    n, c = xp.shape[0], xp.shape[3]
-    for i in range(kh):
-        for j in range(kw):
-            yield i, j, jax.lax.slice(xp, (0, i * dh, j * dw_, 0),
-                                      (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c),
-                                      (1, sh, sw, 1))
 
 
 def _padded_for_taps(x, k, strides, pads, dilation):
@@ -272,7 +274,8 @@ _BAND_ELEMENTS = 1 << 22    # products per band of the depthwise kernel gradient
 def _depthwise(x, k, strides, pads, dilation):
     """A depthwise convolution (NHWC input, HWIO kernel with one input channel per group) as the
     sum over kernel taps of the strided input window times that tap's per-channel weights.
-    XLA:CPU fuses the taps into one loop, where its grouped-convolution kernels are 10-40x slower.
+    XLA:CPU fuses the taps into one loop; its grouped-convolution kernels are 10-40x slower at
+    MobileNet sizes.
     The input gradient is the same form on dy (correlation with the flipped kernel), which for
     7x7 kernels runs ~5x faster than the pads autodiff would derive from the taps."""
     return _depthwise_taps(x, k, strides, pads, dilation)
@@ -285,14 +288,13 @@ def _depthwise_fwd(x, k, strides, pads, dilation):
 def _depthwise_bwd(strides, pads, dilation, res, dy):
     x, k = res
     (kh, kw, _, c_out), (n, h, w, c_in) = k.shape, x.shape
-    (sh, sw), (dh, dw_), (ho, wo) = strides, dilation, dy.shape[1:3]
-    rest_h = h + sum(pads[0]) - (kh - 1) * dh - 1 - sh * (ho - 1)
-    rest_w = w + sum(pads[1]) - (kw - 1) * dw_ - 1 - sw * (wo - 1)
+    (sh, sw), (dh, _), (ho, wo) = strides, dilation, dy.shape[1:3]
     # input gradient: dy, dilated by the stride and padded, correlated tap by tap with the
     # flipped kernel; a channel multiplier's outputs add up into their input channel
+    (top, bottom), (left, right) = _input_gradient_pads((h, w), (kh, kw), (ho, wo), strides, pads,
+                                                        dilation)
     dy_full = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
-        (0, 0, 0), (dh * (kh - 1) - pads[0][0], dh * (kh - 1) - pads[0][1] + rest_h, sh - 1),
-        (dw_ * (kw - 1) - pads[1][0], dw_ * (kw - 1) - pads[1][1] + rest_w, sw - 1), (0, 0, 0)))
+        (0, 0, 0), (top, bottom, sh - 1), (left, right, sw - 1), (0, 0, 0)))
     dx = _depthwise_taps(dy_full, jnp.flip(k, (0, 1)), (1, 1), ((0, 0), (0, 0)), dilation)
     dx = dx.reshape(n, h, w, c_in, c_out // c_in).sum(-1).astype(x.dtype)
     # kernel gradient: per tap, the sum of its input window times dy; in bands of output rows
@@ -301,7 +303,8 @@ def _depthwise_bwd(strides, pads, dilation, res, dy):
     acc = jnp.promote_types(k.dtype, jnp.float32)
     xp, _ = _padded_for_taps(x, k, strides, pads, dilation)
     per_row = n * wo * c_out * kh * kw
-    band = max(d for d in range(1, ho + 1) if ho % d == 0 and (d == 1 or d * per_row <= _BAND_ELEMENTS))
+    band = max(d for d in range(1, ho + 1)
+               if ho % d == 0 and (d == 1 or d * per_row <= _BAND_ELEMENTS))
     rows_in = (band - 1) * sh + (kh - 1) * dh + 1
 
     def band_sums(r):
