@@ -223,8 +223,19 @@ def _report(kind, spec, batch, size, dtype, devices, sec, compile_s, flops):
                 mfu=(achieved / (peak * devices)) if peak else None)
 
 
-def measure_train(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
+def measure_train(*args, **kwargs):
     """Images/s of the full training step (SGD with momentum), as the trainer runs it."""
+    return next(train_rounds(*args, **kwargs))
+
+
+def measure_infer(*args, **kwargs):
+    """Images/s of the forward pass in inference mode."""
+    return next(infer_rounds(*args, **kwargs))
+
+
+def train_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
+    """:func:`measure_train`'s figures, one record per ``next()``: compiled once, timed anew each
+    round (for alternating with another measurement)."""
     name, model, variables, images, labels, rep = _setup(spec, batch, size, dtype, num_classes, devices)
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)
@@ -235,23 +246,29 @@ def measure_train(spec, batch, size, dtype=jnp.float32, num_classes=1000, device
     t0 = time.perf_counter()
     compiled = step.lower(params, stats, opt_state, images, labels, key).compile()
     compile_s = time.perf_counter() - t0
-    sec = _time(compiled, (params, stats, opt_state, images, labels, key), steps,
-                update_args=lambda a, out: (*out[:3], *a[3:]))
-    return dict(_report('train', spec, batch, size, dtype, devices, sec, compile_s,
-                        _flops(compiled)), xla_options=options)
+    latest = [(params, stats, opt_state, images, labels, key)]   # the donated state moves on
+
+    def update(args, out):
+        latest[0] = (*out[:3], *args[3:])
+        return latest[0]
+    while True:
+        sec = _time(compiled, latest[0], steps, update_args=update)
+        yield dict(_report('train', spec, batch, size, dtype, devices, sec, compile_s,
+                           _flops(compiled)), xla_options=options)
 
 
-def measure_infer(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
-    """Images/s of the forward pass in inference mode."""
+def infer_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
+    """:func:`measure_infer`'s figures, one record per ``next()`` (compiled once)."""
     name, model, variables, images, labels, rep = _setup(spec, batch, size, dtype, num_classes, devices)
     options = _xla_options(model, variables, images)
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
     t0 = time.perf_counter()
     compiled = fwd.lower(variables, images).compile()
     compile_s = time.perf_counter() - t0
-    sec = _time(compiled, (variables, images), steps)
-    return dict(_report('infer', spec, batch, size, dtype, devices, sec, compile_s,
-                        _flops(compiled)), xla_options=options)
+    while True:
+        sec = _time(compiled, (variables, images), steps)
+        yield dict(_report('infer', spec, batch, size, dtype, devices, sec, compile_s,
+                           _flops(compiled)), xla_options=options)
 
 
 def measure_compile(spec, batch, size, dtype=jnp.float32, num_classes=1000):
@@ -274,8 +291,15 @@ def measure_compile(spec, batch, size, dtype=jnp.float32, num_classes=1000):
 
 def torch_reference(spec, batch, size, kind='train', num_classes=1000, steps=10, bf16=False):
     """The same model in PyTorch (timm/torchvision twin, else timm by name) on this process's
+    device: see :func:`torch_rounds`."""
+    return next(torch_rounds(spec, batch, size, kind, num_classes, steps, bf16))
+
+
+def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf16=False):
+    """The same model in PyTorch (timm/torchvision twin, else timm by name) on this process's
     device: CUDA with bf16 autocast, channels_last and torch.compile when available, else
-    eager fp32 on the CPU. Returns the same figures as measure_train / measure_infer."""
+    eager fp32 on the CPU. Yields the same figures as measure_train / measure_infer, one record
+    per ``next()`` (built and warmed up once)."""
     import torch
     name = spec.partition(':')[0]
     torch_name = jaxcnn.model_info(name).torch_name or f'timm:{name}'
@@ -321,14 +345,15 @@ def torch_reference(spec, batch, size, kind='train', num_classes=1000, steps=10,
     t0 = time.perf_counter()
     step(); step(); sync()          # warm-up (and torch.compile's compilation)
     warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    sec = (time.perf_counter() - t0) / steps
-    return dict(kind=kind, model=f'torch:{torch_name}', batch=batch, size=size,
-                ms_per_step=sec * 1e3, images_per_sec=batch / sec, warmup_s=warm,
-                torch=torch.__version__, **settings)
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        sec = (time.perf_counter() - t0) / steps
+        yield dict(kind=kind, model=f'torch:{torch_name}', batch=batch, size=size,
+                   ms_per_step=sec * 1e3, images_per_sec=batch / sec, warmup_s=warm,
+                   torch=torch.__version__, **settings)
 
 
 def measure_latency(spec, sizes=(1, 2, 4, 8, 16, 32, 64), size=224, dtype=jnp.float32, steps=5):
@@ -409,19 +434,16 @@ def cmd_throughput(args):
     global XLA_OPTIONS
     XLA_OPTIONS = args.xla_options
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    measure = measure_train if args.command == 'train' else measure_infer
     results = []
     for spec in split_specs(args.model):
-        def ours():
-            return measure(spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
-
-        def theirs():
-            return torch_reference(spec, args.batch, args.size, args.command, args.num_classes,
-                                   args.steps, bf16=args.bf16)
         # On a shared or throttled machine speed drifts between runs: with --rounds N both sides
-        # are measured N times in alternation and the best of each is compared.
+        # (each compiled and warmed up once) are timed N times in alternation, best of each kept.
         rounds = args.rounds if args.vs else 1
-        pairs = [(ours(), theirs() if args.vs else None) for _ in range(rounds)]
+        ours = (train_rounds if args.command == 'train' else infer_rounds)(
+            spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
+        theirs = torch_rounds(spec, args.batch, args.size, args.command, args.num_classes,
+                              args.steps, bf16=args.bf16) if args.vs else None
+        pairs = [(next(ours), next(theirs) if theirs else None) for _ in range(rounds)]
         r = _best([p[0] for p in pairs])
         results.append(r)
         print(_line(r), flush=True)
