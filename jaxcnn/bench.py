@@ -402,6 +402,29 @@ def time_switch(spec, batch, size, switch, rounds=4, steps=2):
     return options, time_alternating(compiled, step_args, rounds=rounds, steps=steps)
 
 
+def switch_experiment(module, doc, switch, cases, labels, rounds=3, steps=2):
+    """The command line of an A/B experiment (``python -m MODULE [--out FILE]``, described by its
+    docstring ``doc``): for each
+    (model, batch, size) in ``cases``, :func:`time_switch` on ``switch``; prints the best time of
+    each variant (``labels``: what on and off mean) and writes the JSON record."""
+    parser = argparse.ArgumentParser(description=' '.join(doc.split('\n\n')[0].split()))
+    parser.add_argument('--out', default='')
+    args = parser.parse_args()
+    on, off = labels
+    results = []
+    for spec, batch, size in cases:
+        options, times = time_switch(spec, batch, size, switch, rounds, steps)
+        best_on, best_off = min(times[True]), min(times[False])
+        print(f'{spec:>22} b{batch} {size}px: {best_on:8.1f} ms with {on}, {best_off:8.1f} ms with {off} '
+              f'({best_off / best_on:.2f}x)', flush=True)
+        results.append({'model': spec, 'batch': batch, 'size': size,
+                        'xla_options': {on: options[True], off: options[False]},
+                        'ms_per_step': {on: best_on, off: best_off},
+                        'all_ms': {on: times[True], off: times[False]}})
+    command = f'python -m {module}' + (f' --out {args.out}' if args.out else '')
+    _write(args.out, {'command': command, 'switch': switch, **_environment(), 'results': results})
+
+
 def _write(path, record):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

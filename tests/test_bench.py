@@ -61,6 +61,24 @@ def test_rounds_compare_the_best_of_alternating_measurements(tmp_path):
         min(torch_r['ms_per_step_rounds']) / min(jax_r['ms_per_step_rounds']))
 
 
+def test_switch_experiment_times_both_variants_and_restores_the_switch(tmp_path, monkeypatch):
+    """The A/B experiments' command line: both variants timed in every round, the best of each
+    reported, the switch left as it was."""
+    from jaxcnn.layers import conv as conv_layers
+    out = tmp_path / 'ab.json'
+    monkeypatch.setattr('sys.argv', ['prog', '--out', str(out)])
+    bench.switch_experiment('jaxcnn.experiments.small_map_products_cpu', 'An A/B test.\n\nMore.',
+                            'CPU_SMALL_MAP_PRODUCTS', [('resnet20', 2, 8)], ('on', 'off'), rounds=2, steps=1)
+    assert conv_layers.CPU_SMALL_MAP_PRODUCTS is True
+    record = json.load(open(out))
+    assert record['switch'] == 'CPU_SMALL_MAP_PRODUCTS'
+    assert record['command'] == f'python -m jaxcnn.experiments.small_map_products_cpu --out {out}'
+    (r,) = record['results']
+    for variant in ('on', 'off'):
+        assert len(r['all_ms'][variant]) == 2
+        assert r['ms_per_step'][variant] == min(r['all_ms'][variant])
+
+
 def test_unknown_model_is_one_clear_error():
     with pytest.raises(ValueError, match='unknown model'):
         bench.main(['infer', '--model', 'resnet_18'])
@@ -119,7 +137,7 @@ def test_conv_kernels_experiment_reads_every_convolution_of_the_model():
     block (8 blocks) and three 1x1 projection shortcuts; only the stem reads the images."""
     from jaxcnn.experiments.conv_kernels_cpu import conv_equations
     model = jaxcnn.create_model('resnet18', num_classes=10)
-    x = jnp.zeros((2, 64, 64, 3))
+    x = jnp.zeros((2, 128, 128, 3))    # last stage 4x4: no map smaller than its kernel
     variables = model.init(jax.random.key(0), x, train=False)
     closed = jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(x)
     convs = conv_equations(closed.jaxpr, closed.jaxpr.invars)

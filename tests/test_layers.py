@@ -49,6 +49,10 @@ def test_torch_padding_matches_pytorch_conv(k, s, d, groups, size):
     (7, 2, 1, 16, 'torch', 1, 6), (1, 2, 1, 7, 'torch', 1, 6), (3, 1, 2, 11, 'torch', 1, 6),
     (5, 3, 2, 17, 'torch', 1, 6), (3, 2, 1, 10, 'same', 1, 6), (4, 4, 1, 14, 'same', 1, 6),
     (3, 2, 1, 9, ((0, 2), (1, 0)), 1, 6),
+    # maps smaller than the kernel (on the CPU one matrix product): 2x2 and 1x1 maps, 4 -> 2
+    # strided, a valid 5x5 on 5x5 (LeNet's C5), a 7x7 stem on 6x6, a dilated 3x3 on 3x3
+    (3, 1, 1, 2, 'torch', 1, 6), (3, 1, 1, 1, 'torch', 1, 6), (3, 2, 1, 4, 'torch', 1, 6),
+    (5, 1, 1, 5, ((0, 0), (0, 0)), 1, 6), (7, 2, 1, 6, 'torch', 1, 6), (3, 1, 2, 3, 'torch', 1, 6),
     # grouped, depthwise, depthwise with channel multiplier 2 (12 input channels throughout)
     (3, 1, 1, 9, 'torch', 2, 6), (3, 2, 2, 13, 'torch', 2, 6), (3, 2, 1, 11, 'torch', 6, 12),
     (5, 2, 1, 12, 'same', 12, 12), (7, 1, 1, 10, 'torch', 12, 12), (3, 1, 1, 8, 'torch', 12, 24)])
@@ -318,6 +322,30 @@ def test_depthwise_conv_runs_as_fused_taps_on_the_cpu(band_elements, monkeypatch
         got, want = ours(kern, x), jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(kern, x)
         for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_conv_on_maps_smaller_than_the_kernel_is_one_product_on_the_cpu():
+    """XLA:CPU runs a convolution whose input or output is smaller than its kernel as a slow
+    loop; conv_general_dilated makes it one matrix product, leaving taps that only see padding
+    out. Its step holds no convolution (an 8x8 map's still does), and output and gradients equal
+    lax's convolution (PyTorch's: test_conv_gradients_match_pytorch_autograd)."""
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    kern = jnp.asarray(RNG.randn(3, 3, 4, 5), jnp.float32)
+    for size, stride, small in ((1, 1, True), (2, 1, True), (4, 2, True), (3, 1, False), (8, 1, False)):
+        x = jnp.asarray(RNG.randn(2, size, size, 4), jnp.float32)
+
+        def loss(conv, kern, x):
+            return jnp.sum(jnp.sin(conv(x, kern, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=dn)))
+        ours = jax.jit(jax.value_and_grad(functools.partial(loss, layers.conv_general_dilated), (0, 1)))
+        assert ('convolution(' not in ours.lower(kern, x).compile().as_text()) == small, size
+        got, want = ours(kern, x), jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(kern, x)
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    # on a 1x1 map only the centre tap of a padded 3x3 kernel sees the input
+    x = jnp.asarray(RNG.randn(2, 1, 1, 4), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x: layers.conv_general_dilated(
+        x, kern, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))(x))
+    assert 'f32[2,1,1,4]' in jaxpr and 'f32[2,1,1,36]' not in jaxpr
 
 
 def test_compiler_options_move_dense_convolutions_off_ynnpack_only():

@@ -103,16 +103,18 @@ def time_torch(params, lhs_shape, rhs_shape, repeats=5):
                 best(backward([True, False, False])), best(backward([False, True, False])))
 
 
-def run(spec, batch, size, repeats=5, grouped_depthwise=False):
+def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False):
     _, model, variables, images, _, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
-    saved = conv_layers.CPU_DEPTHWISE_TAPS
-    conv_layers.CPU_DEPTHWISE_TAPS = not grouped_depthwise   # read while tracing
+    saved = conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS
+    # read while tracing
+    conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = (
+        not grouped_depthwise, not xla_small_maps)
     try:
         options = bench._xla_options(model, variables, images)
         closed = jax.make_jaxpr(lambda x: model.apply(
             variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
     finally:
-        conv_layers.CPU_DEPTHWISE_TAPS = saved
+        conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = saved
     counts, first = {}, {}
     for params, lhs, rhs, reads_inputs in conv_equations(closed.jaxpr, closed.jaxpr.invars):
         key = _key(params, lhs, rhs)
@@ -140,7 +142,7 @@ def run(spec, batch, size, repeats=5, grouped_depthwise=False):
     summary = {lib: dict(zip(('forward', 'input_gradient', 'kernel_gradient'), t), total=sum(t))
                for lib, t in totals.items()}
     return dict(model=spec, batch=batch, size=size, xla_options=options,
-                grouped_depthwise=grouped_depthwise, convolutions=rows,
+                grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps, convolutions=rows,
                 total_ms=summary)
 
 
@@ -153,15 +155,21 @@ def main():
     parser.add_argument('--grouped-depthwise', action='store_true',
                         help="keep depthwise convolutions as XLA's grouped convolutions (on the CPU "
                              'they are per-tap sums, not convolutions, and are otherwise not listed)')
+    parser.add_argument('--xla-small-maps', action='store_true',
+                        help="keep dense convolutions on maps smaller than their kernel as XLA's "
+                             'convolutions (on the CPU they are matrix products and are otherwise '
+                             'not listed)')
     parser.add_argument('--out', default='')
     args = parser.parse_args()
     import torch
-    result = run(args.model, args.batch, args.size, args.repeats, args.grouped_depthwise)
+    result = run(args.model, args.batch, args.size, args.repeats, args.grouped_depthwise,
+                 args.xla_small_maps)
     for lib, t in result['total_ms'].items():
         print(f"{lib:>6}: forward {t['forward']:.1f} ms, input gradients {t['input_gradient']:.1f} ms, "
               f"kernel gradients {t['kernel_gradient']:.1f} ms, all convolutions {t['total']:.1f} ms")
     command = (f'python -m jaxcnn.experiments.conv_kernels_cpu --model {args.model} --batch {args.batch} '
                f'--size {args.size}' + (' --grouped-depthwise' if args.grouped_depthwise else '')
+               + (' --xla-small-maps' if args.xla_small_maps else '')
                + (f' --out {args.out}' if args.out else ''))
     bench._write(args.out, {'command': command, **bench._environment(), 'torch': torch.__version__,
                             'torch_threads': torch.get_num_threads(), **result})
