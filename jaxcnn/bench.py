@@ -5,7 +5,9 @@ train    images/s and ms/step of the full training step (forward, loss, backward
          (XLA cost analysis) and its fraction of the device's peak (MFU); `--vs timm` runs the
          same model in PyTorch on the same device in the same process (on a GPU: bf16 autocast,
          channels_last, torch.compile; on a CPU: eager fp32, as torchvision users run it);
-         `--rounds N` measures both N times in alternation and compares the best of each:
+         `--rounds N` measures both N times in alternation and compares the best of each;
+         `--parallel` builds several models in one process each, all at once, then times them
+         one at a time:
            python -m jaxcnn.bench train --model resnet50 --batch 256 --size 224 --bf16 --vs timm
 infer    the same for the forward pass in inference mode
 compile  seconds to compile one training step (e.g. ResNet-152 against ResNet-50)
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
 
 import jax
@@ -174,8 +179,13 @@ def peak_flops(device, dtype) -> float | None:
     return None
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
+def _flops(fn, args) -> float:
+    """FLOPs of one call of ``fn(*args)`` from XLA's cost analysis of the program lowered for the
+    CPU, before optimisation. The same analysis on a GPU counts nothing for convolutions (they
+    become cuDNN calls), so the count is taken on the host whatever the device."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
+    cost = jax.jit(fn).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get('flops', 0.0)) if cost else 0.0
 
@@ -246,6 +256,7 @@ def train_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices
     t0 = time.perf_counter()
     compiled = step.lower(params, stats, opt_state, images, labels, key).compile()
     compile_s = time.perf_counter() - t0
+    flops = _flops(_train_step(model, tx), (params, stats, opt_state, images, labels, key))
     latest = [(params, stats, opt_state, images, labels, key)]   # the donated state moves on
 
     def update(args, out):
@@ -254,7 +265,7 @@ def train_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices
     while True:
         sec = _time(compiled, latest[0], steps, update_args=update)
         yield dict(_report('train', spec, batch, size, dtype, devices, sec, compile_s,
-                           _flops(compiled)), xla_options=options)
+                           flops), xla_options=options)
 
 
 def infer_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
@@ -265,10 +276,11 @@ def infer_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices
     t0 = time.perf_counter()
     compiled = fwd.lower(variables, images).compile()
     compile_s = time.perf_counter() - t0
+    flops = _flops(lambda v, x: model.apply(v, x, train=False), (variables, images))
     while True:
         sec = _time(compiled, (variables, images), steps)
-        yield dict(_report('infer', spec, batch, size, dtype, devices, sec, compile_s,
-                           _flops(compiled)), xla_options=options)
+        yield dict(_report('infer', spec, batch, size, dtype, devices, sec, compile_s, flops),
+                   xla_options=options)
 
 
 def measure_compile(spec, batch, size, dtype=jnp.float32, num_classes=1000):
@@ -453,33 +465,103 @@ def _best(records):
     return best
 
 
+def _throughput_records(args, spec, ready=None, timing=None):
+    """One model's records (ours, then the PyTorch twin's with the ratio) and printed lines.
+    With ``ready`` (a barrier) and ``timing`` (a lock), as under ``--parallel``: both sides are
+    compiled and warmed up, then wait for the other models' processes to be ready, then are timed
+    while holding the lock, so that no compilation or other timing runs beside them."""
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    # On a shared or throttled machine speed drifts between runs: with --rounds N both sides
+    # (each compiled and warmed up once) are timed N times in alternation, best of each kept.
+    rounds = args.rounds if args.vs else 1
+    ours = (train_rounds if args.command == 'train' else infer_rounds)(
+        spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
+    theirs = torch_rounds(spec, args.batch, args.size, args.command, args.num_classes,
+                          args.steps, bf16=args.bf16) if args.vs else None
+    window = {}
+    if ready is not None:
+        next(ours)                      # compiled and warmed up: this first record is dropped
+        if theirs:
+            next(theirs)
+        window['ready_unix'] = time.time()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:   # another model failed: time this one anyway
+            pass
+    with timing if timing is not None else contextlib.nullcontext():
+        start = time.time()
+        pairs = [(next(ours), next(theirs) if theirs else None) for _ in range(rounds)]
+        if ready is not None:
+            window['timed_unix'] = (start, time.time())
+    r = dict(_best([p[0] for p in pairs]), **window)
+    records, lines = [r], [_line(r)]
+    if args.vs:
+        t = _best([p[1] for p in pairs])
+        t['ratio_jaxcnn_over_torch'] = r['images_per_sec'] / t['images_per_sec']
+        records.append(t)
+        lines += [_line(t), f"{'jaxcnn / ' + args.vs:>24}: {t['ratio_jaxcnn_over_torch']:.2f}x"
+                  + (f' (best of {rounds} alternating rounds)' if rounds > 1 else '')]
+    return records, lines
+
+
+def _parallel_worker(args, spec, ready, timing, results):
+    try:
+        records, lines = _throughput_records(args, spec, ready, timing)
+        print('\n'.join(lines), flush=True)
+        results.put((spec, records, _environment(), None))
+    except BaseException as e:          # noqa: BLE001 - reported by the parent, others go on
+        ready.abort()
+        results.put((spec, [], None, f'{type(e).__name__}: {e}'))
+
+
+def _run_parallel(args, specs):
+    """``--parallel``: each model in its own process, all compiling at once; then timed one at a
+    time (a barrier, then a lock). Returns the records in ``specs`` order and the environment."""
+    import multiprocessing as mp
+    # several processes share the device: each takes memory as it needs it
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    ctx = mp.get_context('spawn')
+    ready, timing, results = ctx.Barrier(len(specs)), ctx.Lock(), ctx.Queue()
+    procs = [ctx.Process(target=_parallel_worker, args=(args, s, ready, timing, results))
+             for s in specs]
+    for p in procs:
+        p.start()
+    by_spec, env, pending = {}, None, len(specs)
+    while pending:
+        try:
+            spec, records, env_i, error = results.get(timeout=5)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):   # a process died without reporting
+                ready.abort()
+                if results.empty():
+                    break
+            continue
+        pending -= 1
+        env = env or env_i
+        by_spec[spec] = records
+        if error:
+            print(f'{spec}: failed: {error}', file=sys.stderr, flush=True)
+    for p in procs:
+        p.join()
+    return [r for s in specs for r in by_spec.get(s, [])], env or {}
+
+
 def cmd_throughput(args):
     global XLA_OPTIONS
     XLA_OPTIONS = args.xla_options
-    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    results = []
-    for spec in split_specs(args.model):
-        # On a shared or throttled machine speed drifts between runs: with --rounds N both sides
-        # (each compiled and warmed up once) are timed N times in alternation, best of each kept.
-        rounds = args.rounds if args.vs else 1
-        ours = (train_rounds if args.command == 'train' else infer_rounds)(
-            spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
-        theirs = torch_rounds(spec, args.batch, args.size, args.command, args.num_classes,
-                              args.steps, bf16=args.bf16) if args.vs else None
-        pairs = [(next(ours), next(theirs) if theirs else None) for _ in range(rounds)]
-        r = _best([p[0] for p in pairs])
-        results.append(r)
-        print(_line(r), flush=True)
-        if args.vs:
-            t = _best([p[1] for p in pairs])
-            t['ratio_jaxcnn_over_torch'] = r['images_per_sec'] / t['images_per_sec']
-            results.append(t)
-            print(_line(t), flush=True)
-            print(f"{'jaxcnn / ' + args.vs:>24}: {t['ratio_jaxcnn_over_torch']:.2f}x"
-                  + (f' (best of {rounds} alternating rounds)' if rounds > 1 else ''), flush=True)
+    specs = split_specs(args.model)
+    if args.parallel and len(specs) > 1:
+        results, env = _run_parallel(args, specs)
+    else:
+        results = []
+        for spec in specs:
+            records, lines = _throughput_records(args, spec)
+            results += records
+            print('\n'.join(lines), flush=True)
+        env = _environment()
     _write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
-                      **_environment(), 'results': results})
-    return 0
+                      **env, 'results': results})
+    return 0 if len({r['model'] for r in results if not r['model'].startswith('torch:')}) == len(specs) else 1
 
 
 def cmd_compile(args):
@@ -570,6 +652,9 @@ def main(argv=None):
         p.add_argument('--xla-options', choices=['trainer', 'defaults', 'dense'], default='trainer',
                        help="XLA compiler options: the trainer's for the model (default), XLA's "
                             "defaults, or those for models without depthwise convolutions")
+        p.add_argument('--parallel', action='store_true',
+                       help='several models: compile them in one process each, all at once, then '
+                            'time them one at a time (saves wall time on a many-core host)')
         p.add_argument('--out', default='')
         p.set_defaults(func=cmd_throughput)
     p = sub.add_parser('compile', help='compile time of one training step')

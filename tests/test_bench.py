@@ -145,3 +145,40 @@ def test_conv_kernels_experiment_reads_every_convolution_of_the_model():
     assert len(convs) == 20
     assert kernels.count((3, 3)) == 16 and kernels.count((1, 1)) == 3 and kernels.count((7, 7)) == 1
     assert [rhs[:2] for _, _, rhs, reads in convs if reads] == [(7, 7)]
+
+
+def test_flops_are_counted_on_the_host_program():
+    """A valid 3x3 convolution costs 2 FLOPs per multiply-add: N*Ho*Wo*Cout*Cin*9 of them."""
+    x = jnp.zeros((2, 10, 12, 5), jnp.bfloat16)
+    w = jnp.zeros((3, 3, 5, 7), jnp.bfloat16)
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID',
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    assert bench._flops(conv, (x, w)) == 2 * (2 * 8 * 10 * 7 * 5 * 9)
+
+
+def test_parallel_builds_together_and_times_one_at_a_time(tmp_path):
+    """--parallel: every model compiled before any is timed, and no two timed at once."""
+    out = tmp_path / 'p.json'
+    assert bench.main(['train', '--model', 'resnet18,resnet34', '--batch', '2', '--size', '32',
+                       '--steps', '1', '--vs', 'timm', '--rounds', '2', '--parallel',
+                       '--out', str(out)]) == 0
+    results = json.load(open(out))['results']
+    assert [r['model'] for r in results] == ['resnet18', 'torch:tv:resnet18',
+                                             'resnet34', 'torch:tv:resnet34']
+    ours = [r for r in results if not r['model'].startswith('torch:')]
+    windows = sorted(r['timed_unix'] for r in ours)
+    assert max(r['ready_unix'] for r in ours) <= windows[0][0]
+    assert windows[0][1] <= windows[1][0]
+    for jax_r, torch_r in zip(results[::2], results[1::2]):
+        assert len(jax_r['ms_per_step_rounds']) == 2
+        assert torch_r['ratio_jaxcnn_over_torch'] == pytest.approx(
+            jax_r['images_per_sec'] / torch_r['images_per_sec'])
+
+
+def test_parallel_reports_a_failed_model_and_times_the_others(tmp_path, capsys):
+    out = tmp_path / 'p.json'
+    # resnet20 (CIFAR) has no PyTorch twin: its process fails, resnet18's goes on
+    assert bench.main(['train', '--model', 'resnet18,resnet20', '--batch', '2', '--size', '32',
+                       '--steps', '1', '--vs', 'timm', '--parallel', '--out', str(out)]) == 1
+    assert [r['model'] for r in json.load(open(out))['results']] == ['resnet18', 'torch:tv:resnet18']
+    assert 'resnet20: failed' in capsys.readouterr().err
