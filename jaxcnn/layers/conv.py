@@ -248,6 +248,12 @@ def _explicitly_sharded(x) -> bool:
         t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
 
 
+def _output_hw(in_hw, pads, kernel_hw, strides, dilation=(1, 1)):
+    """The spatial size of a convolution's (or pooling's) output."""
+    return tuple((i + lo + hi - (k - 1) * d - 1) // s + 1
+                 for i, (lo, hi), k, d, s in zip(in_hw, pads, kernel_hw, dilation, strides))
+
+
 def _padded_for_taps(x, k, strides, pads, dilation):
     """The zero-padded input, each channel repeated once per output channel it feeds (the
     channel multiplier), and the output's spatial size."""
@@ -255,9 +261,7 @@ def _padded_for_taps(x, k, strides, pads, dilation):
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     if c_out != c_in:          # output channel g * m + j reads input channel g
         xp = jnp.repeat(xp, c_out // c_in, axis=3)
-    out_hw = tuple((p - (kk - 1) * d - 1) // s + 1
-                   for p, kk, d, s in zip(xp.shape[1:3], (kh, kw), dilation, strides))
-    return xp, out_hw
+    return xp, _output_hw(x.shape[1:3], pads, (kh, kw), strides, dilation)
 
 
 def _depthwise_taps(x, k, strides, pads, dilation):
@@ -336,16 +340,15 @@ def _small_map(in_hw, out_hw, kernel_hw, dilation) -> bool:
                for i, o, k, d in zip(in_hw, out_hw, kernel_hw, dilation))
 
 
-def _conv_as_product(x, k, strides, pads, dilation, precision):
+def _conv_as_product(x, k, strides, pads, dilation, out_hw, precision):
     """A dense convolution as one matrix product: the input windows of its kernel taps side by
     side along channels (im2col) times the kernel's rows. Taps whose window lies wholly in the
     padding are left out (on a 1x1 map a padded 3x3 convolution is its centre tap). Plain lax ops,
     so every transformation applies; the gradients are products too."""
     kh, kw, c_in, c_out = k.shape
     (h, w), (sh, sw), (dh, dw_) = x.shape[1:3], strides, dilation
+    (ho, wo) = out_hw
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    ho, wo = ((p - (kk - 1) * d - 1) // s + 1
-              for p, kk, d, s in zip(xp.shape[1:3], (kh, kw), dilation, strides))
 
     def live(tap, dil, stride, n_out, lo, size):      # some output sees a real input through it
         return any(0 <= tap * dil + stride * o - lo < size for o in range(n_out))
@@ -397,10 +400,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return _depthwise(lhs, rhs, tuple(window_strides), pads, dilation)
     if cpu_forms and CPU_SMALL_MAP_PRODUCTS and feature_group_count == 1:
         pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
-        out_hw = [(i + lo + hi - (k - 1) * d - 1) // s + 1 for i, (lo, hi), k, d, s in
-                  zip(lhs.shape[1:3], pads, rhs.shape[:2], dilation, window_strides)]
+        out_hw = _output_hw(lhs.shape[1:3], pads, rhs.shape[:2], window_strides, dilation)
         if min(out_hw) > 0 and _small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation):
-            return _conv_as_product(lhs, rhs, tuple(window_strides), pads, dilation, precision)
+            return _conv_as_product(lhs, rhs, tuple(window_strides), pads, dilation, out_hw,
+                                    precision)
     if not (cpu_forms and _IN_LOOP.get()):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                             rhs_dilation, dimension_numbers, feature_group_count,
@@ -451,8 +454,7 @@ def _pool_windows(x, window, stride, pads):
     """The -inf padded input and, per window tap (row-major), its (offset, strided slice)."""
     n, h, w, c = x.shape
     (kh, kw), (sh, sw) = window, stride
-    ho = (h + sum(pads[0]) - kh) // sh + 1
-    wo = (w + sum(pads[1]) - kw) // sw + 1
+    ho, wo = _output_hw((h, w), pads, window, stride)
     xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype),
                      ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     taps = [((i, j), jax.lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
