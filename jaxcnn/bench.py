@@ -11,6 +11,7 @@ train    images/s and ms/step of the full training step (forward, loss, backward
            python -m jaxcnn.bench train --model resnet50 --batch 256 --size 224 --bf16 --vs timm
 infer    the same for the forward pass in inference mode
 compile  seconds to compile one training step (e.g. ResNet-152 against ResNet-50)
+flops    FLOPs of one training step, counted without running it (for MFU of runs elsewhere)
 latency  inference time per image for batch sizes 1, 2, 4, ..., 64 and a throughput plot:
            python -m jaxcnn.bench latency --models resnet18,resnet50 --plot latency.png
 memory   peak memory of one compiled training step, from XLA's own memory analysis, and the
@@ -33,6 +34,7 @@ import threading
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -180,14 +182,42 @@ def peak_flops(device, dtype) -> float | None:
 
 
 def _flops(fn, args) -> float:
-    """FLOPs of one call of ``fn(*args)`` from XLA's cost analysis of the program lowered for the
-    CPU, before optimisation. The same analysis on a GPU counts nothing for convolutions (they
-    become cuDNN calls), so the count is taken on the host whatever the device."""
+    """FLOPs of one call of ``fn(*args)`` (the model FLOPs of MFU: the plain lax program, whatever
+    forms :mod:`jaxcnn.layers.conv` picks for the CPU) from XLA's cost analysis of the program
+    lowered for the CPU, before optimisation, with every loop body counted as often as it runs. (The same
+    analysis on a GPU counts nothing for convolutions, which become cuDNN calls, so the count is
+    taken on the host whatever the device; and it counts a loop body once, so scanned blocks'
+    further runs are added from the jaxpr's scan lengths.)"""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
+    saved = conv_layers.CPU_GRADIENT_FORMS
+    conv_layers.CPU_GRADIENT_FORMS = False   # the model's own operations, not the CPU's forms
+    try:
+        return _xla_flops(fn, shapes) + _uncounted_loop_flops(jax.make_jaxpr(fn)(*shapes).jaxpr, cpu)
+    finally:
+        conv_layers.CPU_GRADIENT_FORMS = saved
+
+
+def _xla_flops(fn, shapes) -> float:
     cost = jax.jit(fn).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _uncounted_loop_flops(jaxpr, sharding) -> float:
+    """What the cost analysis of ``jaxpr``'s program leaves out: each scan body's runs after the
+    first, and on every run whatever the body's own loops leave out."""
+    missing = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'scan':
+            body, length = eqn.params['jaxpr'], eqn.params['length']
+            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in body.in_avals]
+            once = _xla_flops(jax.extend.core.jaxpr_as_fun(body), shapes)
+            missing += (length - 1) * once + length * _uncounted_loop_flops(body.jaxpr, sharding)
+        else:
+            missing += sum(_uncounted_loop_flops(sub, sharding)
+                           for sub in conv_layers._sub_jaxprs(eqn.params.values()))
+    return missing
 
 
 def _setup(spec, batch, size, dtype, num_classes, devices):
@@ -564,6 +594,27 @@ def cmd_throughput(args):
     return 0 if len({r['model'] for r in results if not r['model'].startswith('torch:')}) == len(specs) else 1
 
 
+def cmd_flops(args):
+    """FLOPs of one training step (and per image) from :func:`_flops`, without running it."""
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    results = []
+    for spec in split_specs(args.model):
+        _, model, variables, images, labels, _ = _setup(spec, args.batch, args.size, dtype,
+                                                        args.num_classes, 1)
+        params, stats = variables['params'], variables.get('batch_stats', {})
+        tx = optax.sgd(0.1, momentum=0.9)
+        flops = _flops(_train_step(model, tx), (params, stats, tx.init(params), images, labels,
+                                                jax.random.key(1)))
+        results.append(dict(kind='flops', model=spec, batch=args.batch, size=args.size,
+                            dtype=jnp.dtype(dtype).name, flops_per_step=flops,
+                            flops_per_image=flops / args.batch))
+        print(f'{spec:>24}  {flops / 1e9:12.1f} GFLOP per training step  '
+              f'{flops / args.batch / 1e9:8.2f} GFLOP per image', flush=True)
+    _write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
+                      **_environment(), 'results': results})
+    return 0
+
+
 def cmd_compile(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     results = [measure_compile(s, args.batch, args.size, dtype, args.num_classes)
@@ -665,6 +716,15 @@ def main(argv=None):
     p.add_argument('--bf16', action='store_true')
     p.add_argument('--out', default='')
     p.set_defaults(func=cmd_compile)
+    p = sub.add_parser('flops', help="FLOPs of one training step (XLA's count, loops counted "
+                                     'once per run), without running it')
+    p.add_argument('--model', required=True)
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--bf16', action='store_true')
+    p.add_argument('--out', default='')
+    p.set_defaults(func=cmd_flops)
     p = sub.add_parser('latency', help='inference ms per image over batch sizes')
     p.add_argument('--models', required=True)
     p.add_argument('--batch-sizes', default='1,2,4,8,16,32,64')

@@ -4,6 +4,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import jaxcnn
@@ -182,3 +183,25 @@ def test_parallel_reports_a_failed_model_and_times_the_others(tmp_path, capsys):
                        '--steps', '1', '--vs', 'timm', '--parallel', '--out', str(out)]) == 1
     assert [r['model'] for r in json.load(open(out))['results']] == ['resnet18', 'torch:tv:resnet18']
     assert 'resnet20: failed' in capsys.readouterr().err
+
+
+def test_flops_count_every_run_of_a_scanned_block():
+    """XLA's cost analysis counts a loop body once: ResNet-34 with its repeated blocks scanned
+    must still cost what the unrolled network costs."""
+    counts = {}
+    for spec in ('resnet34', 'resnet34:scan_blocks=True'):
+        _, model, variables, images, labels, _ = bench._setup(spec, 2, 32, jnp.float32, 10, 1)
+        tx = optax.sgd(0.1, momentum=0.9)
+        params, stats = variables['params'], variables['batch_stats']
+        counts[spec] = bench._flops(bench._train_step(model, tx),
+                                    (params, stats, tx.init(params), images, labels, jax.random.key(1)))
+    assert counts['resnet34:scan_blocks=True'] == pytest.approx(counts['resnet34'], rel=1e-3)
+
+
+def test_flops_command_matches_the_train_record(tmp_path):
+    out = tmp_path / 'f.json'
+    assert bench.main(['flops', '--model', 'lenet5', '--batch', '4', '--size', '32',
+                       '--num-classes', '10', '--out', str(out)]) == 0
+    (r,) = json.load(open(out))['results']
+    train = bench.measure_train('lenet5', batch=4, size=32, num_classes=10, steps=1)
+    assert r['flops_per_step'] == train['flops_per_step'] == 4 * r['flops_per_image']
