@@ -424,11 +424,11 @@ def time_alternating(compiled, args, rounds=4, steps=2):
     return times
 
 
-def time_switch(spec, batch, size, switch, rounds=4, steps=2):
+def time_switch(spec, batch, size, switch, rounds=4, steps=2, dtype=jnp.float32):
     """The bench's training step (SGD, the trainer's XLA options) compiled with a boolean switch of
     ``jaxcnn.layers.conv`` (read while tracing, e.g. ``CPU_DEPTHWISE_TAPS``) on and off, timed in
     alternation. Returns {True: XLA options, False: ...} and {True: [ms, ...], False: [...]}."""
-    _, model, variables, images, labels, _ = _setup(spec, batch, size, jnp.float32, 1000, 1)
+    _, model, variables, images, labels, _ = _setup(spec, batch, size, dtype, 1000, 1)
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)
     step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
@@ -444,7 +444,7 @@ def time_switch(spec, batch, size, switch, rounds=4, steps=2):
     return options, time_alternating(compiled, step_args, rounds=rounds, steps=steps)
 
 
-def switch_experiment(module, doc, switch, cases, labels, rounds=3, steps=2):
+def switch_experiment(module, doc, switch, cases, labels, rounds=3, steps=2, dtype=jnp.float32):
     """The command line of an A/B experiment (``python -m MODULE [--out FILE]``, described by its
     docstring ``doc``): for each
     (model, batch, size) in ``cases``, :func:`time_switch` on ``switch``; prints the best time of
@@ -455,16 +455,17 @@ def switch_experiment(module, doc, switch, cases, labels, rounds=3, steps=2):
     on, off = labels
     results = []
     for spec, batch, size in cases:
-        options, times = time_switch(spec, batch, size, switch, rounds, steps)
+        options, times = time_switch(spec, batch, size, switch, rounds, steps, dtype)
         best_on, best_off = min(times[True]), min(times[False])
         print(f'{spec:>22} b{batch} {size}px: {best_on:8.1f} ms with {on}, {best_off:8.1f} ms with {off} '
               f'({best_off / best_on:.2f}x)', flush=True)
-        results.append({'model': spec, 'batch': batch, 'size': size,
+        results.append({'model': spec, 'batch': batch, 'size': size, 'dtype': jnp.dtype(dtype).name,
                         'xla_options': {on: options[True], off: options[False]},
                         'ms_per_step': {on: best_on, off: best_off},
                         'all_ms': {on: times[True], off: times[False]}})
-    command = f'python -m {module}' + (f' --out {args.out}' if args.out else '')
-    _write(args.out, {'command': command, 'switch': switch, **_environment(), 'results': results})
+        command = f'python -m {module}' + (f' --out {args.out}' if args.out else '')
+        _write(args.out, {'command': command, 'switch': switch, **_environment(),   # per case: a
+                          'results': results})                                   # cut-off run keeps it
 
 
 def _write(path, record):

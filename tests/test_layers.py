@@ -324,6 +324,28 @@ def test_depthwise_conv_runs_as_fused_taps_on_the_cpu(band_elements, monkeypatch
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('taps', [True, False])
+def test_gpu_depthwise_taps_switch(taps, monkeypatch):
+    """GPU_DEPTHWISE_TAPS (traced as if on a GPU): the per-tap sums with the whole kernel gradient
+    in one pass, equal to lax's convolution in output and gradients; off, cuDNN's convolution."""
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(conv_layers, 'GPU_DEPTHWISE_TAPS', taps)
+    monkeypatch.setattr(conv_layers, '_BAND_ELEMENTS', 1)       # a CPU would use bands of one row
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    x = jnp.asarray(RNG.randn(2, 9, 9, 6), jnp.float32)
+    kern = jnp.asarray(RNG.randn(7, 7, 1, 6), jnp.float32)
+
+    def loss(conv, kern, x):
+        return jnp.sum(jnp.sin(conv(x, kern, (2, 2), 'SAME', dimension_numbers=dn, feature_group_count=6)))
+    ours = jax.value_and_grad(functools.partial(loss, layers.conv_general_dilated), (0, 1))
+    jaxpr = str(jax.make_jaxpr(ours)(kern, x))
+    assert ('conv_general_dilated' not in jaxpr) == taps
+    assert ('scan' in jaxpr) is False                           # no bands off the CPU
+    want = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(kern, x)
+    for g, e in zip(jax.tree.leaves(jax.jit(ours)(kern, x)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_dense_conv_on_maps_smaller_than_the_kernel_is_one_product_on_the_cpu():
     """XLA:CPU runs a convolution whose input or output is smaller than its kernel as a slow
     loop; conv_general_dilated makes it one matrix product, leaving taps that only see padding

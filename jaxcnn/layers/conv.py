@@ -72,6 +72,11 @@ CPU_DEPTHWISE_TAPS = True
 # dense convolutions on feature maps smaller than their kernel as one matrix product on the CPU
 # (conv_general_dilated); False keeps XLA's convolutions (for A/B timing)
 CPU_SMALL_MAP_PRODUCTS = True
+# depthwise convolutions as the same per-tap sums on a GPU. Off until measured: on an H100 the
+# models with depthwise convolutions trained at 0.44-0.99x timm's speed with cuDNN's grouped
+# convolutions, and XLA derives their kernel gradient as a dense-sized convolution
+# (jax-ml/jax#13800). A/B: python -m jaxcnn.experiments.depthwise_taps_gpu
+GPU_DEPTHWISE_TAPS = False
 
 
 def residual_output(x):
@@ -310,8 +315,8 @@ def _depthwise_bwd(strides, pads, dilation, res, dy):
     acc = jnp.promote_types(k.dtype, jnp.float32)
     xp, _ = _padded_for_taps(x, k, strides, pads, dilation)
     per_row = n * wo * c_out * kh * kw
-    band = max(d for d in range(1, ho + 1)
-               if ho % d == 0 and (d == 1 or d * per_row <= _BAND_ELEMENTS))
+    band = ho if jax.default_backend() != 'cpu' else max(   # bands are for a CPU's cache
+        d for d in range(1, ho + 1) if ho % d == 0 and (d == 1 or d * per_row <= _BAND_ELEMENTS))
     rows_in = (band - 1) * sh + (kh - 1) * dh + 1
 
     def band_sums(r):
@@ -395,7 +400,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     cpu_forms = plain and CPU_GRADIENT_FORMS and jax.default_backend() == 'cpu'
     dilation = tuple(rhs_dilation or (1, 1))
     depthwise = 1 < feature_group_count == lhs.shape[3] and rhs.shape[2] == 1
-    if cpu_forms and CPU_DEPTHWISE_TAPS and depthwise:
+    if depthwise and ((cpu_forms and CPU_DEPTHWISE_TAPS) or (
+            plain and GPU_DEPTHWISE_TAPS and jax.default_backend() == 'gpu')):
         pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
         return _depthwise(lhs, rhs, tuple(window_strides), pads, dilation)
     if cpu_forms and CPU_SMALL_MAP_PRODUCTS and feature_group_count == 1:
