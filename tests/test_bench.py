@@ -205,3 +205,16 @@ def test_flops_command_matches_the_train_record(tmp_path):
     (r,) = json.load(open(out))['results']
     train = bench.measure_train('lenet5', batch=4, size=32, num_classes=10, steps=1)
     assert r['flops_per_step'] == train['flops_per_step'] == 4 * r['flops_per_image']
+
+
+def test_every_record_the_documents_cite_is_committed():
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    results = root / 'benchmarks' / 'results'
+    text = (root / 'README.md').read_text() + (root / 'BENCHMARKS.md').read_text()
+    cited = set(re.findall(r'benchmarks/results/([\w.\-/]+\.(?:json|csv|log|png))', text))
+    cited.discard('cpu_xla_options_O.json')            # a template: O in defaults, dense, trainer
+    cited |= set(re.findall(r'\b(cpu_xla_options_\w+\.json)', text)) - {'cpu_xla_options_O.json'}
+    cited |= set(re.findall(r'\b([\w\-]+_h100[\w\-]*\.(?:json|csv|log|png))', text))
+    assert cited and not [c for c in sorted(cited) if not (results / c).exists()]
