@@ -351,6 +351,9 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
         net = getattr(torchvision.models, tname)(weights=None, num_classes=num_classes)
     else:
         import timm
+        if not timm.is_model(tname):
+            raise ValueError(f'{name} has no PyTorch twin (neither a torchvision model named in its '
+                             f'model_info nor a timm model {tname!r}); run it without --vs')
         net = timm.create_model(tname, pretrained=False, num_classes=num_classes)
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')

@@ -182,7 +182,7 @@ def test_parallel_reports_a_failed_model_and_times_the_others(tmp_path, capsys):
     assert bench.main(['train', '--model', 'resnet18,resnet20', '--batch', '2', '--size', '32',
                        '--steps', '1', '--vs', 'timm', '--parallel', '--out', str(out)]) == 1
     assert [r['model'] for r in json.load(open(out))['results']] == ['resnet18', 'torch:tv:resnet18']
-    assert 'resnet20: failed' in capsys.readouterr().err
+    assert 'resnet20: failed: ValueError: resnet20 has no PyTorch twin' in capsys.readouterr().err
 
 
 def test_flops_count_every_run_of_a_scanned_block():
