@@ -64,6 +64,11 @@ def split_host_cpu(config) -> int:
     # reach an all-reduce late, so wait for it (XLA aborts after 40 s by default).
     os.environ['XLA_FLAGS'] = (f'{flags} --xla_force_host_platform_device_count={want} '
                                '--xla_cpu_collective_call_terminate_timeout_seconds=600').strip()
+    # One program at a time: with asynchronous CPU dispatch two multi-device programs can be
+    # in flight together, and their all-reduces can then wait on each other's threads. The
+    # host loop loses nothing by it: each step is one compiled program that takes far longer
+    # than dispatching the next.
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
   return want
 
 

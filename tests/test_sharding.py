@@ -157,9 +157,13 @@ def test_cpu_split_into_devices_before_jax_starts():
     n = sharding.split_host_cpu(c)
     import jax
     print(json.dumps({'cores': cores, 'set': n, 'devices': jax.device_count(),
+                      'async': jax.config.values['jax_cpu_enable_async_dispatch'],
                       'again': sharding.split_host_cpu(c)}))
   ''')
   out = subprocess.run([sys.executable, '-c', code], env=_env(), capture_output=True, text=True,
                        check=True).stdout
   r = json.loads(out.strip().splitlines()[-1])
   assert r['devices'] == max(r['cores'], 1) and r['again'] == 0   # flags are read once
+  # Split devices run one program at a time (two in flight could wait on each other's
+  # all-reduce); a single device keeps asynchronous dispatch.
+  assert r['async'] == (r['devices'] == 1)
