@@ -11,8 +11,10 @@ Definitions (per image):
   * memory (KB) = output elements x 4 bytes / 1024 (fp32 activations);
   * params = weights + biases of the layer's module;
   * MACs (multiply-adds): convolution = output elements x (C_in / groups x K_h x K_w);
-    fully connected = C_in x C_out; pooling = output elements x K_h x K_w; global average
-    pooling = input elements;
+    fully connected = C_in x C_out; any other product with a layer's parameters (CondConv's
+    mixing of expert kernels by the routing weights) = output elements x contracted length,
+    as a `product` row whose parameters stay with the layer it feeds; pooling = output
+    elements x K_h x K_w; global average pooling = input elements;
   * receptive field r and jump j along the execution order: r += (K - 1) * j, j *= stride
     (r = 1 + L (K - 1) for L stacked stride-1 KxK convs). Exact for chain networks; for
     multi-branch ones it follows the branches in the order they run.
@@ -42,7 +44,7 @@ from jaxcnn.layers import conv as conv_layers
 @dataclasses.dataclass
 class LayerCost:
     layer: str
-    kind: str                        # conv | fc | maxpool | avgpool | gap
+    kind: str                        # conv | fc | product | maxpool | avgpool | gap
     input_chw: tuple
     output_chw: tuple
     filters: Optional[int] = None
@@ -108,7 +110,8 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
 
     def module_path(eqn):
         stack = str(eqn.source_info.name_stack)
-        parts = [p for p in stack.split('/') if p and not p.startswith(('jit(', 'vmap(', 'scan', 'remat', 'checkpoint', 'transpose', 'jvp'))]
+        parts = [p for p in stack.split('/') if p and '->' not in p   # einsum specs
+                 and not p.startswith(('jit(', 'vmap(', 'scan', 'remat', 'checkpoint', 'transpose', 'jvp'))]
         if parts and parts[0] == root:
             parts = parts[1:]
         return '/'.join(parts)
@@ -154,15 +157,30 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
                                       pad=tuple(p[0] for p in pad), groups=groups,
                                       params=params_of(path, repeat), macs=macs, receptive_field=rf))
             elif prim == 'dot_general':
-                w_shape = tuple(eqn.invars[1].aval.shape)
-                own = [s for k, s in shapes_by_path.items()
-                       if k.rsplit('/', 1)[0] == path and k.endswith('kernel')]
-                if w_shape in own or (len(w_shape) == 2 and own and own[0][-2:] == w_shape):
-                    c_in, c_out = w_shape[-2], w_shape[-1]
-                    positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+                # a product with one of the module's own parameters: a fully connected layer
+                # (2-D kernel, applied at every position), or another product such as
+                # CondConv's mixing of expert kernels by the routing weights
+                operands = [tuple(v.aval.shape) for v in eqn.invars[:2]]
+                own = [s for k, s in shapes_by_path.items() if k.rsplit('/', 1)[0] == path]
+
+                def is_own(shape):        # scanned modules hold their weights stacked in front
+                    return any(len(o) >= len(shape) and o[len(o) - len(shape):] == shape
+                               for o in own)
+                if not any(is_own(o) for o in operands):
+                    continue
+                (contracted, w_contracted), _ = eqn.params['dimension_numbers']
+                depth = int(np.prod([operands[0][d] for d in contracted]))
+                macs = int(np.prod(out_shape)) * depth            # the batch is one image
+                if len(operands[1]) == 2 and is_own(operands[1]) and tuple(w_contracted) == (0,):
                     rows.append(LayerCost(path or 'fc', 'fc', _chw(in_shape), _chw(out_shape),
-                                          filters=c_out, params=params_of(path, repeat),
-                                          macs=positions * c_in * c_out, receptive_field=rf))
+                                          filters=operands[1][1], params=params_of(path, repeat),
+                                          macs=macs, receptive_field=rf))
+                else:                     # its parameters are counted on the layer they feed
+                    batched = not all(is_own(o) for o in operands)
+                    rows.append(LayerCost(
+                        f'{path}/product' if path else 'product', 'product',
+                        operands[0][1:] if batched and not is_own(operands[0]) else operands[0],
+                        out_shape[1:] if batched else out_shape, macs=macs, receptive_field=rf))
             elif prim in ('reduce_window_max', 'reduce_window_sum', 'reduce_window'):
                 window = tuple(eqn.params['window_dimensions'])[1:3]
                 stride = tuple(eqn.params['window_strides'])[1:3]

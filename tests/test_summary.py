@@ -89,3 +89,39 @@ def test_cli_prints_the_table(capsys):
 def test_cli_rejects_a_too_small_input():
     with pytest.raises(ValueError, match='at least'):
         main(['alexnet', '--input', '32'])
+
+
+def _one_twin_per_family():
+    picked = {}
+    for name in jaxcnn.list_models():
+        info = jaxcnn.model_info(name)
+        if info.torch_name:
+            picked.setdefault(info.family, name)
+    # variants whose layers the first of their family lacks: grouped and SE bottlenecks,
+    # hard-swish and SE in MobileNetV3, CondConv's expert mixing, NFNet's weight-standardised
+    # convolutions, Inception's asymmetric kernels
+    extra = ['resnext50_32x4d', 'seresnet50', 'mobilenetv3_large_100', 'efficientnet_cc_b0_4e',
+             'nfnet_f0', 'inception_v3']
+    return sorted(set(picked.values()) | set(extra))
+
+
+@pytest.mark.parametrize('name', _one_twin_per_family())
+def test_macs_equal_pytorch_flop_counter(name):
+    """The table's multiply-adds of every convolution, fully connected layer and other product
+    equal PyTorch's FlopCounterMode count (2 per multiply-add) of the timm/torchvision twin,
+    run on the meta device at the model's input size."""
+    import timm
+    import torch
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+    info = jaxcnn.model_info(name)
+    lib, twin = info.torch_name.split(':')
+    h, w, c = info.input_size
+    with torch.device('meta'):
+        net = (getattr(torchvision.models, twin)(weights=None) if lib == 'tv'
+               else timm.create_model(twin, pretrained=False)).eval()
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, c, h, w))
+    rows = layer_costs(name, h, c)
+    macs = sum(r.macs for r in rows if r.kind in ('conv', 'fc', 'product'))
+    assert 2 * macs == counter.get_total_flops(), counter.get_flop_counts()['Global']
