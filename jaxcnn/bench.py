@@ -43,6 +43,7 @@ import jaxcnn
 from jaxcnn import sharding
 from jaxcnn.layers import compiler_options, model_compiler_options
 from jaxcnn.layers import conv as conv_layers
+from jaxcnn.optim import classification_loss, split_outputs
 
 
 def _build(spec, num_classes, dtype):
@@ -99,10 +100,11 @@ def _train_step(model, tx):
     """The trainer's update (jaxcnn.train) reduced to its parts: loss, grads, SGD, new stats."""
     def step(params, batch_stats, opt_state, images, labels, key):
         def loss_fn(p):
-            logits, state = model.apply({'params': p, 'batch_stats': batch_stats}, images,
-                                        train=True, rngs={'dropout': key}, mutable=['batch_stats'])
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1)), state['batch_stats']
+            outputs, state = model.apply({'params': p, 'batch_stats': batch_stats}, images,
+                                         train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+            # the trainer's loss: auxiliary heads (GoogLeNet, Inception-v3) weigh 0.3 each
+            num_classes = split_outputs(outputs)[0].shape[-1]
+            return classification_loss(outputs, labels, num_classes), state['batch_stats']
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss
@@ -378,7 +380,13 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
         if kind == 'train':
             net.train()
             with (amp() if amp else torch.enable_grad()):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
+                out = net(x)
+                # torchvision's GoogLeNet and Inception-v3 return their auxiliary heads too;
+                # weigh them as the JAX side does
+                main, *aux = [o for o in out if o is not None] if isinstance(out, tuple) else [out]
+                loss = torch.nn.functional.cross_entropy(main, y)
+                for a in aux:
+                    loss = loss + 0.3 * torch.nn.functional.cross_entropy(a, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,6 +22,31 @@ def test_train_figures_are_consistent(tmp_path):
     assert r['mfu'] is None                          # no published peak for a CPU
 
 
+def test_train_step_weighs_auxiliary_heads_as_the_trainer():
+    """GoogLeNet trains with two auxiliary heads: the bench's step loss is CE(main) + 0.3 x the
+    CE of each head (Szegedy et al. 2015), here computed by hand from the model's outputs, and the
+    PyTorch side takes torchvision's tuple of outputs the same way."""
+    import numpy as np
+    model = jaxcnn.create_model('googlenet', num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    labels = jnp.array([3, 7])
+    key = jax.random.key(1)
+    variables = model.init(jax.random.key(0), x, train=False)
+    (logits, aux), _ = model.apply(variables, x, train=True, rngs={'dropout': key},
+                                   mutable=['batch_stats'])
+    assert len(aux) == 2
+
+    def ce(z):
+        logp = np.asarray(jax.nn.log_softmax(np.asarray(z, np.float64)))
+        return -np.mean(logp[np.arange(2), np.asarray(labels)])
+    tx = optax.sgd(0.0)
+    params, stats = variables['params'], variables['batch_stats']
+    *_, loss = jax.jit(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels, key)
+    assert float(loss) == pytest.approx(ce(logits) + 0.3 * (ce(aux[0]) + ce(aux[1])), rel=1e-5)
+    torch_r = next(bench.torch_rounds('googlenet', 2, 64, 'train', num_classes=10, steps=1))
+    assert torch_r['model'] == 'torch:tv:googlenet' and torch_r['images_per_sec'] > 0
+
+
 def test_infer_and_compile_and_latency():
     r = bench.measure_infer('lenet5', batch=2, size=32, num_classes=10, steps=2)
     assert r['kind'] == 'infer' and r['images_per_sec'] > 0
