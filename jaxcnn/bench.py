@@ -103,8 +103,13 @@ def _train_step(model, tx):
             outputs, state = model.apply({'params': p, 'batch_stats': batch_stats}, images,
                                          train=True, rngs={'dropout': key}, mutable=['batch_stats'])
             # the trainer's loss: auxiliary heads (GoogLeNet, Inception-v3) weigh 0.3 each
-            num_classes = split_outputs(outputs)[0].shape[-1]
-            return classification_loss(outputs, labels, num_classes), state['batch_stats']
+            logits = split_outputs(outputs)[0]
+            targets = labels
+            if logits.ndim > 2:     # dense prediction (U-Net): each pixel has its image's label
+                targets = jnp.broadcast_to(labels.reshape(-1, *[1] * (logits.ndim - 2)),
+                                           logits.shape[:-1])
+            return (classification_loss(outputs, targets, logits.shape[-1]),
+                    state['batch_stats'])
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss

@@ -47,6 +47,25 @@ def test_train_step_weighs_auxiliary_heads_as_the_trainer():
     assert torch_r['model'] == 'torch:tv:googlenet' and torch_r['images_per_sec'] > 0
 
 
+def test_train_step_of_a_dense_prediction_model_averages_over_pixels():
+    """U-Net predicts every pixel: the step's loss is the mean per-pixel cross-entropy, each
+    pixel labelled with its image's class."""
+    import numpy as np
+    model = jaxcnn.create_model('unet_small')
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+    labels = jnp.array([0, 1])
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    assert logits.shape == (2, 16, 16, 2)
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    expected = -np.mean(np.concatenate([logp[0, ..., 0].ravel(), logp[1, ..., 1].ravel()]))
+    tx = optax.sgd(0.0)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    *_, loss = jax.jit(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels,
+                                                     jax.random.key(1))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
 def test_infer_and_compile_and_latency():
     r = bench.measure_infer('lenet5', batch=2, size=32, num_classes=10, steps=2)
     assert r['kind'] == 'infer' and r['images_per_sec'] > 0
