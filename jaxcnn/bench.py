@@ -401,7 +401,12 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
                 net(x)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
-    step(); step(); sync()          # warm-up (and torch.compile's compilation)
+    try:
+        step()                      # warm-up (and torch.compile's compilation)
+    except RuntimeError as e:       # e.g. an input too small for the twin's layers
+        raise ValueError(f'the PyTorch twin {torch_name} cannot run a {kind} step at {size}x{size}: '
+                         f'{str(e).splitlines()[0]}; use a larger --size or leave out --vs') from e
+    step(); sync()
     warm = time.perf_counter() - t0
     while True:
         t0 = time.perf_counter()

@@ -124,6 +124,12 @@ def test_switch_experiment_times_both_variants_and_restores_the_switch(tmp_path,
         assert r['ms_per_step'][variant] == min(r['all_ms'][variant])
 
 
+def test_an_input_too_small_for_the_pytorch_twin_is_one_clear_error():
+    # torchvision's Inception-v3 auxiliary head needs more than 75 px; jaxcnn's model runs there
+    with pytest.raises(ValueError, match='PyTorch twin tv:inception_v3 cannot run a train step at 75x75'):
+        next(bench.torch_rounds('inception_v3', 2, 75, 'train', num_classes=10, steps=1))
+
+
 def test_unknown_model_is_one_clear_error():
     with pytest.raises(ValueError, match='unknown model'):
         bench.main(['infer', '--model', 'resnet_18'])
