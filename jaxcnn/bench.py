@@ -43,7 +43,7 @@ import jaxcnn
 from jaxcnn import sharding
 from jaxcnn.layers import compiler_options, model_compiler_options
 from jaxcnn.layers import conv as conv_layers
-from jaxcnn.optim import classification_loss, split_outputs
+from jaxcnn.optim import AUX_LOSS_WEIGHT, classification_loss, split_outputs
 
 
 def _build(spec, num_classes, dtype):
@@ -391,7 +391,7 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
                 main, *aux = [o for o in out if o is not None] if isinstance(out, tuple) else [out]
                 loss = torch.nn.functional.cross_entropy(main, y)
                 for a in aux:
-                    loss = loss + 0.3 * torch.nn.functional.cross_entropy(a, y)
+                    loss = loss + AUX_LOSS_WEIGHT * torch.nn.functional.cross_entropy(a, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -571,8 +571,11 @@ def split_outputs(outputs):
   return outputs, []
 
 
+AUX_LOSS_WEIGHT = 0.3   # each auxiliary head's share of the loss (Szegedy et al. 2015, §5)
+
+
 def classification_loss(outputs, labels, num_classes: int,
-                        label_smoothing: float = 0.0, aux_weight: float = 0.3):
+                        label_smoothing: float = 0.0, aux_weight: float = AUX_LOSS_WEIGHT):
   """Mean CE of the main logits plus ``aux_weight`` times the CE of each
   auxiliary head (GoogLeNet, Szegedy et al. 2015, arXiv:1409.4842, weight 0.3).
   ``outputs``: logits, or ``(logits, [aux_logits, ...])``."""
