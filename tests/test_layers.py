@@ -53,14 +53,20 @@ def test_torch_padding_matches_pytorch_conv(k, s, d, groups, size):
     # strided, a valid 5x5 on 5x5 (LeNet's C5), a 7x7 stem on 6x6, a dilated 3x3 on 3x3
     (3, 1, 1, 2, 'torch', 1, 6), (3, 1, 1, 1, 'torch', 1, 6), (3, 2, 1, 4, 'torch', 1, 6),
     (5, 1, 1, 5, ((0, 0), (0, 0)), 1, 6), (7, 2, 1, 6, 'torch', 1, 6), (3, 1, 2, 3, 'torch', 1, 6),
+    # much of the kernel on padding (on the CPU one product per tap, here at any channel count):
+    # 3x3 on 4x4, 7 -> 4 strided, a dilated 3x3 on 5x5, one-sided padding
+    (3, 1, 1, 4, 'torch', 1, 6), (3, 2, 1, 7, 'torch', 1, 6), (3, 1, 2, 5, 'torch', 1, 6),
+    (3, 1, 1, 4, ((0, 2), (2, 1)), 1, 6),
     # grouped, depthwise, depthwise with channel multiplier 2 (12 input channels throughout)
     (3, 1, 1, 9, 'torch', 2, 6), (3, 2, 2, 13, 'torch', 2, 6), (3, 2, 1, 11, 'torch', 6, 12),
     (5, 2, 1, 12, 'same', 12, 12), (7, 1, 1, 10, 'torch', 12, 12), (3, 1, 1, 8, 'torch', 12, 24)])
 @pytest.mark.parametrize('in_loop', [True, False])
-def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, cout, in_loop):
+def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, cout, in_loop,
+                                              monkeypatch):
     """On the CPU conv2d states its input and kernel gradients in forms XLA runs fast (inside
     scans; depthwise convolutions everywhere); the output and both gradients must equal
     PyTorch's, here for a loss sum(y * r)."""
+    monkeypatch.setattr(conv_layers, '_TAP_MIN_CHANNELS', 1)    # the tap products at 12 channels
     cin = 12
     x = RNG.randn(2, cin, size, size).astype(np.float32)
     w = RNG.randn(cout, cin // groups, k, k).astype(np.float32)
@@ -368,6 +374,43 @@ def test_dense_conv_on_maps_smaller_than_the_kernel_is_one_product_on_the_cpu():
     jaxpr = str(jax.make_jaxpr(lambda x: layers.conv_general_dilated(
         x, kern, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))(x))
     assert 'f32[2,1,1,4]' in jaxpr and 'f32[2,1,1,36]' not in jaxpr
+
+
+def test_padding_share_counts_the_taps_on_padding_by_hand():
+    """A 3x3 kernel with padding 1 over a 4x4 map: corner outputs see 4 real inputs, edge ones 6,
+    the 4 inner ones 9, so 100 of 144 products are real; strided 7 -> 4 sees 10 of 12 rows."""
+    share = conv_layers._padding_share
+    assert share((4, 4), (4, 4), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)) == pytest.approx(44 / 144)
+    assert share((7, 7), (4, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)) == pytest.approx(1 - (10 / 12) ** 2)
+    assert share((8, 8), (8, 8), (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1)) == 0
+    # the same count by brute force over every output and tap, for a dilated, one-sided case
+    size, kk, s, d, (lo, hi) = 6, 3, 2, 2, (3, 0)
+    n_out = (size + lo + hi - (kk - 1) * d - 1) // s + 1
+    real = sum(0 <= o * s + t * d - lo < size for o in range(n_out) for t in range(kk))
+    assert share((size, 1), (n_out, 1), (kk, 1), (s, 1), ((lo, hi), (0, 0)), (d, 1)) == pytest.approx(
+        1 - real / (kk * n_out))
+
+
+def test_dense_conv_with_much_padding_is_one_product_per_tap_on_the_cpu():
+    """From 256 input channels and a quarter of the work on padding (3x3 on 4x4 maps) the
+    forward pass is products, not a convolution; 8x8 maps or 128 channels keep XLA's. Output
+    and both gradients, unrolled and in loops, equal lax's convolution."""
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    for size, c_in, stride, taps in ((4, 256, 1, True), (7, 256, 2, True), (8, 256, 1, False),
+                                     (4, 128, 1, False)):
+        x = jnp.asarray(RNG.randn(2, size, size, c_in), jnp.float32)
+        kern = jnp.asarray(RNG.randn(3, 3, c_in, 8) * 0.05, jnp.float32)
+
+        def loss(conv, kern, x):
+            return jnp.sum(jnp.sin(conv(x, kern, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=dn)))
+        forward = str(jax.make_jaxpr(functools.partial(loss, layers.conv_general_dilated))(kern, x))
+        assert ('conv_general_dilated' not in forward) == taps, (size, c_in)
+        want = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(kern, x)
+        for in_loop in (False, True):
+            with (layers.loop_body() if in_loop else contextlib.nullcontext()):
+                got = jax.jit(jax.value_and_grad(functools.partial(loss, layers.conv_general_dilated), (0, 1)))(kern, x)
+            for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_compiler_options_move_dense_convolutions_off_ynnpack_only():

@@ -6,7 +6,8 @@
 The convolutions are read from the model's forward pass (its jaxpr), so the shapes are the
 model's own. Each distinct one is timed three ways, as the training step runs it: forward, input
 gradient (skipped for the convolution that reads the images, whose gradient no step needs) and
-kernel gradient; on XLA with the trainer's compiler options, on PyTorch with
+kernel gradient; on XLA with the trainer's compiler options and in the form the step runs (one
+product per kernel tap where much of the kernel lies on padding), on PyTorch with
 ``aten.convolution_backward`` (eager, fp32, the CPU kernels torchvision users get). The totals,
 weighted by how often each convolution occurs, bound how close a whole XLA step can come to
 PyTorch's: the rest of the step (BatchNorm, ReLU, residual sums, update) is what is left to win on.
@@ -54,9 +55,11 @@ def _best_ms(fn, args, repeats):
 
 
 def time_xla(params, lhs_shape, rhs_shape, options, repeats=5):
-    """Milliseconds of the forward, input-gradient and kernel-gradient convolution."""
+    """Milliseconds of the forward, input-gradient and kernel-gradient convolution, in the form
+    the step takes (``layers.conv_general_dilated``: one product per tap where much of the kernel
+    is on padding, XLA's convolution elsewhere)."""
     def conv(x, w):
-        return jax.lax.conv_general_dilated(
+        return conv_layers.conv_general_dilated(
             x, w, params['window_strides'], params['padding'], params['lhs_dilation'],
             params['rhs_dilation'], params['dimension_numbers'], params['feature_group_count'])
     rng = np.random.RandomState(0)
@@ -103,18 +106,29 @@ def time_torch(params, lhs_shape, rhs_shape, repeats=5):
                 best(backward([True, False, False])), best(backward([False, True, False])))
 
 
-def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False):
+def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False,
+        xla_padded_maps=False):
     _, model, variables, images, _, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
     saved = conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS
-    # read while tracing
+    # read while tracing; tap products are off while the convolutions are listed (so that those
+    # they replace are listed too) and on while they are timed, unless xla_padded_maps
     conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = (
         not grouped_depthwise, not xla_small_maps)
     try:
         options = bench._xla_options(model, variables, images)
+        conv_layers.CPU_PADDED_TAP_PRODUCTS = False
         closed = jax.make_jaxpr(lambda x: model.apply(
             variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
+        conv_layers.CPU_PADDED_TAP_PRODUCTS = not xla_padded_maps
+        result = _time_all(spec, batch, size, repeats, options, closed)
+        return dict(result, grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps,
+                    xla_padded_maps=xla_padded_maps)
     finally:
         conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = saved
+        conv_layers.CPU_PADDED_TAP_PRODUCTS = True
+
+
+def _time_all(spec, batch, size, repeats, options, closed):
     counts, first = {}, {}
     for params, lhs, rhs, reads_inputs in conv_equations(closed.jaxpr, closed.jaxpr.invars):
         key = _key(params, lhs, rhs)
@@ -141,8 +155,7 @@ def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=Fa
                           for lib in ('xla', 'torch')) + ' ms', flush=True)
     summary = {lib: dict(zip(('forward', 'input_gradient', 'kernel_gradient'), t), total=sum(t))
                for lib, t in totals.items()}
-    return dict(model=spec, batch=batch, size=size, xla_options=options,
-                grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps, convolutions=rows,
+    return dict(model=spec, batch=batch, size=size, xla_options=options, convolutions=rows,
                 total_ms=summary)
 
 
@@ -159,17 +172,21 @@ def main():
                         help="keep dense convolutions on maps smaller than their kernel as XLA's "
                              'convolutions (on the CPU they are matrix products and are otherwise '
                              'not listed)')
+    parser.add_argument('--xla-padded-maps', action='store_true',
+                        help="time dense convolutions with much of their kernel on padding as XLA's "
+                             'convolutions (on the CPU they are one product per kernel tap)')
     parser.add_argument('--out', default='')
     args = parser.parse_args()
     import torch
     result = run(args.model, args.batch, args.size, args.repeats, args.grouped_depthwise,
-                 args.xla_small_maps)
+                 args.xla_small_maps, args.xla_padded_maps)
     for lib, t in result['total_ms'].items():
         print(f"{lib:>6}: forward {t['forward']:.1f} ms, input gradients {t['input_gradient']:.1f} ms, "
               f"kernel gradients {t['kernel_gradient']:.1f} ms, all convolutions {t['total']:.1f} ms")
     command = (f'python -m jaxcnn.experiments.conv_kernels_cpu --model {args.model} --batch {args.batch} '
                f'--size {args.size}' + (' --grouped-depthwise' if args.grouped_depthwise else '')
                + (' --xla-small-maps' if args.xla_small_maps else '')
+               + (' --xla-padded-maps' if args.xla_padded_maps else '')
                + (f' --out {args.out}' if args.out else ''))
     bench._write(args.out, {'command': command, **bench._environment(), 'torch': torch.__version__,
                             'torch_threads': torch.get_num_threads(), **result})

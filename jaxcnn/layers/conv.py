@@ -72,6 +72,10 @@ CPU_DEPTHWISE_TAPS = True
 # dense convolutions on feature maps smaller than their kernel as one matrix product on the CPU
 # (conv_general_dilated); False keeps XLA's convolutions (for A/B timing)
 CPU_SMALL_MAP_PRODUCTS = True
+# dense convolutions with many channels on maps where a large share of the kernel's taps fall on
+# padding (3x3 on 4x4: 31 %) as one product per tap over only the outputs it sees inside the
+# input, on the CPU (conv_general_dilated); False keeps XLA's convolutions (for A/B timing)
+CPU_PADDED_TAP_PRODUCTS = True
 # depthwise convolutions as the same per-tap sums on a GPU. Off until measured: on an H100 the
 # models with depthwise convolutions trained at 0.44-0.99x timm's speed with cuDNN's grouped
 # convolutions, and XLA derives their kernel gradient as a dense-sized convolution
@@ -96,6 +100,12 @@ def residual_output(x):
     if (not (CPU_MATERIALIZE_RESIDUALS and jax.default_backend() == 'cpu') or _IN_LOOP.get()
             or x.size == 0 or _explicitly_sharded(x)):
         return x
+    return _stored(x)
+
+
+def _stored(x):
+    """``x``, written to memory once: a conditional on a predicate XLA cannot fold (always true)
+    is a boundary no fusion crosses, so consumers read ``x`` rather than recompute it."""
     first = x[(0,) * x.ndim]
     always = (first == first) | (first != first)
     return jax.lax.cond(always, lambda v: v, lambda v: -v, x)
@@ -194,6 +204,17 @@ def _input_gradient_pads(x_hw, kernel_hw, dy_hw, strides, pads, dilation):
     return tuple(out)
 
 
+def _dense_kernel_gradient(x, dy, kernel_hw, strides, pads, dilation, precision):
+    """A dense convolution's kernel gradient in the form XLA:CPU runs fast inside loops too:
+    with batch and channels swapped (C, H, W, N) it is an ordinary NHWC convolution of the padded
+    input by dy (dilated by the stride), strided by the dilation."""
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    dk = jax.lax.conv_general_dilated(
+        xp.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, 'VALID',
+        rhs_dilation=strides, dimension_numbers=_NHWC, precision=precision)
+    return dk[:, :kernel_hw[0], :kernel_hw[1]].transpose(1, 2, 0, 3)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _conv_canonical_grads(x, k, strides, pads, dilation, groups, precision):
     return jax.lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilation,
@@ -217,14 +238,9 @@ def _conv_bwd(strides, pads, dilation, groups, precision, res, dy):
         _input_gradient_pads((h, w), (kh, kw), (ho, wo), strides, pads, dilation),
         lhs_dilation=strides, rhs_dilation=dilation, dimension_numbers=_NHWC,
         feature_group_count=groups, precision=precision)
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     if groups == 1:
-        # kernel gradient: with batch and channels swapped (C, H, W, N) it is an ordinary NHWC
-        # convolution of the padded input by dy (dilated by the stride), strided by the dilation
-        dk = jax.lax.conv_general_dilated(
-            xp.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, 'VALID',
-            rhs_dilation=strides, dimension_numbers=_NHWC, precision=precision)
-        return dx, dk[:, :kh, :kw].transpose(1, 2, 0, 3)
+        return dx, _dense_kernel_gradient(x, dy, (kh, kw), strides, pads, dilation, precision)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     # grouped and depthwise: one product per kernel tap of the input window it sees and dy,
     # summed over batch and positions within each group
     dy_g = dy.reshape(n, ho, wo, groups, og)
@@ -345,6 +361,87 @@ def _small_map(in_hw, out_hw, kernel_hw, dilation) -> bool:
                for i, o, k, d in zip(in_hw, out_hw, kernel_hw, dilation))
 
 
+def _live_outputs(tap, dil, stride, n_out, lo, size):
+    """Along one axis, the first and last output whose input through kernel tap ``tap`` lies
+    inside the input rather than in its padding (first > last: none does)."""
+    offset = tap * dil - lo                   # the input index output 0 reads through the tap
+    return max(0, -(offset // stride)), min(n_out - 1, (size - 1 - offset) // stride)
+
+
+def _padding_share(in_hw, out_hw, kernel_hw, strides, pads, dilation) -> float:
+    """The share of a convolution's multiply-adds that fall on its zero padding."""
+    live = 1
+    for size, n_out, kk, s, (lo, _), d in zip(in_hw, out_hw, kernel_hw, strides, pads, dilation):
+        live *= sum(max(0, last - first + 1) for first, last in
+                    (_live_outputs(t, d, s, n_out, lo, size) for t in range(kk)))
+    return 1 - live / (np.prod(kernel_hw) * np.prod(out_hw))
+
+
+# _padded_taps is used from this many input channels and this padding share on. ResNet-18's 3x3
+# convolutions on 4x4 maps (512 channels, 31 % padding) and the strided one into them run faster
+# as tap products (python -m jaxcnn.experiments.conv_kernels_cpu, with and without
+# --xla-padded-maps; BENCHMARKS.md); in trials, with 128 channels on 4x4 maps, or 16-18 % padding
+# on 7x7 and 8x8 maps, the separate products cost as much as they saved or more.
+_TAP_MIN_CHANNELS = 256
+_TAP_MIN_PADDING_SHARE = 0.25
+
+
+def _tap_products(x, k, strides, pads, dilation, precision):
+    """A dense convolution as the sum over kernel taps of the input window each tap sees times
+    its rows of the kernel, each product over only the outputs whose input through that tap is
+    inside the image: the work on zero padding is left out. The sum of the products is element-
+    wise, which XLA would recompute in every consumer it fuses into; the caller stores it."""
+    kh, kw, c_in, c_out = k.shape
+    n, h, w, _ = x.shape
+    ho, wo = _output_hw((h, w), pads, (kh, kw), strides, dilation)
+    out_dtype = jnp.result_type(x.dtype, k.dtype)
+    acc = jnp.promote_types(out_dtype, jnp.float32)
+    y = jnp.zeros((n, ho, wo, c_out), acc)
+    for i in range(kh):
+        r0, r1 = _live_outputs(i, dilation[0], strides[0], ho, pads[0][0], h)
+        for j in range(kw):
+            c0, c1 = _live_outputs(j, dilation[1], strides[1], wo, pads[1][0], w)
+            if r0 > r1 or c0 > c1:
+                continue
+            top, left = r0 * strides[0] + i * dilation[0] - pads[0][0], c0 * strides[1] + j * dilation[1] - pads[1][0]
+            window = jax.lax.slice(x, (0, top, left, 0), (n, top + (r1 - r0) * strides[0] + 1,
+                                                          left + (c1 - c0) * strides[1] + 1, c_in),
+                                   (1, *strides, 1))
+            tap = jax.lax.dot_general(window, k[i, j], (((3,), (0,)), ((), ())),
+                                      precision=precision, preferred_element_type=acc)
+            y = y + jax.lax.pad(tap, jnp.zeros((), acc), ((0, 0, 0), (r0, ho - 1 - r1, 0),
+                                                          (c0, wo - 1 - c1, 0), (0, 0, 0)))
+    return y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _padded_taps(x, k, strides, pads, dilation, precision, in_loop):
+    """:func:`_tap_products`, whose input gradient is the same form (on dy, with the kernel's
+    rows transposed) and whose kernel gradient is XLA's convolution, which runs faster than one
+    product per tap (inside loops: :func:`_dense_kernel_gradient`)."""
+    return _stored(_tap_products(x, k, strides, pads, dilation, precision))
+
+
+def _padded_taps_fwd(x, k, strides, pads, dilation, precision, in_loop):
+    return _stored(_tap_products(x, k, strides, pads, dilation, precision)), (x, k)
+
+
+def _padded_taps_bwd(strides, pads, dilation, precision, in_loop, res, dy):
+    x, k = res
+    # the transposed products, summed into the input's shape (and stored, as the output is);
+    # the forward products this vjp traces are unused and compiled away
+    dx = _stored(jax.vjp(lambda x: _tap_products(x, k, strides, pads, dilation, precision), x)[1](dy)[0])
+    if in_loop:
+        return dx, _dense_kernel_gradient(x, dy, k.shape[:2], strides, pads, dilation, precision)
+    dk = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+        x, k, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC,
+        precision=precision), k)[1](dy)[0]
+    return dx, dk
+
+
+_padded_taps.defvjp(_padded_taps_fwd, _padded_taps_bwd)
+
+
 def _conv_as_product(x, k, strides, pads, dilation, out_hw, precision):
     """A dense convolution as one matrix product: the input windows of its kernel taps side by
     side along channels (im2col) times the kernel's rows. Taps whose window lies wholly in the
@@ -356,7 +453,8 @@ def _conv_as_product(x, k, strides, pads, dilation, out_hw, precision):
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
 
     def live(tap, dil, stride, n_out, lo, size):      # some output sees a real input through it
-        return any(0 <= tap * dil + stride * o - lo < size for o in range(n_out))
+        first, last = _live_outputs(tap, dil, stride, n_out, lo, size)
+        return first <= last
     windows, rows = [], []
     for i, j, window in _tap_windows(xp, (kh, kw), (ho, wo), strides, dilation):
         if live(i, dh, sh, ho, pads[0][0], h) and live(j, dw_, sw, wo, pads[1][0], w):
@@ -388,8 +486,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     would also speed up unrolled grouped convolutions' kernel gradient ~10x, but adds ~40 % to
     their compile time, so it is kept to loops.) Depthwise convolutions on the CPU, in loops or
     not, are the per-tap sums of :func:`_depthwise` instead, and dense convolutions on maps
-    smaller than their kernel (:func:`_small_map`) one matrix product (:func:`_conv_as_product`).
-    The custom VJPs support reverse
+    smaller than their kernel (:func:`_small_map`) one matrix product (:func:`_conv_as_product`),
+    and those with many channels and much of their kernel on padding one product per tap over
+    the outputs it sees inside the input (:func:`_padded_taps`). The custom VJPs support reverse
     mode only; set ``CPU_GRADIENT_FORMS = False`` in this module (before tracing) for forward
     mode.
     """
@@ -404,12 +503,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             plain and GPU_DEPTHWISE_TAPS and jax.default_backend() == 'gpu')):
         pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
         return _depthwise(lhs, rhs, tuple(window_strides), pads, dilation)
-    if cpu_forms and CPU_SMALL_MAP_PRODUCTS and feature_group_count == 1:
+    if cpu_forms and feature_group_count == 1:
         pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
         out_hw = _output_hw(lhs.shape[1:3], pads, rhs.shape[:2], window_strides, dilation)
-        if min(out_hw) > 0 and _small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation):
+        empty = min(out_hw) <= 0
+        if (not empty and CPU_SMALL_MAP_PRODUCTS
+                and _small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation)):
             return _conv_as_product(lhs, rhs, tuple(window_strides), pads, dilation, out_hw,
                                     precision)
+        if (not empty and CPU_PADDED_TAP_PRODUCTS and lhs.shape[3] >= _TAP_MIN_CHANNELS
+                and _padding_share(lhs.shape[1:3], out_hw, rhs.shape[:2], window_strides, pads,
+                                   dilation) >= _TAP_MIN_PADDING_SHARE):
+            return _padded_taps(lhs, rhs, tuple(window_strides), pads, dilation, precision,
+                                _IN_LOOP.get())
     if not (cpu_forms and _IN_LOOP.get()):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                             rhs_dilation, dimension_numbers, feature_group_count,
