@@ -183,10 +183,13 @@ def test_step_profile_sums_each_operation_kind_per_step(tmp_path):
     assert dict(times) == {'transpose_copy_fusion': 3.0, 'ynn_fusion': 0.5}
 
 
-def test_conv_kernels_experiment_reads_every_convolution_of_the_model():
+def test_conv_kernels_experiment_reads_every_convolution_of_the_model(monkeypatch):
     """ResNet-18 (He et al. 2016, Table 1) has 20 convolutions: the 7x7 stem, two 3x3 per basic
     block (8 blocks) and three 1x1 projection shortcuts; only the stem reads the images."""
     from jaxcnn.experiments.conv_kernels_cpu import conv_equations
+    from jaxcnn.layers import conv as conv_layers
+    # as the experiment lists them: with the 4x4 maps' tap products off (on, they are products)
+    monkeypatch.setattr(conv_layers, 'CPU_PADDED_TAP_PRODUCTS', False)
     model = jaxcnn.create_model('resnet18', num_classes=10)
     x = jnp.zeros((2, 128, 128, 3))    # last stage 4x4: no map smaller than its kernel
     variables = model.init(jax.random.key(0), x, train=False)
