@@ -397,16 +397,17 @@ def _tap_products(x, k, strides, pads, dilation, precision):
     out_dtype = jnp.result_type(x.dtype, k.dtype)
     acc = jnp.promote_types(out_dtype, jnp.float32)
     y = jnp.zeros((n, ho, wo, c_out), acc)
+    (sh, sw), (dh, dw_), (top_pad, left_pad) = strides, dilation, (pads[0][0], pads[1][0])
     for i in range(kh):
-        r0, r1 = _live_outputs(i, dilation[0], strides[0], ho, pads[0][0], h)
+        r0, r1 = _live_outputs(i, dh, sh, ho, top_pad, h)
         for j in range(kw):
-            c0, c1 = _live_outputs(j, dilation[1], strides[1], wo, pads[1][0], w)
+            c0, c1 = _live_outputs(j, dw_, sw, wo, left_pad, w)
             if r0 > r1 or c0 > c1:
                 continue
-            top, left = r0 * strides[0] + i * dilation[0] - pads[0][0], c0 * strides[1] + j * dilation[1] - pads[1][0]
-            window = jax.lax.slice(x, (0, top, left, 0), (n, top + (r1 - r0) * strides[0] + 1,
-                                                          left + (c1 - c0) * strides[1] + 1, c_in),
-                                   (1, *strides, 1))
+            top, left = r0 * sh + i * dh - top_pad, c0 * sw + j * dw_ - left_pad
+            window = jax.lax.slice(x, (0, top, left, 0), (n, top + (r1 - r0) * sh + 1,
+                                                          left + (c1 - c0) * sw + 1, c_in),
+                                   (1, sh, sw, 1))
             tap = jax.lax.dot_general(window, k[i, j], (((3,), (0,)), ((), ())),
                                       precision=precision, preferred_element_type=acc)
             y = y + jax.lax.pad(tap, jnp.zeros((), acc), ((0, 0, 0), (r0, ho - 1 - r1, 0),
@@ -452,8 +453,8 @@ def _conv_as_product(x, k, strides, pads, dilation, out_hw, precision):
     (ho, wo) = out_hw
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
 
-    def live(tap, dil, stride, n_out, lo, size):      # some output sees a real input through it
-        first, last = _live_outputs(tap, dil, stride, n_out, lo, size)
+    def live(*axis):                                  # some output sees a real input through it
+        first, last = _live_outputs(*axis)
         return first <= last
     windows, rows = [], []
     for i, j, window in _tap_windows(xp, (kh, kw), (ho, wo), strides, dilation):
