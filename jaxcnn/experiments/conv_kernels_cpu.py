@@ -109,28 +109,39 @@ def time_torch(params, lhs_shape, rhs_shape, repeats=5):
 def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False,
         xla_padded_maps=False):
     _, model, variables, images, _, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
-    saved = conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS
-    # read while tracing; tap products are off while the convolutions are listed (so that those
-    # they replace are listed too) and on while they are timed, unless xla_padded_maps
+    switches = ('CPU_DEPTHWISE_TAPS', 'CPU_SMALL_MAP_PRODUCTS', 'CPU_PADDED_TAP_PRODUCTS')
+    saved = [getattr(conv_layers, name) for name in switches]
+    # read while tracing: the convolutions are listed with tap products off and timed with them
+    # on, unless xla_padded_maps
     conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = (
         not grouped_depthwise, not xla_small_maps)
     try:
         options = bench._xla_options(model, variables, images)
-        conv_layers.CPU_PADDED_TAP_PRODUCTS = False
-        closed = jax.make_jaxpr(lambda x: model.apply(
-            variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
+        convolutions = model_convolutions(model, variables, images)
         conv_layers.CPU_PADDED_TAP_PRODUCTS = not xla_padded_maps
-        result = _time_all(spec, batch, size, repeats, options, closed)
+        result = _time_all(spec, batch, size, repeats, options, convolutions)
         return dict(result, grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps,
                     xla_padded_maps=xla_padded_maps)
     finally:
-        conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = saved
-        conv_layers.CPU_PADDED_TAP_PRODUCTS = True
+        for name, value in zip(switches, saved):
+            setattr(conv_layers, name, value)
 
 
-def _time_all(spec, batch, size, repeats, options, closed):
+def model_convolutions(model, variables, images):
+    """:func:`conv_equations` of the model's training forward pass on ``images``, traced with
+    the tap products of padded maps off, so that the convolutions they replace are listed too."""
+    saved, conv_layers.CPU_PADDED_TAP_PRODUCTS = conv_layers.CPU_PADDED_TAP_PRODUCTS, False
+    try:
+        closed = jax.make_jaxpr(lambda x: model.apply(
+            variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
+    finally:
+        conv_layers.CPU_PADDED_TAP_PRODUCTS = saved
+    return conv_equations(closed.jaxpr, closed.jaxpr.invars)
+
+
+def _time_all(spec, batch, size, repeats, options, convolutions):
     counts, first = {}, {}
-    for params, lhs, rhs, reads_inputs in conv_equations(closed.jaxpr, closed.jaxpr.invars):
+    for params, lhs, rhs, reads_inputs in convolutions:
         key = _key(params, lhs, rhs)
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, (params, lhs, rhs, reads_inputs))
