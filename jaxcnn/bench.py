@@ -41,6 +41,7 @@ import optax
 
 import jaxcnn
 from jaxcnn import sharding
+from jaxcnn.config import integer_at_least, integers_at_least
 from jaxcnn.layers import compiler_options, model_compiler_options
 from jaxcnn.layers import conv as conv_layers
 from jaxcnn.optim import AUX_LOSS_WEIGHT, classification_loss, split_outputs
@@ -650,7 +651,7 @@ def cmd_compile(args):
 
 def cmd_latency(args):
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    sizes = [int(b) for b in args.batch_sizes.split(',')]
+    sizes = args.batch_sizes
     table = {}
     for spec in split_specs(args.models):
         table[spec] = measure_latency(spec, sizes, args.size, dtype, args.steps)
@@ -698,13 +699,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m jaxcnn.bench', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
+    positive = integer_at_least(1)
     mem = sub.add_parser('memory', help='peak memory (XLA memory analysis) of one training step')
     mem.add_argument('--models', required=True, help='comma-separated NAME[:plain][:arg=value] specs')
-    mem.add_argument('--batch', type=int, default=128)
-    mem.add_argument('--size', type=int, default=32, help='square input size')
-    mem.add_argument('--num-classes', type=int, default=10)
+    mem.add_argument('--batch', type=positive, default=128)
+    mem.add_argument('--size', type=positive, default=32, help='square input size')
+    mem.add_argument('--num-classes', type=positive, default=10)
     mem.add_argument('--bf16', action='store_true', help='bf16 compute (fp32 parameters)')
-    mem.add_argument('--time-steps', type=int, default=0, help='also time this many steps')
+    mem.add_argument('--time-steps', type=integer_at_least(0), default=0, help='also time this many steps')
     mem.add_argument('--out', default='', help='write the results as JSON here')
     mem.set_defaults(func=cmd_memory)
 
@@ -712,14 +714,14 @@ def main(argv=None):
                            ('infer', 'throughput of inference')]:
         p = sub.add_parser(kind, help=helptext)
         p.add_argument('--model', required=True, help='NAME[:plain][:arg=value], or several comma-separated')
-        p.add_argument('--batch', type=int, default=64)
-        p.add_argument('--size', type=int, default=224)
-        p.add_argument('--num-classes', type=int, default=1000)
+        p.add_argument('--batch', type=positive, default=64)
+        p.add_argument('--size', type=positive, default=224)
+        p.add_argument('--num-classes', type=positive, default=1000)
         p.add_argument('--bf16', action='store_true', help='bf16 compute (fp32 parameters)')
-        p.add_argument('--devices', type=int, default=1, help='data-parallel over this many devices')
-        p.add_argument('--steps', type=int, default=10, help='timed steps after warm-up')
+        p.add_argument('--devices', type=positive, default=1, help='data-parallel over this many devices')
+        p.add_argument('--steps', type=positive, default=10, help='timed steps after warm-up')
         p.add_argument('--vs', choices=['timm'], default=None, help='also run the PyTorch twin')
-        p.add_argument('--rounds', type=int, default=1,
+        p.add_argument('--rounds', type=positive, default=1,
                        help='with --vs: measure both this many times in alternation and compare '
                             'the best of each (for machines whose speed drifts)')
         p.add_argument('--xla-options', choices=['trainer', 'defaults', 'dense'], default='trainer',
@@ -736,18 +738,18 @@ def main(argv=None):
                       'without running it', cmd_flops)]:
         p = sub.add_parser(kind, help=helptext)
         p.add_argument('--model', required=True)
-        p.add_argument('--batch', type=int, default=64)
-        p.add_argument('--size', type=int, default=224)
-        p.add_argument('--num-classes', type=int, default=1000)
+        p.add_argument('--batch', type=positive, default=64)
+        p.add_argument('--size', type=positive, default=224)
+        p.add_argument('--num-classes', type=positive, default=1000)
         p.add_argument('--bf16', action='store_true')
         p.add_argument('--out', default='')
         p.set_defaults(func=func)
     p = sub.add_parser('latency', help='inference ms per image over batch sizes')
     p.add_argument('--models', required=True)
-    p.add_argument('--batch-sizes', default='1,2,4,8,16,32,64')
-    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--batch-sizes', type=integers_at_least(1), default='1,2,4,8,16,32,64')
+    p.add_argument('--size', type=positive, default=224)
     p.add_argument('--bf16', action='store_true')
-    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--steps', type=positive, default=5)
     p.add_argument('--plot', default='', help='write a throughput-vs-batch PNG here')
     p.add_argument('--out', default='')
     p.set_defaults(func=cmd_latency)

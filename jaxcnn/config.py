@@ -10,6 +10,7 @@ one line naming the closest valid choices.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -409,3 +410,29 @@ def run_cli(main) -> None:
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+
+
+def integer_at_least(minimum: int):
+  """An argparse ``type``: an integer no smaller than ``minimum``. argparse reports anything
+  else in one line that names the option."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
+    return value
+  return parse
+
+
+def integers_at_least(minimum: int):
+  """An argparse ``type``: comma-separated integers, each no smaller than ``minimum``."""
+  one = integer_at_least(minimum)
+
+  def parse(text: str) -> list[int]:
+    values = [one(part) for part in text.split(',') if part.strip()]
+    if not values:
+      raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}')
+    return values
+  return parse

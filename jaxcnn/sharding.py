@@ -116,6 +116,9 @@ def check_batch_size(global_batch: int, mesh, what: str = 'batch_size') -> None:
   """Fails before compiling when the global batch cannot be split evenly."""
   n_dev = mesh.devices.size
   n_proc = jax.process_count()
+  if global_batch < 1:
+    raise ValueError(f'{what}={global_batch}: a batch needs at least one example per device; '
+                     f'use a multiple of {n_dev}.')
   if global_batch % n_dev:
     lo = global_batch - global_batch % n_dev
     raise ValueError(f'{what}={global_batch} is not divisible by the {n_dev} devices; '

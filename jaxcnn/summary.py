@@ -38,6 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 import jaxcnn
+from jaxcnn.config import integer_at_least
 from jaxcnn.layers import conv as conv_layers
 
 
@@ -243,8 +244,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='python -m jaxcnn.summary', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('model', help='a registered model name (see jaxcnn.list_models())')
-    parser.add_argument('--input', type=int, default=0, help='square input size (default: the model\'s)')
-    parser.add_argument('--channels', type=int, default=0)
+    parser.add_argument('--input', type=integer_at_least(1), default=0, help='square input size (default: the model\'s)')
+    parser.add_argument('--channels', type=integer_at_least(1), default=0,
+                        help="input channels (default: the model's)")
     parser.add_argument('--xla', action='store_true', help="also print XLA's FLOP count")
     args = parser.parse_args(argv)
     info = jaxcnn.model_info(args.model)

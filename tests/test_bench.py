@@ -135,6 +135,21 @@ def test_unknown_model_is_one_clear_error():
         bench.main(['infer', '--model', 'resnet_18'])
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['train', '--model', 'resnet18', '--steps', '0'], 'argument --steps: must be at least 1, got 0'),
+    (['infer', '--model', 'resnet18', '--batch', '-2'], 'argument --batch: must be at least 1, got -2'),
+    (['memory', '--models', 'resnet18', '--size', 'big'], "argument --size: expected an integer, got 'big'"),
+    (['latency', '--models', 'resnet18', '--batch-sizes', '1,0'],
+     'argument --batch-sizes: must be at least 1, got 0'),
+])
+def test_a_count_below_one_is_one_clear_error(argv, message, capsys):
+    # before any model is built: argparse's usage line, then one line naming the option
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
 def test_model_spec_sets_model_arguments():
     _, model = bench._build('revnet38:plain:scan_unroll=4', 10, jnp.float32)
     assert model.reversible is False and model.scan_unroll == 4

@@ -126,6 +126,18 @@ def test_every_config_uses_only_schema_keys(name):
     config_lib.load_config(f'{name}:no_such_arg')
 
 
+def test_integer_options_parse_and_name_the_bound():
+  import argparse
+  assert config_lib.integer_at_least(0)('0') == 0
+  assert config_lib.integers_at_least(1)('1, 2,64,') == [1, 2, 64]
+  for parse, text, message in [(config_lib.integer_at_least(1), '0', 'must be at least 1, got 0'),
+                               (config_lib.integer_at_least(1), '2.5', "expected an integer, got '2.5'"),
+                               (config_lib.integers_at_least(1), '4,-1', 'must be at least 1, got -1'),
+                               (config_lib.integers_at_least(1), ' ', 'expected comma-separated')]:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+      parse(text)
+
+
 def test_cli_reports_one_line_and_exit_code_2():
   proc = subprocess.run([sys.executable, '-m', 'jaxcnn.train', '--config', 'defualt'],
                         cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -97,6 +97,13 @@ EIGHT_DEVICES = textwrap.dedent('''
 ''')
 
 
+def test_an_empty_batch_is_one_clear_error():
+  mesh = sharding.make_mesh(1)
+  for batch in (0, -4):
+    with pytest.raises(ValueError, match=f'batch_size={batch}: a batch needs at least one example'):
+      sharding.check_batch_size(batch, mesh)
+
+
 @needs_data
 def test_eight_devices_match_one_device(tmp_path):
   proc = subprocess.run(

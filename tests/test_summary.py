@@ -91,6 +91,12 @@ def test_cli_rejects_a_too_small_input():
         main(['alexnet', '--input', '32'])
 
 
+def test_cli_rejects_zero_channels(capsys):
+    with pytest.raises(SystemExit):
+        main(['alexnet', '--channels', '0'])
+    assert capsys.readouterr().err.strip().endswith('argument --channels: must be at least 1, got 0')
+
+
 def _one_twin_per_family():
     picked = {}
     for name in jaxcnn.list_models():
