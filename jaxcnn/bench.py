@@ -198,12 +198,9 @@ def _flops(fn, args) -> float:
     further runs are added from the jaxpr's scan lengths.)"""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
-    saved = conv_layers.CPU_GRADIENT_FORMS
-    conv_layers.CPU_GRADIENT_FORMS = False   # the model's own operations, not the CPU's forms
-    try:
+    # the model's own operations, not the CPU's forms
+    with conv_layers.switches(CPU_GRADIENT_FORMS=False):
         return _xla_flops(fn, shapes) + _uncounted_loop_flops(jax.make_jaxpr(fn)(*shapes).jaxpr, cpu)
-    finally:
-        conv_layers.CPU_GRADIENT_FORMS = saved
 
 
 def _xla_flops(fn, shapes) -> float:
@@ -454,15 +451,12 @@ def time_switch(spec, batch, size, switch, rounds=4, steps=2, dtype=jnp.float32)
     params, stats = variables['params'], variables.get('batch_stats', {})
     tx = optax.sgd(0.1, momentum=0.9)
     step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
-    saved, compiled, options = getattr(conv_layers, switch), {}, {}
-    try:
-        for on in (True, False):
-            setattr(conv_layers, switch, on)
+    compiled, options = {}, {}
+    for on in (True, False):
+        with conv_layers.switches(**{switch: on}):
             options[on] = _xla_options(model, variables, images)   # as the trainer would pick them
             compiled[on] = jax.jit(_train_step(model, tx), compiler_options=options[on]).lower(
                 *step_args).compile()
-    finally:
-        setattr(conv_layers, switch, saved)
     return options, time_alternating(compiled, step_args, rounds=rounds, steps=steps)
 
 

@@ -99,11 +99,8 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
     shapes_by_path = {k: tuple(v.shape) for k, v in flat.items()}
     # a forward trace: convolutions as plain lax ops (the CPU gradient forms would wrap scanned
     # ones in custom-VJP calls that hide which operand is the kernel)
-    saved, conv_layers.CPU_GRADIENT_FORMS = conv_layers.CPU_GRADIENT_FORMS, False
-    try:
+    with conv_layers.switches(CPU_GRADIENT_FORMS=False):
         closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    finally:
-        conv_layers.CPU_GRADIENT_FORMS = saved
     root = type(model).__name__
     rows: List[LayerCost] = []
     rf, jump = 1, 1

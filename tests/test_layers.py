@@ -330,6 +330,35 @@ def test_depthwise_conv_runs_as_fused_taps_on_the_cpu(band_elements, monkeypatch
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+def test_switches_give_forward_mode_back_and_restore_themselves():
+    """The CPU forms are custom VJPs, which forward mode cannot differentiate; traced inside
+    ``switches(CPU_GRADIENT_FORMS=False)`` a depthwise convolution is lax's again and its JVP
+    equals lax's. The switches are restored after the block, an error inside it included."""
+    x = jnp.asarray(RNG.randn(2, 9, 9, 4), jnp.float32)
+    kern = jnp.asarray(RNG.randn(3, 3, 1, 4), jnp.float32)
+    tangent = jnp.asarray(RNG.randn(*x.shape), jnp.float32)
+
+    def conv(op, x):
+        return op(x, kern, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                  feature_group_count=4)
+    with pytest.raises(TypeError, match='custom_vjp'):
+        jax.jvp(functools.partial(conv, layers.conv_general_dilated), (x,), (tangent,))
+    with conv_layers.switches(CPU_GRADIENT_FORMS=False, CPU_DEPTHWISE_TAPS=False):
+        assert conv_layers.CPU_GRADIENT_FORMS is False and conv_layers.CPU_DEPTHWISE_TAPS is False
+        got = jax.jvp(functools.partial(conv, layers.conv_general_dilated), (x,), (tangent,))
+    want = jax.jvp(functools.partial(conv, jax.lax.conv_general_dilated), (x,), (tangent,))
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    assert conv_layers.CPU_GRADIENT_FORMS is True and conv_layers.CPU_DEPTHWISE_TAPS is True
+    with pytest.raises(ZeroDivisionError):
+        with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=False):
+            1 / 0
+    assert conv_layers.CPU_PADDED_TAP_PRODUCTS is True
+    with pytest.raises(ValueError, match='unknown switch CPU_GRADIENT_FORM;'):
+        with conv_layers.switches(CPU_GRADIENT_FORM=False):
+            pass
+
+
 @pytest.mark.parametrize('taps', [True, False])
 def test_gpu_depthwise_taps_switch(taps, monkeypatch):
     """GPU_DEPTHWISE_TAPS (traced as if on a GPU): the per-tap sums with the whole kernel gradient

@@ -109,33 +109,24 @@ def time_torch(params, lhs_shape, rhs_shape, repeats=5):
 def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False,
         xla_padded_maps=False):
     _, model, variables, images, _, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
-    switches = ('CPU_DEPTHWISE_TAPS', 'CPU_SMALL_MAP_PRODUCTS', 'CPU_PADDED_TAP_PRODUCTS')
-    saved = [getattr(conv_layers, name) for name in switches]
-    # read while tracing: the convolutions are listed with tap products off and timed with them
-    # on, unless xla_padded_maps
-    conv_layers.CPU_DEPTHWISE_TAPS, conv_layers.CPU_SMALL_MAP_PRODUCTS = (
-        not grouped_depthwise, not xla_small_maps)
-    try:
+    # the convolutions are listed with tap products off and timed with them on, unless
+    # xla_padded_maps
+    with conv_layers.switches(CPU_DEPTHWISE_TAPS=not grouped_depthwise,
+                              CPU_SMALL_MAP_PRODUCTS=not xla_small_maps):
         options = bench._xla_options(model, variables, images)
         convolutions = model_convolutions(model, variables, images)
-        conv_layers.CPU_PADDED_TAP_PRODUCTS = not xla_padded_maps
-        result = _time_all(spec, batch, size, repeats, options, convolutions)
-        return dict(result, grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps,
-                    xla_padded_maps=xla_padded_maps)
-    finally:
-        for name, value in zip(switches, saved):
-            setattr(conv_layers, name, value)
+        with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=not xla_padded_maps):
+            result = _time_all(spec, batch, size, repeats, options, convolutions)
+    return dict(result, grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps,
+                xla_padded_maps=xla_padded_maps)
 
 
 def model_convolutions(model, variables, images):
     """:func:`conv_equations` of the model's training forward pass on ``images``, traced with
     the tap products of padded maps off, so that the convolutions they replace are listed too."""
-    saved, conv_layers.CPU_PADDED_TAP_PRODUCTS = conv_layers.CPU_PADDED_TAP_PRODUCTS, False
-    try:
+    with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=False):
         closed = jax.make_jaxpr(lambda x: model.apply(
             variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
-    finally:
-        conv_layers.CPU_PADDED_TAP_PRODUCTS = saved
     return conv_equations(closed.jaxpr, closed.jaxpr.invars)
 
 

@@ -50,14 +50,15 @@ def main():
                         help='trace without layers.residual_output (A/B timing)')
     parser.add_argument('--out', default='')
     args = parser.parse_args()
-    conv_layers.CPU_MATERIALIZE_RESIDUALS = not args.no_residual_boundary
-    _, model, variables, images, labels, _ = bench._setup(
-        args.model, args.batch, args.size, jnp.float32, 1000, args.devices)
-    params, stats = variables['params'], variables.get('batch_stats', {})
-    tx = optax.sgd(0.1, momentum=0.9)
-    step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
-    options = bench._xla_options(model, variables, images)
-    step = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(*step_args).compile()
+    with conv_layers.switches(CPU_MATERIALIZE_RESIDUALS=not args.no_residual_boundary):
+        _, model, variables, images, labels, _ = bench._setup(
+            args.model, args.batch, args.size, jnp.float32, 1000, args.devices)
+        params, stats = variables['params'], variables.get('batch_stats', {})
+        tx = optax.sgd(0.1, momentum=0.9)
+        step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
+        options = bench._xla_options(model, variables, images)
+        step = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(
+            *step_args).compile()
     ms_per_step = bench._time(step, step_args, args.steps) * 1e3
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)

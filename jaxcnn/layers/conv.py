@@ -81,6 +81,24 @@ CPU_PADDED_TAP_PRODUCTS = True
 # convolutions, and XLA derives their kernel gradient as a dense-sized convolution
 # (jax-ml/jax#13800). A/B: python -m jaxcnn.experiments.depthwise_taps_gpu
 GPU_DEPTHWISE_TAPS = False
+_SWITCHES = ('CPU_GRADIENT_FORMS', 'CPU_MATERIALIZE_RESIDUALS', 'CPU_DEPTHWISE_TAPS',
+             'CPU_SMALL_MAP_PRODUCTS', 'CPU_PADDED_TAP_PRODUCTS', 'GPU_DEPTHWISE_TAPS')
+
+
+@contextlib.contextmanager
+def switches(**values):
+    """The switches above set to ``values`` (e.g. ``switches(CPU_GRADIENT_FORMS=False)``) for what
+    is traced inside, and restored to what they were after. They are read while tracing, so a
+    function traced inside keeps its forms wherever it is compiled and run."""
+    unknown = sorted(set(values) - set(_SWITCHES))
+    if unknown:
+        raise ValueError(f'unknown switch {", ".join(unknown)}; the switches are {", ".join(_SWITCHES)}')
+    saved = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(saved)
 
 
 def residual_output(x):
@@ -490,8 +508,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     smaller than their kernel (:func:`_small_map`) one matrix product (:func:`_conv_as_product`),
     and those with many channels and much of their kernel on padding one product per tap over
     the outputs it sees inside the input (:func:`_padded_taps`). The custom VJPs support reverse
-    mode only; set ``CPU_GRADIENT_FORMS = False`` in this module (before tracing) for forward
-    mode.
+    mode only; trace inside ``switches(CPU_GRADIENT_FORMS=False)`` for forward mode.
     """
     nd = len(window_strides)
     plain = (nd == 2 and not kwargs and not _explicitly_sharded(lhs) and not any(d != 1 for d in (lhs_dilation or (1,) * nd))
@@ -552,7 +569,7 @@ def max_pool(x, window=3, stride=2, padding='torch'):
     maximum, as PyTorch does. XLA:CPU runs ``reduce_window``'s gradient as an argmax over four
     index tensors; with this form ResNet-18's training step (batch 32, 112 px) takes 635 ms
     instead of 680 ms (``python -m jaxcnn.experiments.maxpool_form_cpu``).
-    ``CPU_GRADIENT_FORMS = False`` restores ``nn.max_pool``.
+    Traced inside ``switches(CPU_GRADIENT_FORMS=False)`` it is ``nn.max_pool``.
     """
     window, stride = _pair(window), _pair(stride)
     padding = resolve_padding(padding, window)
