@@ -1,5 +1,5 @@
 """The README's model table: `python -m jaxcnn.model_table [pattern]` prints it as Markdown."""
-import sys
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -41,5 +41,17 @@ def markdown_table(pattern: str = '*') -> str:
     return '\n'.join(rows)
 
 
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m jaxcnn.model_table', description=__doc__)
+    parser.add_argument('pattern', nargs='?', default='*',
+                        help='a wildcard over model names, e.g. "resnet*" (default: every model)')
+    args = parser.parse_args(argv)
+    if not list_models(args.pattern):
+        raise ValueError(f'no registered model matches {args.pattern!r}; see jaxcnn.list_models()')
+    print(markdown_table(args.pattern))
+    return 0
+
+
 if __name__ == '__main__':
-    print(markdown_table(sys.argv[1] if len(sys.argv) > 1 else '*'))
+    from .config import run_cli
+    run_cli(main)

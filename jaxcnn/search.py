@@ -621,6 +621,9 @@ def main(argv=None) -> int:
   n_arch = int(round(settings['arch_fraction'] * len(train_images)))
   arch_idx, weight_idx = split[:n_arch], split[n_arch:]
   bs = int(config.batch_size)
+  if bs < 1:
+    raise ValueError(f'batch_size={bs}: a batch needs at least one example; raise '
+                     f'--config.batch_size')
   w_steps_per_epoch, a_steps_per_epoch = len(weight_idx) // bs, len(arch_idx) // bs
   if w_steps_per_epoch == 0 or a_steps_per_epoch == 0:
     raise ValueError(f'batch_size={bs} is larger than a split ({len(weight_idx)} weight / '

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import registry
+from .config import integer_at_least
 
 BLOCK_PATTERN = r'(Block|Unit)$'
 _ZERO_INIT_LEAVES = ('gain', 'skip_gain', 'scale')
@@ -109,8 +110,9 @@ def plot(results, out: str, title: str = ''):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m jaxcnn.signal_prop', description=__doc__.split('\n')[0])
     p.add_argument('models', nargs='+', help='registered model names')
-    p.add_argument('--size', type=int, default=None, help="input size (default: the model's)")
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--size', type=integer_at_least(1), default=None,
+                   help="input size (default: the model's)")
+    p.add_argument('--batch', type=integer_at_least(1), default=8)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--pattern', default=BLOCK_PATTERN, help='regex on block class names')
     p.add_argument('--keep-zero-init', action='store_true', help='do not un-zero branch gains')
@@ -130,4 +132,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from jaxcnn.config import run_cli
+    run_cli(main)

@@ -97,6 +97,15 @@ def test_blocks_are_identity_at_init_and_betas_track_expected_variance():
     np.testing.assert_allclose(betas, [e ** -0.5 for e in expected], rtol=1e-12)
 
 
+def test_signal_prop_command_rejects_bad_input_in_one_line(capsys):
+    from jaxcnn import signal_prop
+    with pytest.raises(SystemExit):
+        signal_prop.main(['nfnet_f0', '--batch', '0'])
+    assert capsys.readouterr().err.strip().endswith('argument --batch: must be at least 1, got 0')
+    with pytest.raises(ValueError, match="unknown model 'nfnet_f9'"):
+        signal_prop.main(['nfnet_f9'])
+
+
 def test_measured_stream_variance_follows_the_analytic_one():
     """With the branch gains un-zeroed, the variance of the residual stream grows by ~alpha^2 per
     block, as beta assumes (single-stage model, unit-variance input, wide enough to average)."""

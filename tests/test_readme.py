@@ -2,6 +2,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -21,6 +23,15 @@ def test_readme_opens_with_the_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / '.ci' / 'run').read_text().strip().splitlines()[-1].strip()
     assert ci == readme_commands()[1]
+
+
+def test_model_table_command_prints_matching_rows_and_rejects_a_pattern_matching_none(capsys):
+    from jaxcnn import model_table
+    assert model_table.main(['lenet*']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| `')]
+    assert rows and all(line.startswith('| `lenet') for line in rows)
+    with pytest.raises(ValueError, match=r"no registered model matches 'resnt\*'"):
+        model_table.main(['resnt*'])
 
 
 def test_model_table_lists_every_registered_model():

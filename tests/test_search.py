@@ -230,6 +230,13 @@ def test_bad_settings_are_one_line_errors(capsys):
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
+def test_an_empty_batch_is_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match='batch_size=0: a batch needs at least one example'):
+        search.main(['--config', 'fbnet_search_fmnist:smoke', '--config.batch_size=0',
+                     '--workdir', str(tmp_path)])
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
 def test_smoke_search_end_to_end_and_the_found_network_trains(tmp_path):
     from jaxcnn import train
     workdir = tmp_path / 'search'
