@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     raise ValueError(f'Need 0 < min_lr < max_lr and steps >= 10; got min_lr={flags["min_lr"]}, '
                      f'max_lr={flags["max_lr"]}, steps={flags["steps"]}.')
   workdir = workdir + '_lr_find' if workdir == os.path.join('workdirs', run_name) else workdir
-  os.makedirs(workdir, exist_ok=True)
   n = int(flags['steps'])
 
   # == Mesh, input, model (as in jaxcnn.train) =================================================
@@ -152,6 +151,7 @@ def main(argv=None) -> int:
     raise ValueError(f'The loss diverged within {len(lrs_f)} steps; lower --min_lr.')
   steepest, lr_min10 = suggest(lrs_f, smoothed)
   if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)      # only once there is something to write
     plot(os.path.join(workdir, 'lr_find.png'), lrs_f, [losses[i] for i in finite], smoothed,
          steepest, lr_min10)
     with open(os.path.join(workdir, 'lr_find.json'), 'w') as f:

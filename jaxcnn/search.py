@@ -602,9 +602,6 @@ def main(argv=None) -> int:
                                                        tool='jaxcnn.search')
   settings = search_settings(config)
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
   print(f'{run_name}: FBNet search on {jax.devices()[0].platform}, workdir {workdir}', flush=True)
 
   # == Data: the training set split into a weight part and an architecture part ===============
@@ -660,6 +657,12 @@ def main(argv=None) -> int:
         f'({int(mask.sum())} allowed); {settings["cost"]} table in {time.time() - t:.1f}s, '
         f'architectures cost {cheapest:.3f}-'
         f'{float(np.sum(np.max(table, axis=1))):.3f} {unit}', flush=True)
+
+  # written once the settings have passed their checks: a bad override leaves a finished search's
+  # workdir as it was
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
 
   # == Supernet, optimisers, state ==============================================================
   model = SuperNet(settings['stages'], candidates, settings['stem_width'],

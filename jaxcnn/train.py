@@ -388,9 +388,6 @@ def main(argv=None) -> int:
   os.makedirs(workdir, exist_ok=True)
   log(f'{run_name}: {mesh.devices.size} device(s) ({jax.devices()[0].platform}), '
       f'{jax.process_count()} process(es), workdir {workdir}')
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # == Input ===================================================================================
   model_name = resolve_model_name(config)
@@ -461,6 +458,11 @@ def main(argv=None) -> int:
   elif config.get('init_from', ''):
     state = transfer_init(config, model_name, model, state, ds, train_arrays, test_arrays,
                           (mean, std), image_size, mesh)
+  # config.json is written once the config has built a model and its state: a bad override, or
+  # a checkpoint it cannot restore, leaves the run's config.json as it was
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   ckpt_every = config_lib.duration_steps(config, 'checkpoint_every', steps_per_epoch)
   log_every = max(1, config_lib.duration_steps(config, 'log_every', steps_per_epoch, 50))

@@ -230,10 +230,11 @@ def test_bad_settings_are_one_line_errors(capsys):
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
-def test_an_empty_batch_is_one_line_error(tmp_path):
+def test_an_empty_batch_is_one_line_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match='batch_size=0: a batch needs at least one example'):
         search.main(['--config', 'fbnet_search_fmnist:smoke', '--config.batch_size=0',
-                     '--workdir', str(tmp_path)])
+                     '--workdir', str(tmp_path / 'search')])
+    assert not (tmp_path / 'search').exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')

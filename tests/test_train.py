@@ -4,6 +4,7 @@ The runs share a persistent XLA compilation cache, so identical programs compile
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,18 @@ def test_resume_after_preemption_equals_uninterrupted(uninterrupted, tmp_path, c
   jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
   jax.tree.map(np.testing.assert_array_equal, a['opt_state'], b['opt_state'])
   jax.tree.map(np.testing.assert_array_equal, a['batch_stats'], b['batch_stats'])
+
+
+def test_a_bad_override_on_resume_leaves_the_run_as_it_was(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, run_dir)
+  before = {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file()}
+  for override, message in [('--config.optim.lr=-0.1', 'config.optim.lr must be > 0'),
+                            ('--config.batch_size=100000', 'is larger than the')]:
+    with pytest.raises(ValueError, match=message):
+      run(run_dir, override)
+  after = {p: p.read_bytes() for p in run_dir.rglob('*') if p.is_file()}
+  assert after == before
 
 
 def test_sigterm_from_outside_saves_and_exits_zero(tmp_path):
