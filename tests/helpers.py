@@ -1,7 +1,8 @@
-"""Small utilities shared by the model tests."""
+"""Small utilities shared by the tests."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxcnn
 
@@ -38,3 +39,13 @@ def test_input_size(name):
     """Smallest convenient square input for a model (its own size for CIFAR models)."""
     info = jaxcnn.model_info(name)
     return max(32, info.min_input) if info.input_size[0] > 64 else info.input_size[0]
+
+
+def tfds_or_skip():
+    """tensorflow_datasets, imported the way jaxcnn imports it (Triton first, where installed:
+    after TensorFlow it crashes the process), or a skip naming the install line."""
+    from jaxcnn.data.tfds_input import import_tfds
+    try:
+        return import_tfds()[1]
+    except ImportError as e:
+        pytest.skip(str(e))

@@ -1,5 +1,6 @@
 """Tests of jaxcnn.data: local loaders, device augmentation, eval views and TFDS pipelines."""
 import gzip
+import importlib.util
 import os
 import struct
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from jaxcnn import data
 from jaxcnn.data import augment as aug
 from jaxcnn.data import views as ev
+from helpers import tfds_or_skip
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -380,9 +382,17 @@ def test_eval_views_match_numpy_slicing():
 # ----------------------------------------------------------------------------- TFDS
 @pytest.fixture(scope="module")
 def tfds_mod():
-  return pytest.importorskip("tensorflow_datasets",
-                             reason="tensorflow-datasets not installed (pip install tensorflow-cpu "
-                                    "tensorflow-datasets)")
+  return tfds_or_skip()
+
+
+def test_torch_can_be_imported_after_the_tfds_input(tfds_mod):
+  # Triton, which torchvision loads, crashes the process when imported after TensorFlow
+  if importlib.util.find_spec("torchvision") is None:
+    pytest.skip("torchvision not installed")
+  code = ("from jaxcnn.data.tfds_input import import_tfds; import_tfds(); import torchvision; "
+          "print('both imported')")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "both imported" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_tfds_mock_pipeline(tfds_mod):

@@ -17,6 +17,7 @@ import pytest
 
 from jaxcnn import checkpoint as ckpt_lib
 from jaxcnn import train
+from helpers import tfds_or_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = os.environ.get('JAXCNN_FMNIST_DIR', '/usr/share/datasets/fashion-mnist')
@@ -148,7 +149,7 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
 
 def test_tfds_dataset_trains_end_to_end(tmp_path):
   """The host-side TFDS path (decode, augment, per-host batches) through the same trainer."""
-  tfds = pytest.importorskip('tensorflow_datasets')
+  tfds = tfds_or_skip()
   with tfds.testing.mock_data(num_examples=64):
     assert run(tmp_path, '--config.dataset=tfds:cifar10', '--config.image_size=32',
                '--config.test_image_size=32', '--config.num_steps=4') == 0

@@ -31,8 +31,10 @@ Usage::
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -55,6 +57,11 @@ _EVAL_CROP_FRACTION = 0.875
 
 def import_tfds():
   """Imports (tensorflow, tensorflow_datasets) or raises ImportError with the install line."""
+  # Triton (which torch.compile, torchvision and timm load) crashes the process when it is
+  # imported after TensorFlow; imported before it, both work. So where it is installed it goes
+  # first, and a later --vs timm or weight conversion in the same process stays safe.
+  if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
   try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
