@@ -442,7 +442,7 @@ def _padded_taps(x, k, strides, pads, dilation, precision, in_loop):
 
 
 def _padded_taps_fwd(x, k, strides, pads, dilation, precision, in_loop):
-    return _stored(_tap_products(x, k, strides, pads, dilation, precision)), (x, k)
+    return _padded_taps(x, k, strides, pads, dilation, precision, in_loop), (x, k)
 
 
 def _padded_taps_bwd(strides, pads, dilation, precision, in_loop, res, dy):
@@ -524,16 +524,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if cpu_forms and feature_group_count == 1:
         pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
         out_hw = _output_hw(lhs.shape[1:3], pads, rhs.shape[:2], window_strides, dilation)
-        empty = min(out_hw) <= 0
-        if (not empty and CPU_SMALL_MAP_PRODUCTS
-                and _small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation)):
-            return _conv_as_product(lhs, rhs, tuple(window_strides), pads, dilation, out_hw,
-                                    precision)
-        if (not empty and CPU_PADDED_TAP_PRODUCTS and lhs.shape[3] >= _TAP_MIN_CHANNELS
-                and _padding_share(lhs.shape[1:3], out_hw, rhs.shape[:2], window_strides, pads,
-                                   dilation) >= _TAP_MIN_PADDING_SHARE):
-            return _padded_taps(lhs, rhs, tuple(window_strides), pads, dilation, precision,
-                                _IN_LOOP.get())
+        if min(out_hw) > 0:               # an empty output is lax's to make
+            if CPU_SMALL_MAP_PRODUCTS and _small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation):
+                return _conv_as_product(lhs, rhs, tuple(window_strides), pads, dilation, out_hw,
+                                        precision)
+            if (CPU_PADDED_TAP_PRODUCTS and lhs.shape[3] >= _TAP_MIN_CHANNELS
+                    and _padding_share(lhs.shape[1:3], out_hw, rhs.shape[:2], window_strides, pads,
+                                       dilation) >= _TAP_MIN_PADDING_SHARE):
+                return _padded_taps(lhs, rhs, tuple(window_strides), pads, dilation, precision,
+                                    _IN_LOOP.get())
     if not (cpu_forms and _IN_LOOP.get()):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                             rhs_dilation, dimension_numbers, feature_group_count,
