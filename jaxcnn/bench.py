@@ -44,6 +44,7 @@ from jaxcnn import sharding
 from jaxcnn.config import integer_at_least, integers_at_least
 from jaxcnn.layers import compiler_options, model_compiler_options
 from jaxcnn.layers import conv as conv_layers
+from jaxcnn.layers import onednn
 from jaxcnn.optim import AUX_LOSS_WEIGHT, classification_loss, split_outputs
 
 
@@ -428,9 +429,14 @@ def measure_latency(spec, sizes=(1, 2, 4, 8, 16, 32, 64), size=224, dtype=jnp.fl
 
 def _environment():
     dev = jax.devices()[0]
-    return dict(device=str(getattr(dev, 'device_kind', dev.platform)), platform=dev.platform,
-                num_devices=jax.device_count(), jax=jax.__version__,
-                flax=__import__('flax').__version__, optax=optax.__version__)
+    env = dict(device=str(getattr(dev, 'device_kind', dev.platform)), platform=dev.platform,
+               num_devices=jax.device_count(), jax=jax.__version__,
+               flax=__import__('flax').__version__, optax=optax.__version__)
+    if dev.platform == 'cpu':
+        env['dense_convolutions'] = onednn.log_line()
+        if onednn.available():
+            env['onednn'] = onednn.version()
+    return env
 
 
 def time_alternating(compiled, args, rounds=4, steps=2):

@@ -36,7 +36,7 @@ from jaxcnn import metrics as metrics_lib
 from jaxcnn import optim
 from jaxcnn import sharding
 from jaxcnn import transfer as transfer_lib
-from jaxcnn.layers import model_compiler_options
+from jaxcnn.layers import model_compiler_options, onednn
 
 
 @flax.struct.dataclass
@@ -388,6 +388,8 @@ def main(argv=None) -> int:
   os.makedirs(workdir, exist_ok=True)
   log(f'{run_name}: {mesh.devices.size} device(s) ({jax.devices()[0].platform}), '
       f'{jax.process_count()} process(es), workdir {workdir}')
+  if jax.default_backend() == 'cpu':
+    log(onednn.log_line())
 
   # == Input ===================================================================================
   model_name = resolve_model_name(config)

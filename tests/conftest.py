@@ -9,3 +9,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # before jax starts; subprocesses (trainer CLIs, notebook kernels) inherit it.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=1').strip()
+
+# oneDNN's convolutions run on OpenMP threads, which by default spin for a while after each
+# parallel region; with one pytest-xdist worker per core the spinning takes cores from the other
+# worker. The tests time nothing, so their threads sleep at once instead.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')

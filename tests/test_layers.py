@@ -61,12 +61,15 @@ def test_torch_padding_matches_pytorch_conv(k, s, d, groups, size):
     (3, 1, 1, 9, 'torch', 2, 6), (3, 2, 2, 13, 'torch', 2, 6), (3, 2, 1, 11, 'torch', 6, 12),
     (5, 2, 1, 12, 'same', 12, 12), (7, 1, 1, 10, 'torch', 12, 12), (3, 1, 1, 8, 'torch', 12, 24)])
 @pytest.mark.parametrize('in_loop', [True, False])
+@pytest.mark.parametrize('onednn', [True, False])
 def test_conv_gradients_match_pytorch_autograd(k, s, d, size, padding, groups, cout, in_loop,
-                                              monkeypatch):
+                                              onednn, monkeypatch):
     """On the CPU conv2d states its input and kernel gradients in forms XLA runs fast (inside
-    scans; depthwise convolutions everywhere); the output and both gradients must equal
+    scans; depthwise convolutions everywhere), and runs dense ones through oneDNN, or without it
+    as products on small or much padded maps; the output and both gradients must equal
     PyTorch's, here for a loss sum(y * r)."""
     monkeypatch.setattr(conv_layers, '_TAP_MIN_CHANNELS', 1)    # the tap products at 12 channels
+    monkeypatch.setattr(conv_layers, 'CPU_ONEDNN_CONVOLUTIONS', onednn)
     cin = 12
     x = RNG.randn(2, cin, size, size).astype(np.float32)
     w = RNG.randn(cout, cin // groups, k, k).astype(np.float32)
@@ -381,11 +384,12 @@ def test_gpu_depthwise_taps_switch(taps, monkeypatch):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
-def test_dense_conv_on_maps_smaller_than_the_kernel_is_one_product_on_the_cpu():
+def test_dense_conv_on_maps_smaller_than_the_kernel_is_one_product_on_the_cpu(monkeypatch):
     """XLA:CPU runs a convolution whose input or output is smaller than its kernel as a slow
     loop; conv_general_dilated makes it one matrix product, leaving taps that only see padding
     out. Its step holds no convolution (an 8x8 map's still does), and output and gradients equal
     lax's convolution (PyTorch's: test_conv_gradients_match_pytorch_autograd)."""
+    monkeypatch.setattr(conv_layers, 'CPU_ONEDNN_CONVOLUTIONS', False)   # its form without oneDNN
     dn = ('NHWC', 'HWIO', 'NHWC')
     kern = jnp.asarray(RNG.randn(3, 3, 4, 5), jnp.float32)
     for size, stride, small in ((1, 1, True), (2, 1, True), (4, 2, True), (3, 1, False), (8, 1, False)):
@@ -420,10 +424,11 @@ def test_padding_share_counts_the_taps_on_padding_by_hand():
         1 - real / (kk * n_out))
 
 
-def test_dense_conv_with_much_padding_is_one_product_per_tap_on_the_cpu():
+def test_dense_conv_with_much_padding_is_one_product_per_tap_on_the_cpu(monkeypatch):
     """From 256 input channels and a quarter of the work on padding (3x3 on 4x4 maps) the
     forward pass is products, not a convolution; 8x8 maps or 128 channels keep XLA's. Output
     and both gradients, unrolled and in loops, equal lax's convolution."""
+    monkeypatch.setattr(conv_layers, 'CPU_ONEDNN_CONVOLUTIONS', False)   # its form without oneDNN
     dn = ('NHWC', 'HWIO', 'NHWC')
     for size, c_in, stride, taps in ((4, 256, 1, True), (7, 256, 2, True), (8, 256, 1, False),
                                      (4, 128, 1, False)):

@@ -6,8 +6,9 @@
 The convolutions are read from the model's forward pass (its jaxpr), so the shapes are the
 model's own. Each distinct one is timed three ways, as the training step runs it: forward, input
 gradient (skipped for the convolution that reads the images, whose gradient no step needs) and
-kernel gradient; on XLA with the trainer's compiler options and in the form the step runs (one
-product per kernel tap where much of the kernel lies on padding), on PyTorch with
+kernel gradient; on XLA with the trainer's compiler options and in the form the step runs
+(oneDNN's kernels; with ``--xla-convolutions`` XLA's own, and one product per kernel tap where
+much of the kernel lies on padding), on PyTorch with
 ``aten.convolution_backward`` (eager, fp32, the CPU kernels torchvision users get). The totals,
 weighted by how often each convolution occurs, bound how close a whole XLA step can come to
 PyTorch's: the rest of the step (BatchNorm, ReLU, residual sums, update) is what is left to win on.
@@ -21,6 +22,7 @@ import numpy as np
 
 from jaxcnn import bench
 from jaxcnn.layers import conv as conv_layers
+from jaxcnn.layers import onednn
 from jaxcnn.layers.conv import _sub_jaxprs
 
 
@@ -56,8 +58,9 @@ def _best_ms(fn, args, repeats):
 
 def time_xla(params, lhs_shape, rhs_shape, options, repeats=5):
     """Milliseconds of the forward, input-gradient and kernel-gradient convolution, in the form
-    the step takes (``layers.conv_general_dilated``: one product per tap where much of the kernel
-    is on padding, XLA's convolution elsewhere)."""
+    the step takes (``layers.conv_general_dilated``: oneDNN's convolution where it applies;
+    without it one product per tap where much of the kernel is on padding, XLA's convolution
+    elsewhere)."""
     def conv(x, w):
         return conv_layers.conv_general_dilated(
             x, w, params['window_strides'], params['padding'], params['lhs_dilation'],
@@ -107,7 +110,7 @@ def time_torch(params, lhs_shape, rhs_shape, repeats=5):
 
 
 def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False,
-        xla_padded_maps=False):
+        xla_padded_maps=False, xla_convolutions=False):
     _, model, variables, images, _, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
     # the convolutions are listed with tap products off and timed with them on, unless
     # xla_padded_maps
@@ -115,16 +118,19 @@ def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=Fa
                               CPU_SMALL_MAP_PRODUCTS=not xla_small_maps):
         options = bench._xla_options(model, variables, images)
         convolutions = model_convolutions(model, variables, images)
-        with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=not xla_padded_maps):
+        with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=not xla_padded_maps,
+                                  CPU_ONEDNN_CONVOLUTIONS=not xla_convolutions):
             result = _time_all(spec, batch, size, repeats, options, convolutions)
     return dict(result, grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps,
-                xla_padded_maps=xla_padded_maps)
+                xla_padded_maps=xla_padded_maps, xla_convolutions=xla_convolutions,
+                onednn=not xla_convolutions and onednn.available())
 
 
 def model_convolutions(model, variables, images):
     """:func:`conv_equations` of the model's training forward pass on ``images``, traced with
-    the tap products of padded maps off, so that the convolutions they replace are listed too."""
-    with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=False):
+    oneDNN and the tap products of padded maps off, so that the convolutions they replace are
+    listed too."""
+    with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=False, CPU_ONEDNN_CONVOLUTIONS=False):
         closed = jax.make_jaxpr(lambda x: model.apply(
             variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
     return conv_equations(closed.jaxpr, closed.jaxpr.invars)
@@ -177,11 +183,14 @@ def main():
     parser.add_argument('--xla-padded-maps', action='store_true',
                         help="time dense convolutions with much of their kernel on padding as XLA's "
                              'convolutions (on the CPU they are one product per kernel tap)')
+    parser.add_argument('--xla-convolutions', action='store_true',
+                        help="time dense convolutions with XLA's own (Eigen's) kernels rather than "
+                             "oneDNN's")
     parser.add_argument('--out', default='')
     args = parser.parse_args()
     import torch
     result = run(args.model, args.batch, args.size, args.repeats, args.grouped_depthwise,
-                 args.xla_small_maps, args.xla_padded_maps)
+                 args.xla_small_maps, args.xla_padded_maps, args.xla_convolutions)
     for lib, t in result['total_ms'].items():
         print(f"{lib:>6}: forward {t['forward']:.1f} ms, input gradients {t['input_gradient']:.1f} ms, "
               f"kernel gradients {t['kernel_gradient']:.1f} ms, all convolutions {t['total']:.1f} ms")
@@ -189,6 +198,7 @@ def main():
                f'--size {args.size}' + (' --grouped-depthwise' if args.grouped_depthwise else '')
                + (' --xla-small-maps' if args.xla_small_maps else '')
                + (' --xla-padded-maps' if args.xla_padded_maps else '')
+               + (' --xla-convolutions' if args.xla_convolutions else '')
                + (f' --out {args.out}' if args.out else ''))
     bench._write(args.out, {'command': command, **bench._environment(), 'torch': torch.__version__,
                             'torch_threads': torch.get_num_threads(), **result})

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import onednn
+
 # He et al. 2015 init with fan-out, as torchvision initialises ResNet convolutions.
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -76,13 +78,17 @@ CPU_SMALL_MAP_PRODUCTS = True
 # padding (3x3 on 4x4: 31 %) as one product per tap over only the outputs it sees inside the
 # input, on the CPU (conv_general_dilated); False keeps XLA's convolutions (for A/B timing)
 CPU_PADDED_TAP_PRODUCTS = True
+# dense float32 convolutions through oneDNN on the CPU (layers/onednn.py), where it could be built;
+# False keeps XLA's (Eigen's) convolutions and the forms below (for A/B timing)
+CPU_ONEDNN_CONVOLUTIONS = True
 # depthwise convolutions as the same per-tap sums on a GPU. Off until measured: on an H100 the
 # models with depthwise convolutions trained at 0.44-0.99x timm's speed with cuDNN's grouped
 # convolutions, and XLA derives their kernel gradient as a dense-sized convolution
 # (jax-ml/jax#13800). A/B: python -m jaxcnn.experiments.depthwise_taps_gpu
 GPU_DEPTHWISE_TAPS = False
 _SWITCHES = ('CPU_GRADIENT_FORMS', 'CPU_MATERIALIZE_RESIDUALS', 'CPU_DEPTHWISE_TAPS',
-             'CPU_SMALL_MAP_PRODUCTS', 'CPU_PADDED_TAP_PRODUCTS', 'GPU_DEPTHWISE_TAPS')
+             'CPU_SMALL_MAP_PRODUCTS', 'CPU_PADDED_TAP_PRODUCTS', 'CPU_ONEDNN_CONVOLUTIONS',
+             'GPU_DEPTHWISE_TAPS')
 
 
 @contextlib.contextmanager
@@ -489,6 +495,15 @@ def _conv_as_product(x, k, strides, pads, dilation, out_hw, precision):
     return y.astype(out_dtype)
 
 
+def _onednn_applies(x, k, pads) -> bool:
+    """Whether :func:`onednn.conv` takes this dense convolution: float32, non-negative padding,
+    a non-empty batch, and one device (XLA's partitioner cannot split a foreign call by batch; it
+    would gather the whole batch onto every device)."""
+    return (x.dtype == k.dtype == jnp.float32 and min(min(p) for p in pads) >= 0
+            and min(x.shape) > 0 and min(k.shape) > 0 and jax.device_count() == 1
+            and onednn.available())
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` whose gradients XLA:CPU also runs fast inside loops.
@@ -503,8 +518,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     with the same numbers. Elsewhere (other backends, unrolled convolutions, input dilation,
     arrays on meshes with Explicit axes) it is ``lax.conv_general_dilated``. (The per-tap form
     would also speed up unrolled grouped convolutions' kernel gradient ~10x, but adds ~40 % to
-    their compile time, so it is kept to loops.) Depthwise convolutions on the CPU, in loops or
-    not, are the per-tap sums of :func:`_depthwise` instead, and dense convolutions on maps
+    their compile time, so it is kept to loops.) On the CPU, in loops or not, dense float32
+    convolutions on one device are oneDNN's (:func:`onednn.conv`, 20-35 % faster than XLA's at
+    ResNet sizes) where it could be built. Depthwise convolutions are the per-tap sums of
+    :func:`_depthwise` instead, and, without oneDNN, dense convolutions on maps
     smaller than their kernel (:func:`_small_map`) one matrix product (:func:`_conv_as_product`),
     and those with many channels and much of their kernel on padding one product per tap over
     the outputs it sees inside the input (:func:`_padded_taps`). The custom VJPs support reverse
@@ -525,6 +542,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], window_strides, dilation)
         out_hw = _output_hw(lhs.shape[1:3], pads, rhs.shape[:2], window_strides, dilation)
         if min(out_hw) > 0:               # an empty output is lax's to make
+            if CPU_ONEDNN_CONVOLUTIONS and _onednn_applies(lhs, rhs, pads):
+                return onednn.conv(lhs, rhs, tuple(window_strides), dilation, pads)
             if CPU_SMALL_MAP_PRODUCTS and _small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation):
                 return _conv_as_product(lhs, rhs, tuple(window_strides), pads, dilation, out_hw,
                                         precision)
