@@ -519,10 +519,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     arrays on meshes with Explicit axes) it is ``lax.conv_general_dilated``. (The per-tap form
     would also speed up unrolled grouped convolutions' kernel gradient ~10x, but adds ~40 % to
     their compile time, so it is kept to loops.) On the CPU, in loops or not, dense float32
-    convolutions on one device are oneDNN's (:func:`onednn.conv`, 20-35 % faster than XLA's at
-    ResNet sizes) where it could be built. Depthwise convolutions are the per-tap sums of
-    :func:`_depthwise` instead, and, without oneDNN, dense convolutions on maps
-    smaller than their kernel (:func:`_small_map`) one matrix product (:func:`_conv_as_product`),
+    convolutions on one device are oneDNN's (:func:`onednn.conv`; ResNet-18's take a quarter
+    less time than XLA's) where it could be built. Depthwise convolutions are the per-tap sums
+    of :func:`_depthwise` instead, and, without oneDNN, dense convolutions on maps smaller than
+    their kernel (:func:`_small_map`) one matrix product (:func:`_conv_as_product`),
     and those with many channels and much of their kernel on padding one product per tap over
     the outputs it sees inside the input (:func:`_padded_taps`). The custom VJPs support reverse
     mode only; trace inside ``switches(CPU_GRADIENT_FORMS=False)`` for forward mode.
