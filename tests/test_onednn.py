@@ -2,7 +2,9 @@
 in reverse-mode derivatives of every order, and taken by conv_general_dilated where they apply.
 (Against PyTorch's autograd over many geometries: test_layers.test_conv_gradients_match_pytorch_autograd.)"""
 import functools
+import os
 import platform
+import subprocess
 import sys
 
 import jax
@@ -50,6 +52,22 @@ def test_the_handlers_build_on_this_machine():
         return
     assert onednn.available(), onednn.unavailable_reason()
     assert onednn.unavailable_reason() is None
+
+
+def test_a_damaged_file_in_the_cache_is_built_anew(tmp_path):
+    """A truncated copy of the compiled handlers where the cache keeps them (an interrupted sync,
+    a full disk) is rebuilt on first use rather than leaving the CPU on XLA's kernels."""
+    if sys.platform != 'linux' or platform.machine() != 'x86_64':
+        pytest.skip('the oneDNN wheels are for x86-64 Linux')
+    damaged = tmp_path / onednn._build().name
+    damaged.write_bytes(b'\x7fELF truncated')
+    probe = ('from jaxcnn.layers import onednn; '
+             'print(onednn.available(), onednn.unavailable_reason())')
+    done = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                          env={**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ['True', 'None'], done.stdout
+    assert damaged.stat().st_size > 10_000 and damaged.read_bytes()[:4] == b'\x7fELF'
 
 
 @pytest.mark.parametrize('x_shape,k_shape,strides,dilation,pads', GEOMETRIES)

@@ -55,8 +55,9 @@ def _installed_file(distribution: str, suffix: str) -> pathlib.Path:
     raise FileNotFoundError(f'{distribution} has no {suffix}')
 
 
-def _build() -> pathlib.Path:
-    """The compiled handlers, built into the cache on first use (raises with the reason)."""
+def _build(rebuild: bool = False) -> pathlib.Path:
+    """The compiled handlers, built into the cache on first use, or again with ``rebuild``
+    (raises with the reason)."""
     if sys.platform != 'linux' or platform.machine() != 'x86_64':
         raise RuntimeError(f'the oneDNN wheels are for x86-64 Linux, not {sys.platform} {platform.machine()}')
     compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
@@ -72,7 +73,7 @@ def _build() -> pathlib.Path:
     key = hashlib.sha256(b'\0'.join([source, jax.__version__.encode(), onednn_version.encode(),
                                      compiler.encode()])).hexdigest()[:16]
     target = _cache_dir() / f'jaxcnn_onednn_conv_{key}.so'
-    if target.exists():
+    if target.exists() and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -93,7 +94,10 @@ def _load() -> Tuple[bool, Optional[str]]:
     if os.environ.get('JAXCNN_ONEDNN', '1') == '0':
         return False, 'turned off by JAXCNN_ONEDNN=0'
     try:
-        library = ctypes.CDLL(str(_build()))
+        try:
+            library = ctypes.CDLL(str(_build()))
+        except OSError:       # a damaged file in the cache (a truncated copy): build it anew
+            library = ctypes.CDLL(str(_build(rebuild=True)))
         for name in (_FORWARD, _INPUT_GRADIENT, _KERNEL_GRADIENT):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                         platform='cpu')
