@@ -1,11 +1,15 @@
-"""Every registered model through the same checks: parameter count against its reference,
-and a jitted forward/backward pass in train and inference mode, fp32 and bf16."""
+"""Every registered model through the same checks: parameter count against its reference, a
+jitted forward/backward pass in train and inference mode (fp32; bf16 for one model of each kind),
+and bf16 compute reaching every convolution and product (traced)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxcnn
+from jaxcnn.layers.conv import _sub_jaxprs
 from jaxcnn.optim import classification_loss, split_outputs
 from helpers import abstract_variables, random_variables, test_input_size as input_size
 
@@ -61,8 +65,27 @@ def test_jit_overrides_only_reduce_depth():
 CLASSIFIERS = [n for n in ALL if jaxcnn.model_info(n).family != 'unet']
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-@pytest.mark.parametrize('name', CLASSIFIERS)
+def _bf16_compiled_models():
+    """The models whose jit pass also runs in bfloat16: one per family, model class and kind of
+    block (the string and boolean fields of its configuration: block type, activation, norm,
+    padding...), the one with the fewest parameters. Its other members differ only in numbers
+    (depth, width, groups, ratios); their bfloat16 layers are checked by tracing, without a
+    compile, in test_bf16_reaches_every_convolution_and_product. A bfloat16 compile of XLA:CPU
+    takes about twice an fp32 one, and compiles are most of this suite's time."""
+    groups = {}
+    for name in CLASSIFIERS:
+        model = jaxcnn.create_model(name)
+        kinds = tuple((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
+                      if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool)))
+        groups.setdefault((jaxcnn.model_info(name).family, type(model), kinds), []).append(name)
+    return sorted(min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values())
+
+
+BF16_COMPILED = _bf16_compiled_models()
+
+
+@pytest.mark.parametrize('name,dtype', [(n, 'float32') for n in CLASSIFIERS] +
+                         [(n, 'bfloat16') for n in BF16_COMPILED])
 def test_jit_forward_backward(name, dtype):
     dtype = jnp.dtype(dtype)
     size = input_size(name)
@@ -101,6 +124,44 @@ def test_jit_forward_backward(name, dtype):
         before = jax.tree.leaves(variables['batch_stats'])[0]
         after = jax.tree.leaves(state['batch_stats'])[0]
         assert not np.allclose(before, after)
+
+
+# Products that stay float32 in a bfloat16 model by design, as (file, qualified function): the adaptive
+# average pool's bin matrices (PyTorch's bins exactly, at HIGHEST precision) and HyperNetworks'
+# kernel generator (a kernel made in the parameter dtype, then cast for its convolution).
+_FLOAT32_BY_DESIGN = {('layers/conv.py', 'adaptive_avg_pool'), ('layers/dynamic.py', 'HyperConv.generate')}
+
+
+def _convolutions_and_products(jaxpr):
+    """Every convolution, matrix product and foreign call of a jaxpr, nested bodies included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ('conv_general_dilated', 'dot_general', 'ffi_call'):
+            yield eqn
+        for sub in _sub_jaxprs(eqn.params.values()):
+            yield from _convolutions_and_products(sub)
+
+
+@pytest.mark.parametrize('name', CLASSIFIERS)
+def test_bf16_reaches_every_convolution_and_product(name):
+    """A bfloat16 model computes every layer in bfloat16: the forward passes (train and
+    inference) traced, not compiled, take no float32 operand into a convolution or product."""
+    size = input_size(name)
+    model = jaxcnn.create_model(name, num_classes=7, dtype=jnp.bfloat16, drop_rate=0.1,
+                                drop_path_rate=0.1, **jit_test_overrides(name))
+    variables = abstract_variables(model, (2, size, size, 3))
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    rngs = {'dropout': jax.random.key(0)}
+    for train in (True, False):
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=train, rngs=rngs,
+                                                        mutable=['batch_stats']))(variables, x)
+        ops = list(_convolutions_and_products(jaxpr.jaxpr))
+        assert ops
+        float32 = [e for e in ops if any(v.aval.dtype == jnp.float32 for v in e.invars)
+                   and not any((f.file_name.endswith(path) and f.function_name == fn)
+                               for f in e.source_info.traceback.frames
+                               for path, fn in _FLOAT32_BY_DESIGN)]
+        assert not float32, (name, train, [(e.primitive.name, [str(v.aval) for v in e.invars])
+                                           for e in float32[:3]])
 
 
 def pyramidnet_closed_form(depth, alpha, bottleneck, num_classes=10):
