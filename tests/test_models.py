@@ -40,6 +40,10 @@ def test_param_count_matches_reference(name):
 # and the converted-logits tests against torchvision.
 _DENSENET_SHALLOW = {'densenet161', 'densenet169', 'densenet201'}
 _PYRAMID_SHALLOW = {'pyramidnet110_a48': 20, 'pyramidnet272_a200_bottleneck': 29}
+# NFNet-F2..F6 are F0 with every stage (f + 1) times deeper (tests/test_nfnet.py); their stages
+# are scanned, so compiles barely grow, but creating and differentiating 190-440M parameters on
+# the host took 55-86 s a test; they run at F1's depths (every stage scanned, as at full depth).
+_NFNET_SHALLOW = {f'nfnet_f{f}' for f in range(2, 7)}
 
 
 def jit_test_overrides(name):
@@ -47,6 +51,8 @@ def jit_test_overrides(name):
         return {'depth': _PYRAMID_SHALLOW[name]}
     if name in _DENSENET_SHALLOW:
         return {'depths': (2, 2, 2, 2)}
+    if name in _NFNET_SHALLOW:
+        return {'depths': (2, 4, 12, 6)}
     return {}
 
 
