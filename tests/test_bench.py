@@ -10,6 +10,7 @@ import pytest
 import jaxcnn
 from jaxcnn import bench
 from jaxcnn.summary import layer_costs
+from helpers import jit_once, random_variables
 
 
 def test_train_figures_are_consistent(tmp_path):
@@ -31,9 +32,9 @@ def test_train_step_weighs_auxiliary_heads_as_the_trainer():
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     labels = jnp.array([3, 7])
     key = jax.random.key(1)
-    variables = model.init(jax.random.key(0), x, train=False)
-    (logits, aux), _ = model.apply(variables, x, train=True, rngs={'dropout': key},
-                                   mutable=['batch_stats'])
+    variables = random_variables(model, x.shape)
+    (logits, aux), _ = jit_once(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key},
+                                                         mutable=['batch_stats']))(variables, x)
     assert len(aux) == 2
 
     def ce(z):
@@ -41,7 +42,7 @@ def test_train_step_weighs_auxiliary_heads_as_the_trainer():
         return -np.mean(logp[np.arange(2), np.asarray(labels)])
     tx = optax.sgd(0.0)
     params, stats = variables['params'], variables['batch_stats']
-    *_, loss = jax.jit(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels, key)
+    *_, loss = jit_once(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels, key)
     assert float(loss) == pytest.approx(ce(logits) + 0.3 * (ce(aux[0]) + ce(aux[1])), rel=1e-5)
     torch_r = next(bench.torch_rounds('googlenet', 2, 64, 'train', num_classes=10, steps=1))
     assert torch_r['model'] == 'torch:tv:googlenet' and torch_r['images_per_sec'] > 0
@@ -54,14 +55,14 @@ def test_train_step_of_a_dense_prediction_model_averages_over_pixels():
     model = jaxcnn.create_model('unet_small')
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
     labels = jnp.array([0, 1])
-    variables = model.init(jax.random.key(0), x, train=False)
-    logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    variables = random_variables(model, x.shape)
+    logits, _ = jit_once(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
     assert logits.shape == (2, 16, 16, 2)
     logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
     expected = -np.mean(np.concatenate([logp[0, ..., 0].ravel(), logp[1, ..., 1].ravel()]))
     tx = optax.sgd(0.0)
     params, stats = variables['params'], variables.get('batch_stats', {})
-    *_, loss = jax.jit(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels,
+    *_, loss = jit_once(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels,
                                                      jax.random.key(1))
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
@@ -205,7 +206,7 @@ def test_conv_kernels_experiment_reads_every_convolution_of_the_model():
     from jaxcnn.experiments.conv_kernels_cpu import model_convolutions
     model = jaxcnn.create_model('resnet18', num_classes=10)
     x = jnp.zeros((2, 128, 128, 3))    # last stage 4x4: no map smaller than its kernel
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = random_variables(model, x.shape)
     convs = model_convolutions(model, variables, x)
     kernels = sorted(tuple(rhs[:2]) for _, _, rhs, _ in convs)
     assert len(convs) == 20

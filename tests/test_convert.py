@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 import jaxcnn
 from jaxcnn import convert
+from helpers import jit_once
 
 TWINS = [n for n in jaxcnn.list_models() if jaxcnn.model_info(n).torch_name]
 
@@ -52,7 +53,7 @@ def test_converted_logits_match_reference(name):
     x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
-    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
+    got = np.asarray(jit_once(lambda v, x: model.apply(v, x, train=False))(
         variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 

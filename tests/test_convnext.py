@@ -12,7 +12,7 @@ import jaxcnn
 from jaxcnn import convert
 from jaxcnn.layers.layer_scale import LayerScale
 from jaxcnn.models.convnext import ConvNeXtBlock
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 
 SMALL = dict(depths=(1, 2, 3, 1), dims=(8, 16, 24, 32))
 
@@ -80,7 +80,7 @@ def test_stochastic_depth_inside_scanned_stages():
     model = jaxcnn.create_model('convnext_tiny', drop_path_rate=0.5, **SMALL)
     v = random_variables(model, x.shape)
     v = jax.tree.map(lambda a: a + 1.0, v)           # gammas 1: the blocks count
-    run = jax.jit(lambda k: model.apply(v, x, train=True, rngs={'dropout': k}))
+    run = jit_once(lambda k: model.apply(v, x, train=True, rngs={'dropout': k}))
     assert not np.allclose(run(jax.random.key(0)), run(jax.random.key(1)))
 
 
@@ -107,7 +107,7 @@ def test_converted_twin_matches_with_random_layer_scales():
                 blk.gamma.zero_()
         without_blocks = ref(torch.from_numpy(x)).numpy()
     assert np.abs(expected - without_blocks).max() > 0.1 * np.abs(expected).max()
-    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     assert variables['params']['stages_2_scan']['block']['layer_scale']['gamma'].shape == (9, 384)
 

@@ -10,7 +10,7 @@ import pytest
 import torchvision
 
 import jaxcnn
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 from jaxcnn import convert
 from jaxcnn.models.densenet import DenseBlock, cifar_depths
 
@@ -224,7 +224,7 @@ def test_memory_efficient_gives_identical_outputs_and_gradients():
                                  rngs={'dropout': jax.random.key(3)}, mutable=['batch_stats'])
         return jnp.sum(out * jnp.arange(10.0)), (out, state)
 
-    @jax.jit
+    @jit_once
     def run(params):
         grads = [jax.grad(lambda p: loss(m, p), has_aux=True)(params) for m in (plain, lean)]
         return grads, [m.apply({**v, 'params': params}, x) for m in (plain, lean)]
@@ -251,7 +251,7 @@ def test_layer_dropout_only_in_training():
     x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 3), jnp.float32)
     v = random_variables(model, x.shape)
 
-    @jax.jit
+    @jit_once
     def run():
         train = [model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
                              mutable=['batch_stats'])[0] for k in (0, 1)]

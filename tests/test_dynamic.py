@@ -16,7 +16,7 @@ import jaxcnn
 from jaxcnn.layers.dynamic import (CondConv, CondConvRouting, DynamicConv, DynamicLocalFilter,
                                    condconv_kernel_from_timm, condconv_param_count, local_filter,
                                    per_sample_conv)
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 
 RNG = np.random.RandomState(0)
 
@@ -328,7 +328,7 @@ def test_dynamic_models_apply_per_sample_weights():
         model = jaxcnn.create_model(name)
         x = randn(3, 16, 16, 3)
         v = random_variables(model, x.shape)
-        apply = jax.jit(model.apply)
+        apply = jit_once(model.apply)
         y0 = np.asarray(apply(v, jnp.asarray(x)))
         x[2] = randn(16, 16, 3)
         y1 = np.asarray(apply(v, jnp.asarray(x)))

@@ -16,7 +16,7 @@ from jaxcnn.layers.mbconv import MBConv
 from jaxcnn.models.efficientnet import (EFFICIENTNET_B0, EFFICIENTNET_CC_B0, EFFICIENTNET_COEFFS,
                                         MBConvNet, Row, compound_coefficients, expand_blocks,
                                         round_channels, scale_depth, scale_stages)
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 from test_convert import build_reference
 
 
@@ -103,7 +103,7 @@ def test_scanned_stages_equal_unrolled_blocks():
     assert 'blocks_5_rest' in v['params'] and 'blocks_5_1' not in v['params']
     v_unrolled = {c: _unstack(t) for c, t in v.items()}
     assert jaxcnn.count_params(v_unrolled['params']) == jaxcnn.count_params(v['params'])
-    fwd = lambda m: jax.jit(lambda v, x: m.apply(v, x))
+    fwd = lambda m: jit_once(lambda v, x: m.apply(v, x))
     np.testing.assert_allclose(fwd(scanned)(v, x), fwd(unrolled)(v_unrolled, x), rtol=1e-5, atol=1e-5)
 
 
@@ -158,7 +158,7 @@ def test_efficientnetv2_converts_from_timm(name):
     variables = convert.from_torch(name, ref.state_dict())
     assert jaxcnn.count_params(variables['params']) == info.reference_params
     model = jaxcnn.create_model(name)
-    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import jaxcnn
 from jaxcnn.layers import conv as conv_layers
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 from jaxcnn.models.fractalnet import (ConvBNReLU, FractalBlock, FractalNet, fractal_depth, global_drop_mask,
                                       join, local_drop_mask)
 
@@ -131,7 +131,7 @@ def test_global_sampling_computes_exactly_one_column():
     v = random_variables(model, XS.shape)
     columns = [model.apply(v, XS, True, column=k, mutable=['batch_stats'])[0] for k in range(3)]
     assert not np.allclose(columns[0], columns[1]) and not np.allclose(columns[1], columns[2])
-    run = jax.jit(lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0])
+    run = jit_once(lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0])
     chosen = []
     for seed in range(12):
         out = run(jax.random.key(seed))
@@ -145,7 +145,7 @@ def test_local_and_global_sampling_alternate_by_batch():
     model = small_fractalnet(drop_path_rate=0.15)           # global_drop_ratio 0.5
     v = random_variables(model, XS.shape)
     columns = [model.apply(v, XS, True, column=k, mutable=['batch_stats'])[0] for k in range(3)]
-    run = jax.jit(lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0])
+    run = jit_once(lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0])
     kinds = []
     for seed in range(40):
         out = run(jax.random.key(seed))
@@ -180,7 +180,7 @@ def test_without_drop_path_training_needs_no_rng_and_every_conv_learns():
     def loss(params):
         out, _ = model.apply({**v, 'params': params}, XS, True, mutable=['batch_stats'])
         return jnp.sum(out ** 2)
-    grads = jax.jit(jax.grad(loss))(v['params'])
+    grads = jit_once(jax.grad(loss))(v['params'])
     for b in range(3):
         for name, g in grads[f'block{b + 1}'].items():
             assert np.abs(np.asarray(g['conv']['kernel'])).sum() > 0, (b, name)

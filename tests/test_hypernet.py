@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import jaxcnn
 from jaxcnn.layers.dynamic import HyperConv, HyperKernelGenerator
 from jaxcnn.models.resnet import ResNet
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 
 N_Z = D = 64       # embedding size and generator hidden size (the paper's N_z = d = 64)
 F_SIZE = 3
@@ -151,7 +151,7 @@ def test_gradients_reach_every_embedding_and_the_generator():
     v = random_variables(model, (2, 32, 32, 3))
     x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
 
-    @jax.jit
+    @jit_once
     def grads(params):
         def loss(params):
             logits, _ = model.apply({**v, 'params': params}, x, train=True, mutable=['batch_stats'])

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import jaxcnn
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 from jaxcnn import convert
 from jaxcnn.models.inception import googlenet_layers
 from jaxcnn.optim import classification_loss
@@ -95,7 +95,7 @@ def test_trainer_loss_weights_auxiliary_heads_by_0_3():
     variables = random_variables(model, (4, 32, 32, 3))
     x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
     labels = jnp.array([0, 3, 7, 9])
-    outputs, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)},
+    outputs, _ = jit_once(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)},
                                                   mutable=['batch_stats']))(variables, x)
     logits, (aux1, aux2) = outputs
     expected = (_cross_entropy(logits, labels)
@@ -168,7 +168,7 @@ def test_train_mode_matches_torchvision_with_auxiliary_heads(name, size):
     aux = [out.aux_logits1, out.aux_logits2] if name == 'googlenet' else [out.aux_logits]
     expected = [out.logits, *aux]
     model = jaxcnn.create_model(name, drop_rate=0.0, aux_drop_rate=0.0)
-    (logits, aux), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+    (logits, aux), _ = jit_once(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
         variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     for g, e in zip([logits, *aux], expected):
         e = e.numpy()

@@ -9,7 +9,7 @@ import torch
 import jaxcnn
 from jaxcnn.layers import hard_sigmoid, hard_swish, make_divisible
 from jaxcnn.models.mobilenet import MOBILENETV2_TABLE, MOBILENETV3_LARGE, mobilenetv2_stages
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 
 
 def _stage_outputs(name, size=224, **kw):
@@ -49,7 +49,7 @@ def test_linear_bottleneck_and_relu6():
     model = jaxcnn.create_model('mobilenetv2_050', num_classes=0)
     x = jnp.asarray(np.random.RandomState(0).randn(1, 32, 32, 3), jnp.float32)
     v = random_variables(model, x.shape)
-    _, st = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+    _, st = jit_once(lambda v, x: model.apply(v, x, capture_intermediates=True,
                                              mutable=['intermediates']))(v, x)
     out = np.asarray(st['intermediates']['blocks_1_0']['__call__'][0])
     assert out.min() < 0
@@ -123,12 +123,12 @@ def test_drop_path_only_in_training():
     x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
     model = jaxcnn.create_model('mobilenetv2_050', drop_path_rate=0.5, drop_rate=0.0)
     v = random_variables(model, x.shape)
-    run = jax.jit(lambda k: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
+    run = jit_once(lambda k: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
                                         mutable=['batch_stats'])[0])
     assert not np.allclose(run(0), run(1))
     # the same rates off (inference) or at zero give the deterministic network
     model0 = jaxcnn.create_model('mobilenetv2_050', drop_path_rate=0.0, drop_rate=0.0)
-    run0 = jax.jit(lambda k: model0.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
+    run0 = jit_once(lambda k: model0.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
                                           mutable=['batch_stats'])[0])
     np.testing.assert_array_equal(run0(0), run0(1))
 

@@ -11,7 +11,7 @@ import pytest
 import jaxcnn
 from jaxcnn.layers.conv import _sub_jaxprs
 from jaxcnn.optim import classification_loss, split_outputs
-from helpers import abstract_variables, random_variables, test_input_size as input_size
+from helpers import abstract_variables, random_variables, test_input_size as input_size, jit_once
 
 ALL = jaxcnn.list_models()
 
@@ -101,7 +101,7 @@ def test_jit_forward_backward(name, dtype):
     x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 3), jnp.float32)
     labels = jnp.array([1, 5])
 
-    @jax.jit
+    @jit_once
     def step(variables, x):
         def loss_fn(params):
             outputs, state = model.apply({**variables, 'params': params}, x, train=True,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxcnn
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 from jaxcnn.models.multiresnet import MultiResidualUnit, ResidualFunction, units_per_stage
 
 X = jnp.asarray(np.random.RandomState(0).randn(4, 8, 8, 16), jnp.float32)
@@ -119,7 +119,7 @@ def test_scanned_units_equal_unrolled_units():
     v = random_variables(scanned, x.shape)
     assert 'stage2_rest' in v['params'] and 'stage2_1' not in v['params']
     v_unrolled = {c: _unstack(t) for c, t in v.items()}
-    np.testing.assert_allclose(jax.jit(scanned.apply)(v, x), jax.jit(unrolled.apply)(v_unrolled, x),
+    np.testing.assert_allclose(jit_once(scanned.apply)(v, x), jit_once(unrolled.apply)(v_unrolled, x),
                                rtol=1e-4, atol=1e-4)
 
 

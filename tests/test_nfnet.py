@@ -14,6 +14,7 @@ import pytest
 import jaxcnn
 from jaxcnn.layers.nf import DEEPMIND_GAMMA, ScaledStdConv, activation_gamma, computed_gamma
 from jaxcnn.models.nfnet import NFNET_VARIANTS, NFBlock
+from helpers import jit_once
 
 FMNIST = os.environ.get('JAXCNN_FMNIST_DIR', '/usr/share/datasets/fashion-mnist')
 
@@ -75,8 +76,8 @@ def _tiny(**kw):
 def test_blocks_are_identity_at_init_and_betas_track_expected_variance():
     model = _tiny(alpha=0.3)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    v = jax.jit(model.init)(jax.random.key(1), x)
-    _, st = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+    v = jit_once(model.init)(jax.random.key(1), x)
+    _, st = jit_once(lambda v, x: model.apply(v, x, capture_intermediates=True,
                                              mutable=['intermediates']))(v, x)
     out = {k: np.asarray(s['__call__'][0]) for k, s in st['intermediates'].items() if k.startswith('stages')}
     np.testing.assert_array_equal(out['stages_0_1'], out['stages_0_0'])   # skip_gain = 0
@@ -113,8 +114,8 @@ def test_measured_stream_variance_follows_the_analytic_one():
     model = _tiny(depths=(4,), channels=(256,), stem_width=256, group_size=32, se_ratio=0.0,
                   alpha=0.5)
     x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
-    v = {'params': _unzero(jax.jit(model.init)(jax.random.key(1), x)['params'])}
-    _, st = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
+    v = {'params': _unzero(jit_once(model.init)(jax.random.key(1), x)['params'])}
+    _, st = jit_once(lambda v, x: model.apply(v, x, capture_intermediates=True,
                                              mutable=['intermediates']))(v, x)
     var = [float(np.var(np.asarray(st['intermediates'][f'stages_0_{b}']['__call__'][0]), axis=(0, 1, 2)).mean())
            for b in range(4)]
@@ -168,7 +169,7 @@ def test_scanned_stages_are_the_same_function(name):
                                    jnp.float32(m.beta), jnp.float32(m.drop_path), ordered=True)
             return next_fun(*args, **kwargs)
         with nn.intercept_methods(record):
-            logits = jax.jit(model.apply)(variables, x)
+            logits = jit_once(model.apply)(variables, x)
         jax.effects_barrier()
         return np.asarray(logits), np.array(seen)
     a, seen_a = run(unrolled, v)
@@ -197,7 +198,7 @@ def test_logits_match_timm_with_nonzero_branch_gains(name, torch_name):
     x = np.random.RandomState(0).randn(2, 3, 33, 33).astype(np.float32)
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
-    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 

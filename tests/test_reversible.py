@@ -15,7 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxcnn
-from helpers import abstract_variables
+from helpers import abstract_variables, jit_once
 from jaxcnn.layers import batch_norm, conv2d
 from jaxcnn.layers.reversible import ReversibleSequence, depth_to_space, space_to_depth
 from jaxcnn.models.revnet import IRevNet, RevNet
@@ -80,8 +80,8 @@ def _inversion_error(dtype):
     seq = sequence(8, DEPTH, True, dtype=dtype, gain=GAIN)
     variables = randomise_stats(seq.init(jax.random.key(1), x1, x2), 2)
     x1, x2 = x1.astype(dtype), x2.astype(dtype)
-    fwd = jax.jit(lambda v, a, b: seq.apply(v, a, b, False))
-    inv = jax.jit(lambda v, a, b: seq.apply(v, a, b, False, inverse=True))
+    fwd = jit_once(lambda v, a, b: seq.apply(v, a, b, False))
+    inv = jit_once(lambda v, a, b: seq.apply(v, a, b, False, inverse=True))
     y1, y2 = fwd(variables, x1, x2)
     r1, r2 = inv(variables, y1, y2)
     err = max(float(jnp.max(jnp.abs(r1.astype(jnp.float32) - x1.astype(jnp.float32)))),
@@ -126,7 +126,7 @@ def _grads(seq, variables, x1, x2, key):
                                     rngs={'dropout': key}, mutable=['batch_stats'])
         # a loss that mixes both halves non-linearly, so every path carries gradient
         return jnp.sum(jnp.tanh(y1) * y2) + jnp.sum(y2 ** 2) * 0.01, state
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(variables['params'], x1, x2)
+    return jit_once(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(variables['params'], x1, x2)
 
 
 @pytest.mark.parametrize('seed', [0, 1])
@@ -199,14 +199,14 @@ def test_revnet_model_gradients_equal_autodiff():
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
     labels = jnp.array([0, 3, 5, 9])
     rev, plain = RevNet(**kw), RevNet(**kw, reversible=False)
-    variables = jax.jit(rev.init)(jax.random.key(1), x)
+    variables = jit_once(rev.init)(jax.random.key(1), x)
 
     def grads(model):
         def loss(params):
             logits, state = model.apply({**variables, 'params': params}, x, train=True,
                                         rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
             return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), state
-        return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+        return jit_once(jax.grad(loss, has_aux=True))(variables['params'])
 
     (g, s), (r, rs) = grads(rev), grads(plain)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(r)):
@@ -226,10 +226,10 @@ def test_irevnet_inverse_reconstructs_input():
     # each stage's width is 4x the previous half: the 2x2 squeeze quadruples channels
     model = IRevNet(blocks=(2, 3), channels=(24, 96), num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    variables = randomise_stats(jax.jit(model.init)(jax.random.key(1), x), 4)
-    z = jax.jit(lambda v, x: model.apply(v, x, features_only=True))(variables, x)
+    variables = randomise_stats(jit_once(model.init)(jax.random.key(1), x), 4)
+    z = jit_once(lambda v, x: model.apply(v, x, features_only=True))(variables, x)
     assert z.size == x.size                     # bijective: nothing added, nothing dropped
-    back = jax.jit(lambda v, z: model.apply(v, z, method=IRevNet.inverse))(variables, z)
+    back = jit_once(lambda v, z: model.apply(v, z, method=IRevNet.inverse))(variables, z)
     np.testing.assert_allclose(back, x, atol=2e-4 * float(jnp.max(jnp.abs(z))))
     logits = model.apply(variables, x)
     assert logits.shape == (2, 10)
@@ -238,7 +238,7 @@ def test_irevnet_inverse_reconstructs_input():
 def test_irevnet_injective_padding_is_undone():
     model = IRevNet(blocks=(2, 2), channels=(64, 256), in_pad=20, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
+    variables = jit_once(model.init)(jax.random.key(1), x)
     z = model.apply(variables, x, features_only=True)
     assert z.size == x.size + 2 * 4 * 4 * 20     # 20 zero channels after the 2x2 squeeze
     back = model.apply(variables, z, method=IRevNet.inverse)

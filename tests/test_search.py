@@ -19,6 +19,7 @@ from jaxcnn.layers.mbconv import MBConv
 from jaxcnn.models.efficientnet import MBConvNet, Row
 from jaxcnn.models.fbnet_searched import architecture_json, stages_from_json
 from jaxcnn.models.mnasnet import FBNET_C
+from helpers import jit_once
 
 FMNIST = os.environ.get('JAXCNN_FMNIST_DIR', '/usr/share/datasets/fashion-mnist')
 jax.config.update('jax_compilation_cache_dir',
@@ -97,8 +98,8 @@ def test_supernet_on_one_path_equals_the_exported_network():
     supernet = search.SuperNet(SMALL_MACRO, CANDS, stem_width=16, num_features=64)
     mask = search.candidate_mask(specs, CANDS)
     x = _random(np.random.RandomState(2), (2, 32, 32, 1))
-    variables = supernet.init(jax.random.key(1), x, search.mixing_weights(jnp.zeros(mask.shape),
-                                                                          mask, 1.0))
+    variables = jit_once(supernet.init)(jax.random.key(1), x,
+                                        search.mixing_weights(jnp.zeros(mask.shape), mask, 1.0))
     # k5_e3 | k3_e6 (stride 2), skip | k3_e1 (stride 2)
     choices = [CANDS.index(n) for n in ('k5_e3', 'k3_e6', 'skip', 'k3_e1')]
     stages = search.choices_to_stages(specs, [CANDS[k] for k in choices])
@@ -106,8 +107,9 @@ def test_supernet_on_one_path_equals_the_exported_network():
                       (Row('ir', 1, 3, 2, 1, 32),))
     net = MBConvNet(stages, stem_width=16, num_features=64, head_scaling='fixed', act='relu',
                     num_classes=10, scan_blocks=False)
-    expected = net.apply(_subnet_variables(variables, specs, choices), x, train=False)
-    got = supernet.apply(variables, x, search.one_hot_weights(choices, len(CANDS)), train=False)
+    expected = jit_once(lambda v, x: net.apply(v, x, train=False))(_subnet_variables(variables, specs, choices), x)
+    got = jit_once(lambda v, x, w: supernet.apply(v, x, w, train=False))(
+        variables, x, search.one_hot_weights(choices, len(CANDS)))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 

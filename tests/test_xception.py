@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 import jaxcnn
-from helpers import abstract_variables, random_variables
+from helpers import abstract_variables, random_variables, jit_once
 
 
 def sep(c_in, c_out):
@@ -92,10 +92,10 @@ def test_drop_path_drops_the_separable_branch():
                                 drop_path_rate=0.5)
     v = random_variables(model, (4, 32, 32, 3))
     x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
-    run = jax.jit(lambda v, k: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
+    run = jit_once(lambda v, k: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
                                            mutable=['batch_stats'])[0])
     assert not np.allclose(run(v, 0), run(v, 1))
     plain = jaxcnn.create_model('xception', num_classes=4, width=0.125, middle_repeats=1)
-    run0 = jax.jit(lambda v, k: plain.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
+    run0 = jit_once(lambda v, k: plain.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
                                             mutable=['batch_stats'])[0])
     np.testing.assert_array_equal(run0(v, 0), run0(v, 1))
