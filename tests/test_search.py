@@ -107,7 +107,8 @@ def test_supernet_on_one_path_equals_the_exported_network():
                       (Row('ir', 1, 3, 2, 1, 32),))
     net = MBConvNet(stages, stem_width=16, num_features=64, head_scaling='fixed', act='relu',
                     num_classes=10, scan_blocks=False)
-    expected = jit_once(lambda v, x: net.apply(v, x, train=False))(_subnet_variables(variables, specs, choices), x)
+    subnet_variables = _subnet_variables(variables, specs, choices)
+    expected = jit_once(lambda v, x: net.apply(v, x, train=False))(subnet_variables, x)
     got = jit_once(lambda v, x, w: supernet.apply(v, x, w, train=False))(
         variables, x, search.one_hot_weights(choices, len(CANDS)))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
