@@ -11,7 +11,9 @@ What changes between the two worlds, and nothing else:
     (both use var + eps with eps = 1e-5, so no epsilon correction is needed);
   * names: each family gives a short table of renames from the reference's module names;
   * scanned stages: where a model runs a stage's identical blocks through ``nn.scan`` (variables
-    stacked on a leading axis), the renamed per-block weights are stacked into it (``SCAN_RULES``).
+    stacked on a leading axis under ``<stage>/stacked``), the renamed per-block weights
+    (``<stage>/<b>/...``) are stacked into it by the stage helper's rule
+    (:func:`jaxcnn.layers.stage.stacked_target`).
 Torch is imported only to read ``.pth`` files; ``.safetensors`` files and dicts of arrays need
 neither torch nor tensorflow.
 """
@@ -25,19 +27,19 @@ import numpy as np
 from flax import traverse_util
 
 from .layers.dynamic import condconv_kernel_from_timm
+from .layers.stage import stacked_target
 from .registry import create_model, model_info
 
 # family -> list of (regex, replacement) applied in order to the torch key (with '.' separators)
 RENAMES: Dict[str, list] = {
     'resnet': [
-        (r'^layer(\d+)\.(\d+)\.', r'layer\1_\2.'),
         (r'\.downsample\.0\.', '.downsample.conv.'),
         (r'\.downsample\.1\.', '.downsample.bn.'),
         (r'^fc\.', 'head.fc.'),
     ],
     'resnetv2': [
         (r'^stem\.conv\.', 'conv1.'),
-        (r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'layer{int(m[1]) + 1}_{m[2]}.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'layer{int(m[1]) + 1}.{m[2]}.'),
         (r'\.norm(\d)\.', r'.bn\1.'),
         (r'^norm\.', 'final_bn.'),
     ],
@@ -47,40 +49,9 @@ _TABLE_FOR = {'resnetv2_50': 'resnetv2', 'resnetv2_101': 'resnetv2'}
 
 _SKIP = re.compile(r'(num_batches_tracked)$')
 
-# Scanned stages. After the renames a block's weights sit under an unrolled module name; when the
-# jaxcnn model scans that stage instead, the rule maps the name to (scanned module path, index on
-# the stacked axis). jaxcnn's convention ('<stage>_<b>' unrolled for b = 0, blocks b >= 1 stacked
-# under '<stage>_rest/block' at index b - 1; see ResNet / NFNet ``scan_blocks``) is the default;
-# a family with another layout registers its own rules (regex on one module name, match ->
-# (path tuple, index) or None).
-_DEFAULT_SCAN_RULES = [
-    (r'^(.+)_(\d+)$', lambda m: ((f'{m[1]}_rest', 'block'), int(m[2]) - 1) if int(m[2]) else None),
-]
-SCAN_RULES: Dict[str, list] = {}
-
-
 def register_renames(family: str, table: list):
     """Let a model family add its rename table (used by families outside this file)."""
     RENAMES[family] = table
-
-
-def register_scan_rules(family: str, rules: list):
-    """Let a model family say how an unrolled block's module name maps into a scanned stage."""
-    SCAN_RULES[family] = rules
-
-
-def _scanned_target(key: Tuple[str, ...], rules, flat) -> Optional[Tuple[Tuple[str, ...], int]]:
-    """(stacked flax key, index) for an unrolled key the model holds in a scanned stage, or None."""
-    col, *path = key
-    for i, mod in enumerate(path[:-1]):
-        for pattern, fn in rules:
-            m = re.match(pattern, mod)
-            hit = fn(m) if m else None
-            if hit is not None:
-                target = (col, *path[:i], *hit[0], *path[i + 1:])
-                if target in flat:
-                    return target, hit[1]
-    return None
 
 
 def load_state_dict(source) -> Dict[str, np.ndarray]:
@@ -192,10 +163,9 @@ def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
     flat = traverse_util.flatten_dict(jax.tree.map(lambda s: s.shape, shapes,
                                                    is_leaf=lambda s: hasattr(s, 'shape')))
     # weights of blocks the model runs through nn.scan: target key -> {index: (key, value)}
-    rules = SCAN_RULES.get(_TABLE_FOR.get(name, info.family), _DEFAULT_SCAN_RULES)
     stacked: Dict[tuple, dict] = {}
     for k in [k for k in converted if k not in flat]:
-        hit = _scanned_target(k, rules, flat)
+        hit = stacked_target(k, flat)
         if hit is not None:
             stacked.setdefault(hit[0], {})[hit[1]] = (k, converted.pop(k))
     missing, unexpected = [], []

@@ -27,7 +27,7 @@ from jaxcnn import config as config_lib
 from jaxcnn import optim
 from jaxcnn import sharding
 from jaxcnn import train as train_lib
-from jaxcnn.layers import model_compiler_options
+from jaxcnn import kernels
 
 FLAGS = {'min_lr': 1e-6, 'max_lr': 10.0, 'steps': 200, 'smoothing': 0.05, 'diverge': 4.0}
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                                               config.num_classes),
                     donate_argnums=(0,),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    compiler_options=model_compiler_options(
+                    compiler_options=kernels.model_compiler_options(
                         model, {'params': state.params, 'batch_stats': state.batch_stats},
                         (image_size, image_size, channels)))
 

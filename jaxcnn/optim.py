@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .layers.stage import is_stacked
+
 __all__ = [
     'OPTIMIZERS', 'SCHEDULES', 'base_lr', 'build_schedule', 'build_optimizer',
     'unitwise_norm', 'unitwise_agc', 'decay_mask', 'current_lr',
@@ -115,15 +117,9 @@ def _path_mask(params, keep: Callable[[str, Any], bool]):
       lambda p, x: bool(keep(param_path(p), x)), params)
 
 
-# Models that scan their repeated blocks (``scan_blocks``) name the scanned module
-# ``<stage>_rest``; its parameters carry one leading axis over the stacked blocks.
-def is_stacked(path: str) -> bool:
-  """Whether the parameter at '/'-joined ``path`` is stacked over scanned blocks."""
-  return any(part.endswith('_rest') for part in path.split('/')[:-1])
-
-
 def per_block_ndim(path: str, x) -> int:
-  """Rank of one block's parameter: the leading scan axis does not count."""
+  """Rank of one block's parameter: the leading axis of a stage's stacked blocks
+  (:func:`jaxcnn.layers.stage.is_stacked`) does not count."""
   return jnp.ndim(x) - int(is_stacked(path))
 
 
@@ -520,7 +516,7 @@ def current_lr(opt_state) -> jax.Array:
 
 def cross_entropy(logits, targets, num_classes: int,
                   label_smoothing: float = 0.0, reduction: str = 'mean'):
-  """Softmax cross-entropy in float32.
+  """Softmax cross-entropy in float32 (or the logits' wider float type).
 
   ``targets`` are int labels of shape ``logits.shape[:-1]`` or soft targets of
   shape ``logits.shape`` (e.g. from mixup/cutmix). Label smoothing (Szegedy et
@@ -528,7 +524,8 @@ def cross_entropy(logits, targets, num_classes: int,
   with the uniform distribution: ``t * (1 - s) + s / K``.
   ``reduction``: 'mean' (scalar) or 'none' (per example).
   """
-  logits = jnp.asarray(logits).astype(jnp.float32)
+  logits = jnp.asarray(logits)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   k = logits.shape[-1]
   if k != num_classes:
     raise ValueError(f'logits have {k} classes but num_classes={num_classes}; '

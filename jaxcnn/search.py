@@ -50,13 +50,23 @@ and curves. Train the network found with
 under a name of its own with :func:`register_searched`.
 
 Settings are read from ``config.search`` (see configs/fbnet_search_fmnist.py). Data, batch size, epochs, the weight optimiser and augmentation are the trainer's fields.
-Runs on one device (``jax.jit``, no data parallelism).
+Runs on one device (``jax.jit``, no data parallelism), with the trainer's pieces
+(:mod:`jaxcnn.train`): its data path, its training step for w (the mixing weights as the
+model's extra input; label smoothing, MixUp/CutMix and EMA as in training), its batches for
+theta's step and its evaluation.
+
+Resuming. Every epoch ends with a checkpoint in ``WORKDIR/checkpoints`` (w's TrainState,
+theta and its Adam state, the history so far); running the same command again continues from
+the last finished epoch and ends as an uninterrupted search would. SIGTERM stops the search
+with exit status 0, keeping that checkpoint (an epoch cut short is run again);
+``config.simulate_preemption_at_step`` sends it before that weight step (tests).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -69,11 +79,13 @@ import numpy as np
 import optax
 
 import jaxcnn
+from jaxcnn import checkpoint as ckpt_lib
 from jaxcnn import config as config_lib
-from jaxcnn import data as data_lib
 from jaxcnn import metrics as metrics_lib
 from jaxcnn import optim
 from jaxcnn import registry
+from jaxcnn import sharding
+from jaxcnn import train as train_lib
 from jaxcnn.layers import ClassifierHead, batch_norm, conv2d, get_act
 from jaxcnn.layers.mbconv import MBConv
 from jaxcnn.models.efficientnet import MBConvNet, Row, Stages
@@ -440,15 +452,12 @@ def search_settings(config) -> dict:
 
 
 @flax.struct.dataclass
-class SearchState:
-  step: jax.Array            # weight updates done
-  arch_step: jax.Array       # architecture updates done
-  params: object
-  batch_stats: object
-  opt_state: object
+class ArchState:
+  """The architecture's half of the search state; the weights' half is the trainer's
+  TrainState (jaxcnn.train), updated by the trainer's own step."""
+  step: jax.Array            # architecture updates done
   theta: jax.Array           # (layers, candidates) architecture logits
-  theta_opt_state: object
-  rng: jax.Array
+  opt_state: object          # theta's Adam
 
 
 def temperature(settings: dict, epoch: int) -> float:
@@ -456,99 +465,65 @@ def temperature(settings: dict, epoch: int) -> float:
   return float(settings['tau0'] * settings['tau_decay'] ** epoch)
 
 
-def make_batch_fn(config, mean, std, image_size: int, num_classes: int):
-  """uint8 rows -> normalised, resized, augmented images and soft targets (in the jit)."""
-  aug = config.augment.to_dict()
-
-  def batch(rng, images, labels):
-    x = data_lib.normalize(images, mean, std)
-    if x.shape[1:3] != (image_size, image_size):
-      x = data_lib.resize(x, image_size)
-    return data_lib.augment_batch(rng, x, labels, aug, num_classes)
-  return batch
+# Streams of the weights' key (TrainState.rng) besides the trainer's step keys fold_in(rng, step):
+# the Gumbel noise of the weight steps and the keys of the architecture steps. Each is a function
+# of (rng, step count), so a resumed search draws what an uninterrupted one would.
+ARCH_STREAM, GUMBEL_STREAM = 1 << 30, (1 << 30) + 1
 
 
-def make_weight_step(model, tx, mask, batch_fn, num_classes: int, smoothing: float):
-  """One SGD update of the supernet's weights w on a training batch, with theta fixed and a
-  fresh Gumbel sample of the mixing weights."""
+def make_weight_mixing(mask):
+  """The mixing weights of the weight step ``step`` (eq. 5): fresh Gumbel noise per step."""
 
-  def weight_step(state: SearchState, images, labels, tau):
-    rng = jax.random.fold_in(state.rng, state.step)
-    k_aug, k_gumbel, k_drop = jax.random.split(rng, 3)
-    x, targets = batch_fn(k_aug, images, labels)
-    arch_weights = mixing_weights(state.theta, mask, tau, k_gumbel)
+  def weight_mixing(theta, rng, step, tau):
+    key = jax.random.fold_in(jax.random.fold_in(rng, GUMBEL_STREAM), step)
+    return mixing_weights(theta, mask, tau, key)
 
-    def loss_fn(params):
-      logits, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
-                                     arch_weights, train=True, rngs={'dropout': k_drop},
-                                     mutable=['batch_stats'])
-      ce = optim.classification_loss(logits, targets, num_classes, smoothing)
-      return ce, (logits, new_vars['batch_stats'])
-
-    (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
-    metrics = {'loss': ce, 'accuracy': accuracy, 'lr': optim.current_lr(opt_state)}
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), metrics
-
-  return weight_step
+  return weight_mixing
 
 
 def make_arch_step(model, theta_tx, mask, table, batch_fn, num_classes: int, smoothing: float,
                    alpha: float, beta: float):
   """One Adam update of the architecture logits theta on a held-out batch, minimising eq. 2
-  with the weights w fixed (BatchNorm on batch statistics, running statistics left alone)."""
+  with the weights w fixed (BatchNorm on batch statistics, running statistics left alone).
+  ``batch_fn`` is the trainer's (jaxcnn.train.make_batch_fn): the batches are augmented as the
+  weight step's are."""
   table = jnp.asarray(table, jnp.float32)
 
-  def arch_step(state: SearchState, images, labels, tau):
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, 1 << 30), state.arch_step)
+  def arch_step(arch: ArchState, weights, train_arrays, batch, tau):
+    rng = jax.random.fold_in(jax.random.fold_in(weights.rng, ARCH_STREAM), arch.step)
     k_aug, k_gumbel, k_drop = jax.random.split(rng, 3)
-    x, targets = batch_fn(k_aug, images, labels)
+    images, targets = batch_fn(k_aug, train_arrays, batch)
+    variables = {'params': weights.params, 'batch_stats': weights.batch_stats}
 
     def loss_fn(theta):
       arch_weights = mixing_weights(theta, mask, tau, k_gumbel)
-      logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                              arch_weights, train=True, rngs={'dropout': k_drop},
-                              mutable=['batch_stats'])
+      logits, _ = model.apply(variables, images, arch_weights, train=True,
+                              rngs={'dropout': k_drop}, mutable=['batch_stats'])
       ce = optim.classification_loss(logits, targets, num_classes, smoothing)
       cost = expected_cost(arch_weights, table)
       return search_loss(ce, cost, alpha, beta), (ce, cost)
 
-    (loss, (ce, cost)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.theta)
-    updates, theta_opt_state = theta_tx.update(grads, state.theta_opt_state, state.theta)
-    theta = optax.apply_updates(state.theta, updates)
+    (loss, (ce, cost)), grads = jax.value_and_grad(loss_fn, has_aux=True)(arch.theta)
+    updates, opt_state = theta_tx.update(grads, arch.opt_state, arch.theta)
+    theta = optax.apply_updates(arch.theta, updates)
     metrics = {'arch_loss': loss, 'arch_ce': ce, 'expected_cost': cost}
-    return state.replace(arch_step=state.arch_step + 1, theta=theta,
-                         theta_opt_state=theta_opt_state), metrics
+    return arch.replace(step=arch.step + 1, theta=theta, opt_state=opt_state), metrics
 
   return arch_step
 
 
-def make_eval_step(model, mean, std, image_size: int):
-  """Correct predictions among the masked rows of a test batch, for given mixing weights."""
-
-  def eval_step(params, batch_stats, arch_weights, images, labels, valid):
-    x = data_lib.normalize(images, mean, std)
-    if x.shape[1:3] != (image_size, image_size):
-      x = data_lib.resize(x, image_size)
-    logits = model.apply({'params': params, 'batch_stats': batch_stats}, x, arch_weights,
-                         train=False)
-    return jnp.sum((jnp.argmax(logits, -1) == labels) * valid)
-
-  return eval_step
+# The per-epoch record of results.json's history, one float column per key (NaN: no value that
+# epoch, e.g. the warm-up's architecture metrics). Checkpoints hold these columns as float64
+# arrays, so a resumed search writes the history an uninterrupted one would.
+HISTORY_KEYS = ('loss', 'accuracy', 'lr', 'grad_norm', 'param_norm', 'tau', 'arch_loss',
+                'arch_ce', 'expected_cost', 'entropy', 'epoch_seconds')
 
 
-def evaluate(eval_step, state, arch_weights, images, labels, batch_size: int) -> float:
-  """Test accuracy over all of ``images`` (the last batch padded and masked)."""
-  n, correct = len(images), 0.0
-  for start in range(0, n, batch_size):
-    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-    valid = (np.arange(start, start + batch_size) < n).astype(np.float32)
-    correct += float(eval_step(state.params, state.batch_stats, arch_weights, images[idx],
-                               labels[idx], valid))
-  return correct / n
+def history_records(history: dict) -> list:
+  """Columns {key: [value per epoch]} -> [{'epoch': e, key: value, ...}], NaNs left out."""
+  epochs = len(history[HISTORY_KEYS[0]])
+  return [{'epoch': e, **{k: history[k][e] for k in HISTORY_KEYS
+                          if not math.isnan(history[k][e])}} for e in range(epochs)]
 
 
 def plot_arch_weights(path: str, probs: np.ndarray, mask: np.ndarray, candidates: Sequence[str],
@@ -605,17 +580,14 @@ def main(argv=None) -> int:
   print(f'{run_name}: FBNet search on {jax.devices()[0].platform}, workdir {workdir}', flush=True)
 
   # == Data: the training set split into a weight part and an architecture part ===============
+  # The trainer's data path: the dataset (train_subset/test_subset applied) on the device as
+  # uint8, each step given only its batch's indices.
   if str(config.dataset).startswith('tfds:'):
     raise ValueError('jaxcnn.search needs an in-memory dataset (fmnist, npz:, folder:)')
-  ds = data_lib.load_dataset(config)
-  train_images, train_labels = ds.train_images, ds.train_labels.astype(np.int32)
-  test_images, test_labels = ds.test_images, ds.test_labels.astype(np.int32)
-  if config.train_subset > 0:
-    train_images, train_labels = (a[:config.train_subset] for a in (train_images, train_labels))
-  if config.test_subset > 0:
-    test_images, test_labels = (a[:config.test_subset] for a in (test_images, test_labels))
-  split = np.random.default_rng([config.seed, 1]).permutation(len(train_images))
-  n_arch = int(round(settings['arch_fraction'] * len(train_images)))
+  mesh = sharding.make_mesh(1)
+  ds, train_arrays, test_arrays, _, (mean, std) = train_lib.load_data(config, mesh, config.model)
+  split = np.random.default_rng([config.seed, 1]).permutation(ds.num_train)
+  n_arch = int(round(settings['arch_fraction'] * ds.num_train))
   arch_idx, weight_idx = split[:n_arch], split[n_arch:]
   bs = int(config.batch_size)
   if bs < 1:
@@ -634,10 +606,15 @@ def main(argv=None) -> int:
     w_steps_per_epoch = min(w_steps_per_epoch, int(config.num_steps))
     a_steps_per_epoch = min(a_steps_per_epoch, int(config.num_steps))
   image_size = int(config.image_size)
-  mean, std = ds.mean, ds.std
-  images_dev, labels_dev = jnp.asarray(train_images), jnp.asarray(train_labels)
+  test_size = int(config.get('test_image_size', 0) or image_size)
+  channels = ds.image_shape[-1]
+
+  def split_batch(order, i):
+    """Batch i of an epoch's order of one split, as the trainer's train_batch gives it."""
+    return sharding.host_to_global({'idx': order[i * bs:(i + 1) * bs].astype(np.int32)}, mesh)
+
   print(f'data: {len(weight_idx)} images for the weights, {n_arch} for the architecture, '
-        f'{len(test_images)} test; {num_epochs} epochs ({settings["warmup_epochs"]} warm-up) of '
+        f'{ds.num_test} test; {num_epochs} epochs ({settings["warmup_epochs"]} warm-up) of '
         f'{w_steps_per_epoch} + {a_steps_per_epoch} steps of {bs}, {image_size}px', flush=True)
 
   # == Search space and cost table ==============================================================
@@ -665,9 +642,10 @@ def main(argv=None) -> int:
     f.write(config.to_json_best_effort(indent=2))
 
   # == Supernet, optimisers, state ==============================================================
+  # The weights' state is the trainer's TrainState (EMA included when config.ema_decay > 0);
+  # theta and its Adam state are the ArchState.
   model = SuperNet(settings['stages'], candidates, settings['stem_width'],
                    settings['num_features'], settings['act'], config.num_classes)
-  channels = train_images.shape[-1]
   init_variables = lambda rng, theta: model.init(
       rng, jnp.zeros((1, image_size, image_size, channels)), mixing_weights(theta, mask, 1.0),
       train=False)
@@ -677,107 +655,159 @@ def main(argv=None) -> int:
   tx = optim.build_optimizer(config, abstract['params'], w_steps_per_epoch, total_w_steps, bs)[0]
   theta_tx = optax.chain(optax.add_decayed_weights(settings['theta_weight_decay']),
                          optax.adam(settings['theta_lr']))
+  ema = float(config.get('ema_decay', 0.0)) > 0
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
-    theta = theta0
-    variables = init_variables(init_rng, theta)
-    return SearchState(step=jnp.zeros((), jnp.int32), arch_step=jnp.zeros((), jnp.int32),
-                       params=variables['params'], batch_stats=variables['batch_stats'],
-                       opt_state=tx.init(variables['params']), theta=theta,
-                       theta_opt_state=theta_tx.init(theta), rng=state_rng)
+    variables = init_variables(init_rng, theta0)
+    params = variables['params']
+    weights = train_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+        opt_state=tx.init(params), ema_params=params if ema else None, rng=state_rng)
+    arch = ArchState(step=jnp.zeros((), jnp.int32), theta=theta0,
+                     opt_state=theta_tx.init(theta0))
+    return weights, arch
 
-  state = jax.jit(init)(jax.random.key(config.seed))
-  print(f'supernet: {jaxcnn.count_params(state.params):,} parameters', flush=True)
+  # Every state array lives on the mesh, as the data does: a step's inputs then have the same
+  # shardings at every call, and each step compiles once.
+  replicated = sharding.replicated(mesh)
+  weights, arch = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  print(f'supernet: {jaxcnn.count_params(weights.params):,} parameters', flush=True)
 
-  smoothing = float(config.get('label_smoothing', 0.0))
-  batch_fn = make_batch_fn(config, mean, std, image_size, config.num_classes)
+  # The trainer's step updates the weights, the Gumbel-sampled mixing weights its model input.
   mask_dev = jnp.asarray(mask)
-  gather = lambda idx: (images_dev[idx], labels_dev[idx])
-  weight_step = jax.jit(
-      make_weight_step(model, tx, mask_dev, batch_fn, config.num_classes, smoothing),
-      donate_argnums=(0,))
+  weight_step = jax.jit(train_lib.make_train_step(config, model, tx, mean, std, image_size,
+                                                  config.num_classes),
+                        donate_argnums=(0,), out_shardings=replicated)
+  weight_mixing = jax.jit(make_weight_mixing(mask_dev), out_shardings=replicated)
+  batch_fn = train_lib.make_batch_fn(config, mean, std, image_size, config.num_classes)
   arch_step = jax.jit(
-      make_arch_step(model, theta_tx, mask_dev, table, batch_fn, config.num_classes, smoothing,
-                     settings['alpha'], settings['beta']), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, mean, std, image_size))
-  eval_bs = int(settings['eval_batch_size'])
+      make_arch_step(model, theta_tx, mask_dev, table, batch_fn, config.num_classes,
+                     float(config.get('label_smoothing', 0.0)), settings['alpha'],
+                     settings['beta']), donate_argnums=(0,), out_shardings=replicated)
+  eval_step = jax.jit(train_lib.make_eval_step(config, model, mean, std, test_size,
+                                               config.num_classes))
+
+  # == Checkpoint: resume from the workdir =====================================================
+  # One checkpoint per finished epoch, numbered by the epochs done: both states, the history
+  # so far and the search's seconds so far. The data orders are functions of (seed, epoch) and
+  # every key of (rng, step count), so the resumed search continues as if never stopped.
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                               keep=config.get('keep_checkpoints', 3))
+  history = {k: [] for k in HISTORY_KEYS}
+  start_epoch = ckpt.latest_step() or 0
+  if start_epoch:
+    restored = ckpt.restore({'weights': weights, 'arch': arch, 'seconds': 0.0,
+                             'history': {k: np.zeros(start_epoch) for k in HISTORY_KEYS}})
+    weights, arch = restored['weights'], restored['arch']
+    history = {k: [float(v) for v in restored['history'][k]] for k in HISTORY_KEYS}
+    t_start = time.time() - restored['seconds']
+    print(f'Resumed from {ckpt.directory} at epoch {start_epoch}.', flush=True)
 
   # == Search loop: per epoch, w on its split, then theta on its split ========================
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
-  history = []
-  for epoch in range(num_epochs):
-    t_epoch = time.time()
-    tau = temperature(settings, epoch)
-    order = np.random.default_rng([config.seed, 2, epoch]).permutation(weight_idx)
-    w_metrics = []
-    for i in range(w_steps_per_epoch):
-      state, m = weight_step(state, *gather(order[i * bs:(i + 1) * bs]), tau)
-      w_metrics.append(m)
-    record = {k: float(np.mean([float(m[k]) for m in w_metrics])) for k in w_metrics[0]}
-    record['tau'] = tau
-    if epoch >= settings['warmup_epochs']:
-      order = np.random.default_rng([config.seed, 3, epoch]).permutation(arch_idx)
-      a_metrics = []
-      for i in range(a_steps_per_epoch):
-        state, m = arch_step(state, *gather(order[i * bs:(i + 1) * bs]), tau)
-        a_metrics.append(m)
-      record.update({k: float(np.mean([float(m[k]) for m in a_metrics])) for k in a_metrics[0]})
-    if not all(math.isfinite(v) for v in record.values()):
-      print(f'error: non-finite value in epoch {epoch}: {record}', file=sys.stderr)
-      writer.close()
-      return 1
-    probs = np.asarray(mixing_weights(state.theta, mask, 1.0))
-    record['entropy'] = float(-np.sum(np.where(mask, probs * np.log(np.maximum(probs, 1e-30)), 0))
-                              / len(specs))
-    record['epoch_seconds'] = time.time() - t_epoch
-    writer.write(int(state.step), record, kind='train')
-    history.append({'epoch': epoch, **record})
-    print(f'epoch {epoch}: tau {tau:.3f}, w loss {record["loss"]:.4f} acc '
-          f'{record["accuracy"]:.4f}' + (f', theta loss {record["arch_loss"]:.4f} (ce '
-                                         f'{record["arch_ce"]:.4f}, E[cost] '
-                                         f'{record["expected_cost"]:.3f} {unit})'
-                                         if 'arch_loss' in record else ', warm-up')
-          + f', entropy {record["entropy"]:.3f}, {record["epoch_seconds"]:.0f}s', flush=True)
+  stop = ckpt_lib.StopSignal()  # SIGTERM: stop, keep the last finished epoch's checkpoint
+  start_step = step = int(weights.step)
+  try:
+    for epoch in range(start_epoch, num_epochs):
+      t_epoch = time.time()
+      tau = temperature(settings, epoch)
+      order = np.random.default_rng([config.seed, 2, epoch]).permutation(weight_idx)
+      w_metrics = []
+      for i in range(w_steps_per_epoch):
+        if step == config.get('simulate_preemption_at_step', -1) and step > start_step:
+          os.kill(os.getpid(), signal.SIGTERM)  # Tests: as if the scheduler preempted us here.
+        if stop:
+          break
+        arch_weights = weight_mixing(arch.theta, weights.rng, weights.step, tau)
+        weights, m = weight_step(weights, train_arrays, split_batch(order, i), arch_weights)
+        w_metrics.append(m)
+        step += 1
+      if stop:
+        break
+      record = {k: float(np.mean([float(m[k]) for m in w_metrics])) for k in w_metrics[0]}
+      record['tau'] = tau
+      if epoch >= settings['warmup_epochs']:
+        order = np.random.default_rng([config.seed, 3, epoch]).permutation(arch_idx)
+        a_metrics = []
+        for i in range(a_steps_per_epoch):
+          if stop:
+            break
+          arch, m = arch_step(arch, weights, train_arrays, split_batch(order, i), tau)
+          a_metrics.append(m)
+        if stop:
+          break
+        record.update({k: float(np.mean([float(m[k]) for m in a_metrics]))
+                       for k in a_metrics[0]})
+      if not all(math.isfinite(v) for v in record.values()):
+        print(f'error: non-finite value in epoch {epoch}: {record}', file=sys.stderr)
+        writer.close()
+        return 1
+      probs = np.asarray(mixing_weights(arch.theta, mask, 1.0))
+      record['entropy'] = float(-np.sum(np.where(mask, probs * np.log(np.maximum(probs, 1e-30)),
+                                                 0)) / len(specs))
+      record['epoch_seconds'] = time.time() - t_epoch
+      writer.write(step, record, kind='train')
+      for k in HISTORY_KEYS:
+        history[k].append(record.get(k, math.nan))
+      ckpt.save(epoch + 1, {'weights': weights, 'arch': arch, 'seconds': time.time() - t_start,
+                            'history': {k: np.asarray(v, np.float64) for k, v in history.items()}})
+      print(f'epoch {epoch}: tau {tau:.3f}, w loss {record["loss"]:.4f} acc '
+            f'{record["accuracy"]:.4f}' + (f', theta loss {record["arch_loss"]:.4f} (ce '
+                                           f'{record["arch_ce"]:.4f}, E[cost] '
+                                           f'{record["expected_cost"]:.3f} {unit})'
+                                           if 'arch_loss' in record else ', warm-up')
+            + f', entropy {record["entropy"]:.3f}, {record["epoch_seconds"]:.0f}s', flush=True)
+  finally:
+    stop.restore()
+    ckpt.close()  # Waits for pending saves: what was written stays written.
+  if stop:
+    writer.close()
+    print(f'Received {stop.received}: {ckpt.directory} holds the search after '
+          f'{len(history["loss"])} of {num_epochs} epochs (an epoch cut short is run again); '
+          f'exiting. Run the same command again to resume.', flush=True)
+    return 0
 
   # == Evaluation of the supernet ===============================================================
+  # The trainer's evaluation, with the mixing weights as the model's extra input.
   search_seconds = time.time() - t_start
   tau = temperature(settings, num_epochs - 1)
-  chosen = argmax_choices(state.theta, mask)
+  chosen = argmax_choices(arch.theta, mask)
+  eval_bs = int(settings['eval_batch_size'])
+  test_accuracy = lambda arch_weights: train_lib.evaluate(
+      eval_step, weights.params, weights.batch_stats, ds, test_arrays, eval_bs, mesh,
+      model_args=(jax.device_put(arch_weights, replicated),))['accuracy']
   results = {
-      'supernet_test_accuracy': evaluate(eval_step, state, mixing_weights(state.theta, mask, tau),
-                                         test_images, test_labels, eval_bs),
-      'argmax_path_test_accuracy': evaluate(eval_step, state,
-                                            one_hot_weights(chosen, len(candidates)),
-                                            test_images, test_labels, eval_bs)}
-  writer.write(int(state.step), {'accuracy': results['supernet_test_accuracy'],
-                                 'argmax_accuracy': results['argmax_path_test_accuracy']},
+      'supernet_test_accuracy': test_accuracy(mixing_weights(arch.theta, mask, tau)),
+      'argmax_path_test_accuracy': test_accuracy(one_hot_weights(chosen, len(candidates)))}
+  writer.write(int(weights.step), {'accuracy': results['supernet_test_accuracy'],
+                                   'argmax_accuracy': results['argmax_path_test_accuracy']},
                kind='eval')
   writer.close()
   writer.plot()
 
   # == Export ===================================================================================
-  probs = np.asarray(mixing_weights(state.theta, mask, 1.0))
+  probs = np.asarray(mixing_weights(arch.theta, mask, 1.0))
   names = [candidates[k] for k in chosen]
   stages = choices_to_stages(specs, names)
   samples = []
   for i in range(int(settings['num_samples'])):
-    picks = sample_choices(jax.random.key(config.seed + 1000 + i), state.theta, mask)
+    picks = sample_choices(jax.random.key(config.seed + 1000 + i), arch.theta, mask)
     samples.append({'choices': [candidates[k] for k in picks],
                     'cost': float(sum(table[l, k] for l, k in enumerate(picks)))})
   arch_cost = float(sum(table[l, k] for l, k in enumerate(chosen)))
-  arch = architecture_json(
+  exported = architecture_json(
       stages, settings['stem_width'], settings['num_features'], settings['act'],
       choices=names, cost=arch_cost, cost_unit=f'{settings["cost"]} ({unit})',
       image_size=image_size, input_channels=int(channels),
       macro={'stem_width': settings['stem_width'], 'num_features': settings['num_features'],
              'stages': [list(s) for s in settings['stages']]},
-      candidates=list(candidates), theta=np.asarray(state.theta).round(5).tolist(),
+      candidates=list(candidates), theta=np.asarray(arch.theta).round(5).tolist(),
       probabilities=probs.round(5).tolist(), cost_table=table.round(6).tolist(),
       samples=samples)
   arch_path = os.path.join(workdir, 'architecture.json')
   with open(arch_path, 'w') as f:
-    json.dump(arch, f, indent=1)
+    json.dump(exported, f, indent=1)
   plot_path = plot_arch_weights(os.path.join(workdir, 'arch_weights.png'), probs, mask,
                                 candidates, specs, chosen)
   found = MBConvNet(stages, stem_width=settings['stem_width'],
@@ -787,12 +817,12 @@ def main(argv=None) -> int:
       jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)), train=False))
   results.update({
       'search_seconds': search_seconds, 'epochs': num_epochs,
-      'weight_steps': int(state.step), 'arch_steps': int(state.arch_step),
-      'supernet_params': jaxcnn.count_params(state.params),
+      'weight_steps': int(weights.step), 'arch_steps': int(arch.step),
+      'supernet_params': jaxcnn.count_params(weights.params),
       'found_params': jaxcnn.count_params(found_shapes['params']),
       'found_cost': arch_cost, 'cost_unit': unit, 'choices': names,
       'cost_range': [cheapest, float(np.sum(np.max(table, axis=1)))],
-      'history': history})
+      'history': history_records(history)})
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
 

@@ -8,8 +8,9 @@ For every residual block's output x (N, H, W, C) it reports, averaged over chann
   * the squared channel mean    mean_c (mean_{n,h,w} x)^2
   * the channel variance        mean_c  var_{n,h,w} x
 for a batch of N(0, 1) inputs. It works for any registered model: residual blocks are the
-model's direct submodules whose class name ends in ``Block`` or ``Unit`` (``--pattern`` changes
-this), captured with Flax's ``capture_intermediates``. BatchNorm models run in training mode
+model's direct submodules and the unrolled blocks of its stages (:class:`jaxcnn.layers.stage.Stage`)
+whose class name ends in ``Block`` or ``Unit`` (``--pattern`` changes this), captured with
+Flax's ``capture_intermediates``. BatchNorm models run in training mode
 (batch statistics), as at the first step of training; dropout and stochastic depth are off.
 
 Zero-initialised branch gains (NFNet ``skip_gain``, NF-ResNet last-conv ``gain``, zero-init
@@ -24,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from . import registry
 from .config import integer_at_least
@@ -58,8 +60,9 @@ def block_statistics(name: str, size=None, batch: int = 8, seed: int = 0, patter
     regex = re.compile(pattern)
 
     def is_block(mdl, method):
-        return (method == '__call__' and len(mdl.scope.path) == 1
-                and regex.search(type(mdl).__name__) is not None)
+        path = mdl.scope.path          # a direct submodule, or block b of a stage: (stage, 'b')
+        return (method == '__call__' and regex.search(type(mdl).__name__) is not None
+                and (len(path) == 1 or (len(path) == 2 and path[1].isdigit())))
 
     @jax.jit
     def run(variables, x):
@@ -67,12 +70,12 @@ def block_statistics(name: str, size=None, batch: int = 8, seed: int = 0, patter
                                mutable=['intermediates', 'batch_stats'],
                                rngs={'dropout': jax.random.key(0)})
         stats = {}
-        for k, v in state['intermediates'].items():
-            if k == '__call__' or '__call__' not in v:
+        for k, v in traverse_util.flatten_dict(state['intermediates'], sep='/').items():
+            if not k.endswith('/__call__'):
                 continue
-            y = v['__call__'][0].astype(jnp.float32)
+            y = v[0].astype(jnp.float32)
             mean = jnp.mean(y, axis=(0, 1, 2))
-            stats[k] = (jnp.mean(mean ** 2), jnp.mean(jnp.var(y, axis=(0, 1, 2))))
+            stats[k[:-len('/__call__')]] = (jnp.mean(mean ** 2), jnp.mean(jnp.var(y, axis=(0, 1, 2))))
         return stats
 
     stats = run(variables, x)

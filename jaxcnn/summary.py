@@ -39,7 +39,7 @@ from flax import traverse_util
 
 import jaxcnn
 from jaxcnn.config import integer_at_least
-from jaxcnn.layers import conv as conv_layers
+from jaxcnn import kernels
 
 
 @dataclasses.dataclass
@@ -97,9 +97,9 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
     flat = traverse_util.flatten_dict(variables.get('params', {}), sep='/')
     params_by_path = {k: int(np.prod(v.shape)) for k, v in flat.items()}
     shapes_by_path = {k: tuple(v.shape) for k, v in flat.items()}
-    # a forward trace: convolutions as plain lax ops (the CPU gradient forms would wrap scanned
-    # ones in custom-VJP calls that hide which operand is the kernel)
-    with conv_layers.switches(CPU_GRADIENT_FORMS=False):
+    # a forward trace of what the model computes: its convolutions as the plain lax ops it states
+    # (the kernel policy's forms would hide which operand is the kernel)
+    with kernels.use(kernels.PLAIN):
         closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
     root = type(model).__name__
     rows: List[LayerCost] = []
@@ -109,6 +109,7 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
     def module_path(eqn):
         stack = str(eqn.source_info.name_stack)
         parts = [p for p in stack.split('/') if p and '->' not in p   # einsum specs
+                 and '.' not in p                                     # a method's frame
                  and not p.startswith(('jit(', 'vmap(', 'scan', 'remat', 'checkpoint', 'transpose', 'jvp'))]
         if parts and parts[0] == root:
             parts = parts[1:]
@@ -125,22 +126,24 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
         seen_modules.add(path)
         return own
 
-    def walk(jaxpr, repeat):
+    def walk(jaxpr, repeat, prefix=''):
         nonlocal rf, jump
         for eqn in jaxpr.eqns:
             prim = eqn.primitive.name
             subs = _sub_jaxprs(eqn)
             if prim == 'scan':              # one pass of the body per scanned block
                 length = int(eqn.params['length'])
+                # a scan body's name stack starts at the scanned module: prefix its parents
+                inner = '/'.join(p for p in (prefix, module_path(eqn)) if p)
                 for _ in range(length):
-                    walk(subs[0][0], repeat * length)
+                    walk(subs[0][0], repeat * length, inner)
                 continue
-            if subs:                        # pjit, remat, custom_vjp, ...: the primal body once
-                walk(subs[0][0], repeat)
+            if subs:                        # pjit, remat, custom_jvp, ...: the primal body once
+                walk(subs[0][0], repeat, prefix)
                 continue
             in_shape = tuple(eqn.invars[0].aval.shape) if eqn.invars else ()
             out_shape = tuple(eqn.outvars[0].aval.shape)
-            path = module_path(eqn)
+            path = '/'.join(p for p in (prefix, module_path(eqn)) if p)
             if prim == 'conv_general_dilated':
                 kshape = tuple(eqn.invars[1].aval.shape)            # HWIO
                 groups = int(eqn.params['feature_group_count'])
@@ -202,12 +205,12 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
 
 def xla_flops(name: str, input_size: int = 224, channels: int = 3) -> float:
     """FLOPs of one image's forward pass from XLA's cost analysis of the compiled model (traced
-    with lax's convolutions: XLA counts no FLOPs in the oneDNN calls or the CPU's other forms)."""
+    under the plain kernel policy: XLA counts no FLOPs in oneDNN calls)."""
     model = jaxcnn.create_model(name)
     x = jnp.zeros((1, input_size, input_size, channels), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    with conv_layers.switches(CPU_GRADIENT_FORMS=False):
+    with kernels.use(kernels.PLAIN):
         lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -36,7 +36,7 @@ from jaxcnn import metrics as metrics_lib
 from jaxcnn import optim
 from jaxcnn import sharding
 from jaxcnn import transfer as transfer_lib
-from jaxcnn.layers import model_compiler_options, onednn
+from jaxcnn import kernels
 
 
 @flax.struct.dataclass
@@ -238,30 +238,33 @@ def progressive_phases(config, total_steps: int, image_size: int, model) -> list
   return phases
 
 
-def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_train=True,
-                    mixup=None):
-  """The whole training update for one global batch, as one function to jit.
+def dense_targets(targets, outputs):
+  """Per-image targets (N, classes) at every position of per-pixel logits (N, H, W, classes)
+  (dense prediction), else as they are."""
+  logits, _ = optim.split_outputs(outputs)
+  if logits.ndim == targets.ndim:
+    return targets
+  shape = (targets.shape[0],) + (1,) * (logits.ndim - targets.ndim) + targets.shape[1:]
+  return jnp.broadcast_to(targets.reshape(shape), logits.shape[:-1] + targets.shape[-1:])
 
-  ``bn_train=False`` (a frozen backbone) runs the model in inference mode: BatchNorm uses and
-  keeps its running statistics, and dropout is off. ``mixup`` overrides config.augment.mixup
-  (progressive learning)."""
+
+def make_batch_fn(config, mean, std, image_size, num_classes, mixup=None):
+  """Section 1 of the training step, on its own so that other steps built on the trainer's
+  (jaxcnn/search.py's architecture step) see the very same batches: returns
+  ``batch_fn(aug_rng, train_arrays, batch) -> (images, targets)``, to call inside the jit.
+
+  In-memory data: gather the rows of this step's indices (sharded on 'data') from the
+  replicated uint8 dataset, normalise, resize if the train resolution differs from the stored
+  one, then augment (zero padding/Cutout equal the mean after normalising). Host batches arrive
+  normalised, cropped and flipped; only the batch-level augmentations are left. Targets are
+  soft (MixUp/CutMix). ``mixup`` overrides config.augment.mixup (progressive learning)."""
   aug_cfg = config.augment.to_dict()
   if mixup is not None:
     aug_cfg['mixup'] = mixup
   host_aug_cfg = {**aug_cfg, 'crop_padding': 0, 'flip': False}
-  ema_decay = float(config.get('ema_decay', 0.0))
-  smoothing = float(config.get('label_smoothing', 0.0))
   compute_dtype = jnp.bfloat16 if config.get('bf16', False) else jnp.float32
 
-  def train_step(state: TrainState, train_arrays, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    aug_rng, dropout_rng = jax.random.split(rng)
-
-    # 1. The batch. In-memory data: gather the rows of this step's indices (sharded on
-    #    'data') from the replicated uint8 dataset, normalise, resize if the train resolution
-    #    differs from the stored one, then augment (zero padding/Cutout equal the mean after
-    #    normalising). Host batches arrive normalised, cropped and flipped; only the
-    #    batch-level augmentations are left. Targets are soft (MixUp/CutMix).
+  def batch_fn(aug_rng, train_arrays, batch):
     if train_arrays is not None:
       images, labels = train_arrays[0][batch['idx']], train_arrays[1][batch['idx']]
       images = data_lib.normalize(images, mean, std)
@@ -274,16 +277,39 @@ def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_tr
         images = data_lib.resize(images, image_size)
       images, targets = data_lib.augment_batch(aug_rng, images, batch['label'], host_aug_cfg,
                                                num_classes)
-    images = images.astype(compute_dtype)
+    return images.astype(compute_dtype), targets
+
+  return batch_fn
+
+
+def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_train=True,
+                    mixup=None):
+  """The whole training update for one global batch, as one function to jit.
+
+  ``bn_train=False`` (a frozen backbone) runs the model in inference mode: BatchNorm uses and
+  keeps its running statistics, and dropout is off. ``mixup`` overrides config.augment.mixup
+  (progressive learning). Extra positional arguments of the step go to the model after the
+  images (the architecture search's mixing weights); the trainer passes none."""
+  batch_fn = make_batch_fn(config, mean, std, image_size, num_classes, mixup)
+  ema_decay = float(config.get('ema_decay', 0.0))
+  smoothing = float(config.get('label_smoothing', 0.0))
+
+  def train_step(state: TrainState, train_arrays, batch, *model_args):
+    rng = jax.random.fold_in(state.rng, state.step)
+    aug_rng, dropout_rng = jax.random.split(rng)
+
+    # 1. The batch: gathered (or taken from the host), normalised, augmented (make_batch_fn).
+    images, targets = batch_fn(aug_rng, train_arrays, batch)
 
     # 2. Forward and backward. BatchNorm statistics are those of the global batch.
     def loss_fn(params):
       variables = {'params': params}
       if state.batch_stats:
         variables['batch_stats'] = state.batch_stats
-      outputs, new_vars = model.apply(variables, images, train=bn_train,
+      outputs, new_vars = model.apply(variables, images, *model_args, train=bn_train,
                                       rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-      loss = optim.classification_loss(outputs, targets, num_classes, smoothing)
+      loss = optim.classification_loss(outputs, dense_targets(targets, outputs), num_classes,
+                                       smoothing)
       return loss, (outputs, new_vars.get('batch_stats', {}))
 
     (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -299,7 +325,7 @@ def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_tr
     # 4. Metrics. Loss and accuracy are those of the pre-update parameters; the norm of the
     #    updated ones catches an update that overflowed while the loss still looked finite.
     logits, _ = optim.split_outputs(outputs)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(dense_targets(targets, logits), -1))
     metrics = {'loss': loss, 'accuracy': accuracy, 'lr': optim.current_lr(opt_state),
                'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -310,12 +336,13 @@ def make_train_step(config, model, tx, mean, std, image_size, num_classes, bn_tr
 
 
 def make_eval_step(config, model, mean, std, test_size, num_classes):
-  """Sums of loss and correct predictions over one (padded) batch of test indices."""
+  """Sums of loss and correct predictions over one (padded) batch of test indices. Extra
+  positional arguments go to the model after the images, as in make_train_step."""
   compute_dtype = jnp.bfloat16 if config.get('bf16', False) else jnp.float32
   eval_mode = config.eval.get('mode', 'center')
   eval_scales = tuple(config.eval.get('scales', (1.0,)))
 
-  def eval_step(params, batch_stats, test_arrays, batch):
+  def eval_step(params, batch_stats, test_arrays, batch, *model_args):
     if test_arrays is not None:
       images = data_lib.normalize(test_arrays[0][batch['idx']], mean, std)
       labels = test_arrays[1][batch['idx']]
@@ -329,7 +356,7 @@ def make_eval_step(config, model, mean, std, test_size, num_classes):
     # Test-time augmentation: the softmax averaged over the views (one view for 'center').
     def view_probs(x):
       logits, _ = optim.split_outputs(model.apply(variables, x.astype(compute_dtype),
-                                                  train=False))
+                                                  *model_args, train=False))
       return jax.nn.softmax(logits.astype(jnp.float32), -1)
 
     probs = jnp.mean(jax.lax.map(view_probs, views), axis=0)
@@ -342,8 +369,9 @@ def make_eval_step(config, model, mean, std, test_size, num_classes):
   return eval_step
 
 
-def evaluate(eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh):
-  """Accuracy and loss over the whole test set; padded rows of the last batch are masked."""
+def evaluate(eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh, model_args=()):
+  """Accuracy and loss over the whole test set; padded rows of the last batch are masked.
+  ``model_args``: extra inputs of the model, passed through eval_step."""
   if test_arrays is not None:
     def batches():
       n = ds.num_test
@@ -356,7 +384,8 @@ def evaluate(eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh):
     batches = lambda: ds.eval_iter(batch_size)
   totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
   for batch in batches():
-    out = eval_step(params, batch_stats, test_arrays, sharding.host_to_global(batch, mesh))
+    out = eval_step(params, batch_stats, test_arrays, sharding.host_to_global(batch, mesh),
+                    *model_args)
     for k in totals:
       totals[k] += float(out[k])
   return {'accuracy': totals['correct'] / totals['count'], 'loss': totals['loss'] / totals['count']}
@@ -389,7 +418,7 @@ def main(argv=None) -> int:
   log(f'{run_name}: {mesh.devices.size} device(s) ({jax.devices()[0].platform}), '
       f'{jax.process_count()} process(es), workdir {workdir}')
   if jax.default_backend() == 'cpu':
-    log(onednn.log_line())
+    log(kernels.describe())
 
   # == Input ===================================================================================
   model_name = resolve_model_name(config)
@@ -425,7 +454,7 @@ def main(argv=None) -> int:
 
   # == Train and eval steps ====================================================================
   # XLA options for this model's steps (on the CPU: which library runs its convolutions)
-  xla_options = model_compiler_options(
+  xla_options = kernels.model_compiler_options(
       model, {'params': state.params, 'batch_stats': state.batch_stats},
       (image_size, image_size, channels))
   # One compiled step per training phase (one phase unless config.progressive is on).

@@ -1,8 +1,10 @@
 import os
 import sys
 
-# tests import their helpers as a plain module
+# tests import their helpers as a plain module, and the benchmark scripts (benchmarks/, at the
+# repository root) as the package ``benchmarks``
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The suite is dominated by XLA:CPU compiles of ~130 models. LLVM's -O1 instead of -O2 compiles
 # about 25 % faster with the same numerics and, on these small inputs, the same run time. Set

@@ -4,7 +4,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 import jaxcnn
@@ -23,27 +22,41 @@ def test_train_figures_are_consistent(tmp_path):
     assert r['mfu'] is None                          # no published peak for a CPU
 
 
-def test_train_step_weighs_auxiliary_heads_as_the_trainer():
-    """GoogLeNet trains with two auxiliary heads: the bench's step loss is CE(main) + 0.3 x the
-    CE of each head (Szegedy et al. 2015), here computed by hand from the model's outputs, and the
-    PyTorch side takes torchvision's tuple of outputs the same way."""
+def _step_loss_and_outputs(spec, batch, size, num_classes):
+    """The bench's step's loss metric and, by hand, the model's training outputs on the very
+    images the step sees (its uint8 data normalised), without dropout."""
     import numpy as np
-    model = jaxcnn.create_model('googlenet', num_classes=10)
-    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-    labels = jnp.array([3, 7])
-    key = jax.random.key(1)
-    variables = random_variables(model, x.shape)
-    (logits, aux), _ = jit_once(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key},
-                                                         mutable=['batch_stats']))(variables, x)
-    assert len(aux) == 2
+    s = bench.Setup(spec, batch, size, num_classes=num_classes)
+    _, metrics = jit_once(s.step)(*s.args)
+    images, labels = (np.asarray(a) for a in s.arrays)
+    x = (images / 255.0 - 0.5) / 0.25
+    outputs, _ = jit_once(lambda v, x: s.model.apply(v, x, train=True, mutable=['batch_stats']))(
+        s.variables, jnp.asarray(x, jnp.float32))
+    return float(metrics['loss']), outputs, labels
 
-    def ce(z):
-        logp = np.asarray(jax.nn.log_softmax(np.asarray(z, np.float64)))
-        return -np.mean(logp[np.arange(2), np.asarray(labels)])
-    tx = optax.sgd(0.0)
-    params, stats = variables['params'], variables['batch_stats']
-    *_, loss = jit_once(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels, key)
-    assert float(loss) == pytest.approx(ce(logits) + 0.3 * (ce(aux[0]) + ce(aux[1])), rel=1e-5)
+
+def _ce(logits, labels):
+    import numpy as np
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    picked = np.take_along_axis(logp, np.asarray(labels)[..., None], -1)
+    return -float(np.mean(picked))
+
+
+def test_bench_times_the_trainers_own_step():
+    s = bench.Setup('lenet5', 2, 32, num_classes=10)
+    assert s.step.__qualname__ == 'make_train_step.<locals>.train_step'
+    assert s.step.__module__ == 'jaxcnn.train'
+
+
+def test_train_step_weighs_auxiliary_heads_as_the_trainer():
+    """GoogLeNet trains with two auxiliary heads: the step's loss is CE(main) + 0.3 x the CE of
+    each head (Szegedy et al. 2015), here computed by hand from the model's outputs, and the
+    PyTorch side takes torchvision's tuple of outputs the same way."""
+    loss, (logits, aux), labels = _step_loss_and_outputs(
+        'googlenet:drop_rate=0.0:aux_drop_rate=0.0', 2, 64, 10)
+    assert len(aux) == 2
+    assert loss == pytest.approx(_ce(logits, labels) + 0.3 * (_ce(aux[0], labels) + _ce(aux[1], labels)),
+                                 rel=1e-5)
     torch_r = next(bench.torch_rounds('googlenet', 2, 64, 'train', num_classes=10, steps=1))
     assert torch_r['model'] == 'torch:tv:googlenet' and torch_r['images_per_sec'] > 0
 
@@ -52,19 +65,10 @@ def test_train_step_of_a_dense_prediction_model_averages_over_pixels():
     """U-Net predicts every pixel: the step's loss is the mean per-pixel cross-entropy, each
     pixel labelled with its image's class."""
     import numpy as np
-    model = jaxcnn.create_model('unet_small')
-    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
-    labels = jnp.array([0, 1])
-    variables = random_variables(model, x.shape)
-    logits, _ = jit_once(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
+    loss, logits, labels = _step_loss_and_outputs('unet_small', 2, 16, 2)
     assert logits.shape == (2, 16, 16, 2)
-    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
-    expected = -np.mean(np.concatenate([logp[0, ..., 0].ravel(), logp[1, ..., 1].ravel()]))
-    tx = optax.sgd(0.0)
-    params, stats = variables['params'], variables.get('batch_stats', {})
-    *_, loss = jit_once(bench._train_step(model, tx))(params, stats, tx.init(params), x, labels,
-                                                     jax.random.key(1))
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    pixel_labels = np.broadcast_to(labels[:, None, None], logits.shape[:-1])
+    assert loss == pytest.approx(_ce(logits, pixel_labels), rel=1e-5)
 
 
 def test_infer_and_compile_and_latency():
@@ -107,22 +111,21 @@ def test_rounds_compare_the_best_of_alternating_measurements(tmp_path):
         min(torch_r['ms_per_step_rounds']) / min(jax_r['ms_per_step_rounds']))
 
 
-def test_switch_experiment_times_both_variants_and_restores_the_switch(tmp_path, monkeypatch):
-    """The A/B experiments' command line: both variants timed in every round, the best of each
-    reported, the switch left as it was."""
-    from jaxcnn.layers import conv as conv_layers
-    out = tmp_path / 'ab.json'
-    monkeypatch.setattr('sys.argv', ['prog', '--out', str(out)])
-    bench.switch_experiment('jaxcnn.experiments.small_map_products_cpu', 'An A/B test.\n\nMore.',
-                            'CPU_SMALL_MAP_PRODUCTS', [('resnet20', 2, 8)], ('on', 'off'), rounds=2, steps=1)
-    assert conv_layers.CPU_SMALL_MAP_PRODUCTS is True
-    record = json.load(open(out))
-    assert record['switch'] == 'CPU_SMALL_MAP_PRODUCTS'
-    assert record['command'] == f'python -m jaxcnn.experiments.small_map_products_cpu --out {out}'
-    (r,) = record['results']
-    for variant in ('on', 'off'):
-        assert len(r['all_ms'][variant]) == 2
-        assert r['ms_per_step'][variant] == min(r['all_ms'][variant])
+def test_kernel_forms_benchmark_compiles_each_variant_as_named():
+    """benchmarks/kernel_forms.py: the CPU policy's step calls oneDNN, the step without it and
+    the plain policy's do not, and the plain policy's XLA options are XLA's own route."""
+    from benchmarks import kernel_forms
+    labels = {}
+    for label, policy, extra in kernel_forms.variants(('onednn',)):
+        step, _, options = kernel_forms.compile_step('resnet20', 2, 16, policy, extra)
+        labels[label] = (step is not None and 'JaxcnnConvForward' in step.as_text(), options)
+    assert labels['cpu policy'][0] and not labels['without onednn'][0]
+    assert not labels['plain, XLA defaults'][0] and labels['plain, XLA defaults'][1] == {}
+    assert labels['plain, xla_cpu_use_onednn'][1] == {'xla_cpu_use_onednn': True}
+    # XLA's own routes in place of the handlers: its oneDNN rewrite, its defaults (YNNPACK)
+    rewrite, defaults = labels['without onednn, xla_cpu_use_onednn'], labels['without onednn, XLA defaults']
+    assert not rewrite[0] and rewrite[1]['xla_cpu_use_onednn'] is True
+    assert not defaults[0] and defaults[1] == {}
 
 
 def test_an_input_too_small_for_the_pytorch_twin_is_one_clear_error():
@@ -152,16 +155,16 @@ def test_a_count_below_one_is_one_clear_error(argv, message, capsys):
 
 
 def test_model_spec_sets_model_arguments():
-    _, model = bench._build('revnet38:plain:scan_unroll=4', 10, jnp.float32)
-    assert model.reversible is False and model.scan_unroll == 4
+    _, model = bench.build('revnet38:plain:scan_unroll=4:remat=True', 10, jnp.float32)
+    assert model.reversible is False and model.scan_unroll == 4 and model.remat is True
     with pytest.raises(ValueError, match='neither'):
-        bench._build('revnet38:fast', 10, jnp.float32)
+        bench.build('revnet38:fast', 10, jnp.float32)
 
 
 def test_model_specs_keep_commas_inside_brackets():
     specs = bench.split_specs('revnet164:layers=(2,2,2),revnet164,resnet32:plain')
     assert specs == ['revnet164:layers=(2,2,2)', 'revnet164', 'resnet32:plain']
-    _, model = bench._build(specs[0], 10, jnp.float32)
+    _, model = bench.build(specs[0], 10, jnp.float32)
     assert model.layers == (2, 2, 2) and model.bottleneck
 
 
@@ -182,7 +185,7 @@ def test_allocator_peak_is_read_where_the_backend_keeps_statistics():
 
 def test_step_profile_sums_each_operation_kind_per_step(tmp_path):
     import gzip
-    from jaxcnn.experiments.cpu_step_profile import op_times
+    from benchmarks.cpu_step_profile import op_times
     events = [
         {'ph': 'X', 'name': 'transpose_copy_fusion.29', 'dur': 4000},
         {'ph': 'X', 'name': 'transpose_copy_fusion', 'dur': 2000},
@@ -201,9 +204,8 @@ def test_step_profile_sums_each_operation_kind_per_step(tmp_path):
 
 def test_conv_kernels_experiment_reads_every_convolution_of_the_model():
     """ResNet-18 (He et al. 2016, Table 1) has 20 convolutions: the 7x7 stem, two 3x3 per basic
-    block (8 blocks) and three 1x1 projection shortcuts; only the stem reads the images. (At
-    128 px the last stage's 4x4 maps run as tap products on the CPU; they are listed all the same.)"""
-    from jaxcnn.experiments.conv_kernels_cpu import model_convolutions
+    block (8 blocks) and three 1x1 projection shortcuts; only the stem reads the images."""
+    from benchmarks.conv_kernels_cpu import model_convolutions
     model = jaxcnn.create_model('resnet18', num_classes=10)
     x = jnp.zeros((2, 128, 128, 3))    # last stage 4x4: no map smaller than its kernel
     variables = random_variables(model, x.shape)
@@ -220,19 +222,24 @@ def test_flops_are_counted_on_the_host_program():
     w = jnp.zeros((3, 3, 5, 7), jnp.bfloat16)
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID',
                                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    assert bench._flops(conv, (x, w)) == 2 * (2 * 8 * 10 * 7 * 5 * 9)
+    assert bench.count_flops(conv, (x, w)) == 2 * (2 * 8 * 10 * 7 * 5 * 9)
 
 
 def test_parallel_builds_together_and_times_one_at_a_time(tmp_path):
-    """--parallel: every model compiled before any is timed, and no two timed at once."""
+    """--parallel: every model compiled before any is timed, and no two timed at once; each
+    spawned process compiles with the --xla-options given (XLA's defaults here, where the
+    policy's own choice for a ResNet would be XLA's dense convolutions)."""
+    from jaxcnn import kernels
+    assert kernels.cpu.accepted(tuple(kernels.cpu.DENSE_OPTIONS.items()))    # the two differ
     out = tmp_path / 'p.json'
     assert bench.main(['train', '--model', 'resnet18,resnet34', '--batch', '2', '--size', '32',
                        '--steps', '1', '--vs', 'timm', '--rounds', '2', '--parallel',
-                       '--out', str(out)]) == 0
+                       '--xla-options', 'defaults', '--out', str(out)]) == 0
     results = json.load(open(out))['results']
     assert [r['model'] for r in results] == ['resnet18', 'torch:tv:resnet18',
                                              'resnet34', 'torch:tv:resnet34']
     ours = [r for r in results if not r['model'].startswith('torch:')]
+    assert [r['xla_options'] for r in ours] == [{}, {}]
     windows = sorted(r['timed_unix'] for r in ours)
     assert max(r['ready_unix'] for r in ours) <= windows[0][0]
     assert windows[0][1] <= windows[1][0]
@@ -256,11 +263,8 @@ def test_flops_count_every_run_of_a_scanned_block():
     must still cost what the unrolled network costs."""
     counts = {}
     for spec in ('resnet34', 'resnet34:scan_blocks=True'):
-        _, model, variables, images, labels, _ = bench._setup(spec, 2, 32, jnp.float32, 10, 1)
-        tx = optax.sgd(0.1, momentum=0.9)
-        params, stats = variables['params'], variables['batch_stats']
-        counts[spec] = bench._flops(bench._train_step(model, tx),
-                                    (params, stats, tx.init(params), images, labels, jax.random.key(1)))
+        s = bench.Setup(spec, 2, 32, num_classes=10)
+        counts[spec] = bench.count_flops(s.step, s.args)
     assert counts['resnet34:scan_blocks=True'] == pytest.approx(counts['resnet34'], rel=1e-3)
 
 

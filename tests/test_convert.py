@@ -92,23 +92,24 @@ def test_new_head_size_is_read_from_the_weights(resnet18_ref):
 
 
 def test_mismatched_state_dict_names_the_keys(resnet18_ref):
-    with pytest.raises(ValueError, match='does not fit resnet34: missing .*layer1_2'):
+    with pytest.raises(ValueError, match='does not fit resnet34: missing .*layer1/2'):
         convert.from_torch('resnet34', resnet18_ref.state_dict())
 
 
 def test_scanned_stages_are_stacked_and_misfits_named():
     """nf_resnet50 scans blocks 2..n of each stage: timm's per-block weights are stacked into
-    stages_s_rest/block, and a missing or surplus block is still reported by name."""
+    stages_s/stacked/block (block b at index b - 1), and a missing or surplus block is still
+    reported by name."""
     sd = {k: v.numpy() for k, v in build_reference('timm:nf_resnet50').state_dict().items()}
     v = convert.from_torch('nf_resnet50', sd)
-    np.testing.assert_array_equal(v['params']['stages_2_rest']['block']['conv1']['kernel'][3],
+    np.testing.assert_array_equal(v['params']['stages_2']['stacked']['block']['conv1']['kernel'][3],
                                   sd['stages.2.4.conv1.weight'].transpose(2, 3, 1, 0))
-    assert 'stages_2_4' not in v['params']
+    assert sorted(v['params']['stages_2']) == ['0', 'stacked']
     short = {k: a for k, a in sd.items() if k != 'stages.2.4.conv1.weight'}
-    with pytest.raises(ValueError, match=r'missing .*stages_2_rest/block/conv1/kernel\[3\]'):
+    with pytest.raises(ValueError, match=r'missing .*stages_2/stacked/block/conv1/kernel\[3\]'):
         convert.from_torch('nf_resnet50', short)
     extra = {**sd, 'stages.2.6.conv1.weight': sd['stages.2.5.conv1.weight']}
-    with pytest.raises(ValueError, match=r'unexpected .*stages\.2\.6\.conv1\.weight -> params/stages_2_6/conv1/kernel'):
+    with pytest.raises(ValueError, match=r'unexpected .*stages\.2\.6\.conv1\.weight -> params/stages_2/6/conv1/kernel'):
         convert.from_torch('nf_resnet50', extra)
 
 

@@ -23,7 +23,7 @@ def test_stage_shapes_follow_the_table():
     params = abstract_variables(model, (1, 64, 64, 3))['params']
     assert params['stem_conv']['kernel'].shape == (4, 4, 3, 96)
     for s, (depth, c) in enumerate(zip((3, 3, 9, 3), (96, 192, 384, 768))):
-        block = params[f'stages_{s}_scan']['block']
+        block = params[f'stages_{s}']['stacked']['block']
         assert block['conv_dw']['kernel'].shape == (depth, 7, 7, 1, c)
         assert block['fc1']['kernel'].shape == (depth, c, 4 * c)
         assert block['fc2']['kernel'].shape == (depth, 4 * c, c)
@@ -68,9 +68,8 @@ def test_scanned_stages_equal_unrolled_blocks():
     v = random_variables(scanned, x.shape)
     p = dict(v['params'])
     for s, depth in enumerate(SMALL['depths']):
-        stacked = p.pop(f'stages_{s}_scan')['block']
-        for b in range(depth):
-            p[f'stages_{s}_{b}'] = jax.tree.map(lambda a: a[b], stacked)
+        stacked = p.pop(f'stages_{s}')['stacked']['block']
+        p[f'stages_{s}'] = {str(b): jax.tree.map(lambda a: a[b], stacked) for b in range(depth)}
     assert jax.tree.structure(p) == jax.tree.structure(random_variables(unrolled, x.shape)['params'])
     np.testing.assert_allclose(scanned.apply(v, x), unrolled.apply({'params': p}, x), rtol=1e-5, atol=1e-5)
 
@@ -109,7 +108,7 @@ def test_converted_twin_matches_with_random_layer_scales():
     assert np.abs(expected - without_blocks).max() > 0.1 * np.abs(expected).max()
     got = np.asarray(jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
-    assert variables['params']['stages_2_scan']['block']['layer_scale']['gamma'].shape == (9, 384)
+    assert variables['params']['stages_2']['stacked']['block']['layer_scale']['gamma'].shape == (9, 384)
 
 
 def test_pooled_features_and_bad_input():

@@ -82,15 +82,16 @@ def test_depth_scaling_is_shared_over_a_stage_from_the_last_row():
 
 
 def _unstack(tree):
-    """Scanned variables (blocks_s_rest/block, stacked) -> unrolled blocks_s_1.."""
+    """Scanned variables (blocks_s/stacked/block, stacked) -> unrolled blocks_s/1.."""
     out = {}
     for k, v in tree.items():
-        if k.endswith('_rest'):
-            n = jax.tree.leaves(v)[0].shape[0]
+        if isinstance(v, dict) and 'stacked' in v:
+            v = dict(v)
+            stacked = v.pop('stacked')['block']
+            n = jax.tree.leaves(stacked)[0].shape[0]
             for i in range(n):
-                out[f'{k[:-5]}_{i + 1}'] = jax.tree.map(lambda a: a[i], v['block'])
-        else:
-            out[k] = v
+                v[str(i + 1)] = jax.tree.map(lambda a: a[i], stacked)
+        out[k] = v
     return out
 
 
@@ -100,7 +101,7 @@ def test_scanned_stages_equal_unrolled_blocks():
     unrolled = jaxcnn.create_model('efficientnet_b0', scan_blocks=False, **kw)
     x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
     v = random_variables(scanned, x.shape)
-    assert 'blocks_5_rest' in v['params'] and 'blocks_5_1' not in v['params']
+    assert 'stacked' in v['params']['blocks_5'] and '1' not in v['params']['blocks_5']
     v_unrolled = {c: _unstack(t) for c, t in v.items()}
     assert jaxcnn.count_params(v_unrolled['params']) == jaxcnn.count_params(v['params'])
     fwd = lambda m: jit_once(lambda v, x: m.apply(v, x))
@@ -122,8 +123,8 @@ def test_fused_mbconv_has_no_depthwise_conv():
 def test_efficientnet_se_is_a_quarter_of_the_block_input():
     p = abstract_variables(jaxcnn.create_model('efficientnet_b0'), (1, 32, 32, 3))['params']
     # stage 3 block 0: input 40, expanded 240, SE to 10
-    assert p['blocks_3_0']['se']['fc1']['kernel'].shape == (1, 1, 240, 10)
-    assert p['blocks_0_0']['se']['fc1']['kernel'].shape == (1, 1, 32, 8)
+    assert p['blocks_3']['0']['se']['fc1']['kernel'].shape == (1, 1, 240, 10)
+    assert p['blocks_0']['0']['se']['fc1']['kernel'].shape == (1, 1, 32, 8)
 
 
 def _conditioned_reference(torch_name, branch_gain=0.2):
@@ -207,7 +208,7 @@ def test_condconv_b0_stage_table_matches_timm():
 @pytest.mark.parametrize('name,stage,index,in_size', [
     # TF 'same' padding, BN eps 1e-3: stride-2 k5 block on an even map (pads bottom/right only)
     ('tf_efficientnet_cc_b0_4e', 5, 0, 10),
-    # PyTorch padding: a block of a scanned stage (stacked under blocks_4_rest), with residual
+    # PyTorch padding: a block of a scanned stage (stacked under blocks_4/stacked), with residual
     ('efficientnet_cc_b0_4e', 4, 1, 7),
 ])
 def test_condconv_block_converts_from_timm(name, stage, index, in_size):
@@ -218,9 +219,10 @@ def test_condconv_block_converts_from_timm(name, stage, index, in_size):
     variables = convert.from_torch(name, ref.state_dict())
     blk = ref.blocks[stage][index]
     if index == 0:
-        block_vars = {c: t[f'blocks_{stage}_0'] for c, t in variables.items()}
+        block_vars = {c: t[f'blocks_{stage}']['0'] for c, t in variables.items()}
     else:
-        block_vars = {c: jax.tree.map(lambda a: a[index - 1], t[f'blocks_{stage}_rest']['block'])
+        block_vars = {c: jax.tree.map(lambda a: a[index - 1],
+                                      t[f'blocks_{stage}']['stacked']['block'])
                       for c, t in variables.items()}
     assert block_vars['params']['conv_pw']['kernel'].shape[:2] == (4, 1)
     np.testing.assert_array_equal(block_vars['params']['routing_fn']['fc']['kernel'],

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxcnn
-from jaxcnn.layers import conv as conv_layers
+from jaxcnn import kernels
 from helpers import abstract_variables, random_variables, jit_once
 from jaxcnn.models.fractalnet import (ConvBNReLU, FractalBlock, FractalNet, fractal_depth, global_drop_mask,
                                       join, local_drop_mask)
@@ -55,7 +55,7 @@ def test_expansion_rule_depth_and_columns(columns):
         assert [n for n in names if n.startswith(f'col{j}_')] == [f'col{j}_conv{i}' for i in range(2 ** j)]
     assert len(names) == 2 ** columns - 1
     # the longest input->output path through the traced block has 2^(C-1) convolutions
-    with conv_layers.switches(CPU_ONEDNN_CONVOLUTIONS=False):   # convolutions as lax's primitive
+    with kernels.use(kernels.PLAIN):                            # convolutions as lax's primitive
         jaxpr = jax.make_jaxpr(lambda x: block.apply(v, x))(X).jaxpr
     assert longest_conv_path(jaxpr, [0] * len(jaxpr.invars)) == [2 ** (columns - 1)]
     assert fractal_depth(5, columns) == 5 * 2 ** (columns - 1)

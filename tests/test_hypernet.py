@@ -76,11 +76,17 @@ def test_table2_plain_counts_support_the_layout():
     assert abs(hand_count(2, generated=False) - 2.236e6) <= 502
 
 
+def blocks_of(params):
+    """{'<stage>/<b>': block params} for every block of every stage (``layer{s}/{b}``)."""
+    return {f'{stage}/{b}': block for stage, blocks in params.items() if stage.startswith('layer')
+            for b, block in blocks.items()}
+
+
 def generated_kernels(params):
     """{block path: kernel} for every HyperConv, from the embeddings and the generator."""
     gen = HyperKernelGenerator().bind({'params': params['generator']})
     out = {}
-    for name, block in params.items():
+    for name, block in blocks_of(params).items():
         for conv in ('conv1', 'conv2'):
             if isinstance(block, dict) and conv in block:
                 c_in = block[conv]['z'].shape[0] * 16
@@ -97,8 +103,8 @@ def test_generated_kernels_have_the_wide_resnets_conv_shapes():
     wrn_params = abstract_variables(wrn, (1, 32, 32, 3))['params']
     assert len(kernels) == 36
     for path, kernel in kernels.items():
-        block, conv = path.split('/')
-        assert kernel.shape == wrn_params[block][conv]['kernel'].shape, path
+        stage, b, conv = path.split('/')
+        assert kernel.shape == wrn_params[stage][b][conv]['kernel'].shape, path
 
 
 def numpy_g(z, p):
@@ -161,7 +167,7 @@ def test_gradients_reach_every_embedding_and_the_generator():
     for name, leaf in jax.tree_util.tree_leaves_with_path(g['generator']):
         assert np.abs(np.asarray(leaf)).sum() > 0, name
     n_embeddings = 0
-    for block, sub in g.items():
+    for block, sub in blocks_of(g).items():
         for conv in ('conv1', 'conv2'):
             if isinstance(sub, dict) and conv in sub:
                 zg = np.asarray(sub[conv]['z'])

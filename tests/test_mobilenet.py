@@ -21,9 +21,9 @@ def _stage_outputs(name, size=224, **kw):
     def run(v, x):
         return model.apply(v, x, capture_intermediates=True, mutable=['intermediates'])[1]
     inter = jax.eval_shape(run, v, x)['intermediates']
-    stages = sorted({int(k.split('_')[1]) for k in inter if k.startswith('blocks_')})
-    last = lambda s: max(int(k.split('_')[2]) for k in inter if k.startswith(f'blocks_{s}_'))
-    return ([inter[f'blocks_{s}_{last(s)}']['__call__'][0].shape[1:] for s in stages],
+    stages = sorted(int(k.split('_')[1]) for k in inter if k.startswith('blocks_'))
+    last = lambda s: max(int(b) for b in inter[f'blocks_{s}'] if b.isdigit())
+    return ([inter[f'blocks_{s}'][str(last(s))]['__call__'][0].shape[1:] for s in stages],
             inter, v['params'])
 
 
@@ -38,10 +38,10 @@ def test_mobilenetv2_table2_shapes_at_224():
     assert params['conv_head']['kernel'].shape == (1, 1, 320, 1280)
     # n blocks per row; expansion t of the block input (t = 1: no expansion conv)
     for s, (t, c, n, _) in enumerate(MOBILENETV2_TABLE):
-        assert f'blocks_{s}_{n - 1}' in params and f'blocks_{s}_{n}' not in params
-    assert 'conv_pw' in params['blocks_0_0'] and 'conv_pwl' not in params['blocks_0_0']
-    assert params['blocks_1_0']['conv_pw']['kernel'].shape == (1, 1, 16, 96)     # t=6 on 16
-    assert params['blocks_1_0']['conv_dw']['kernel'].shape == (3, 3, 1, 96)      # depthwise
+        assert str(n - 1) in params[f'blocks_{s}'] and str(n) not in params[f'blocks_{s}']
+    assert 'conv_pw' in params['blocks_0']['0'] and 'conv_pwl' not in params['blocks_0']['0']
+    assert params['blocks_1']['0']['conv_pw']['kernel'].shape == (1, 1, 16, 96)     # t=6 on 16
+    assert params['blocks_1']['0']['conv_dw']['kernel'].shape == (3, 3, 1, 96)      # depthwise
 
 
 def test_linear_bottleneck_and_relu6():
@@ -51,7 +51,7 @@ def test_linear_bottleneck_and_relu6():
     v = random_variables(model, x.shape)
     _, st = jit_once(lambda v, x: model.apply(v, x, capture_intermediates=True,
                                              mutable=['intermediates']))(v, x)
-    out = np.asarray(st['intermediates']['blocks_1_0']['__call__'][0])
+    out = np.asarray(st['intermediates']['blocks_1']['0']['__call__'][0])
     assert out.min() < 0
     assert model.act == 'relu6'
 
@@ -91,12 +91,12 @@ def test_mobilenetv3_table1_and_efficient_last_stage():
     rounded to 8 with a hard-sigmoid gate; pooled 960 -> 1280 linear (no BN) -> h-swish -> fc."""
     model = jaxcnn.create_model('mobilenetv3_large_100', scan_blocks=False)
     p = abstract_variables(model, (1, 32, 32, 3))['params']
-    mids = [p[f'blocks_{s}_{b}']['conv_pw']['kernel'].shape[-1]
+    mids = [p[f'blocks_{s}'][str(b)]['conv_pw']['kernel'].shape[-1]
             for s, b in [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2), (4, 0), (4, 1), (5, 0), (5, 1)]]
     assert mids == [64, 72, 72, 120, 240, 200, 184, 480, 672, 672, 960]
-    assert p['blocks_2_0']['se']['fc1']['kernel'].shape == (1, 1, 72, 24)     # 72/4 = 18 -> 24
-    assert 'se' not in p['blocks_3_0']
-    assert p['blocks_6_0']['conv']['kernel'].shape == (1, 1, 160, 960)
+    assert p['blocks_2']['0']['se']['fc1']['kernel'].shape == (1, 1, 72, 24)     # 72/4 = 18 -> 24
+    assert 'se' not in p['blocks_3']['0']
+    assert p['blocks_6']['0']['conv']['kernel'].shape == (1, 1, 160, 960)
     assert p['conv_head']['kernel'].shape == (960, 1280) and 'bias' in p['conv_head']
     assert model.se_gate == 'hard_sigmoid' and model.act == 'hard_swish'
     assert MOBILENETV3_LARGE[2][0].act == 'relu' and MOBILENETV3_LARGE[3][0].act == 'hard_swish'

@@ -1,6 +1,9 @@
-"""Every registered model through the same checks: parameter count against its reference, a
-jitted forward/backward pass in train and inference mode (fp32; bf16 for one model of each kind),
-and bf16 compute reaching every convolution and product (traced)."""
+"""Every registered model through the same checks: parameter count against its reference; in
+fp32, a jitted forward/backward pass in train and inference mode with every mode of
+differentiation (reverse, jax.jvp, jax.linearize, forward-over-reverse Hessian-vector products)
+checked against finite differences, under the library's default kernel policy; in bf16, the
+jitted pass for one model of each kind and bf16 compute reaching every convolution and product
+(traced)."""
 import dataclasses
 
 import jax
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxcnn
-from jaxcnn.layers.conv import _sub_jaxprs
+from jaxcnn.kernels import sub_jaxprs as _sub_jaxprs
 from jaxcnn.optim import classification_loss, split_outputs
 from helpers import abstract_variables, random_variables, test_input_size as input_size, jit_once
 
@@ -44,6 +47,11 @@ _PYRAMID_SHALLOW = {'pyramidnet110_a48': 20, 'pyramidnet272_a200_bottleneck': 29
 # are scanned, so compiles barely grow, but creating and differentiating 190-440M parameters on
 # the host took 55-86 s a test; they run at F1's depths (every stage scanned, as at full depth).
 _NFNET_SHALLOW = {f'nfnet_f{f}' for f in range(2, 7)}
+# ConvNeXt-L/XL: 198M and 350M parameters, most in the 27 blocks of stage 3 and the 3 of stage 4.
+# Checking every mode of differentiation holds about twelve copies of the parameters at once
+# (directions, gradients, the Hessian-vector product, finite-difference points): 17 GB at XL.
+# They run with two blocks a stage (their stages are scanned, so the block code is the same).
+_CONVNEXT_SHALLOW = {'convnext_large', 'convnext_xlarge'}
 
 
 def jit_test_overrides(name):
@@ -53,6 +61,8 @@ def jit_test_overrides(name):
         return {'depths': (2, 2, 2, 2)}
     if name in _NFNET_SHALLOW:
         return {'depths': (2, 4, 12, 6)}
+    if name in _CONVNEXT_SHALLOW:
+        return {'depths': (2, 2, 2, 2)}
     return {}
 
 
@@ -71,15 +81,13 @@ def test_jit_overrides_only_reduce_depth():
 CLASSIFIERS = [n for n in ALL if jaxcnn.model_info(n).family != 'unet']
 
 
-def _bf16_compiled_models():
-    """The models whose jit pass also runs in bfloat16: one per family, model class and kind of
-    block (the string and boolean fields of its configuration: block type, activation, norm,
-    padding...), the one with the fewest parameters. Its other members differ only in numbers
-    (depth, width, groups, ratios); their bfloat16 layers are checked by tracing, without a
-    compile, in test_bf16_reaches_every_convolution_and_product. A bfloat16 compile of XLA:CPU
-    takes about twice an fp32 one, and compiles are most of this suite's time."""
+def _one_per_kind(names):
+    """One model per family, model class and kind of block (the string and boolean fields of its
+    configuration: block type, activation, norm, padding...), the one with the fewest
+    parameters. The other members of a group differ only in numbers (depth, width, groups,
+    ratios), which no differentiation rule or dtype path depends on."""
     groups = {}
-    for name in CLASSIFIERS:
+    for name in names:
         model = jaxcnn.create_model(name)
         kinds = tuple((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
                       if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool)))
@@ -87,49 +95,204 @@ def _bf16_compiled_models():
     return sorted(min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values())
 
 
-BF16_COMPILED = _bf16_compiled_models()
+# The bf16 and fp32 passes are compiled for one model of each kind; every model's passes are
+# traced, without a compile (test_bf16_reaches_every_convolution_and_product checks each bf16
+# layer; a bfloat16 compile of XLA:CPU takes about twice an fp32 one, and compiles are most of
+# this suite's time).
+COMPILED = _one_per_kind(ALL)
+BF16_COMPILED = _one_per_kind(CLASSIFIERS)
+# Differentiated in every mode against finite differences, compiled: the models whose blocks hold
+# the library's own differentiation rules (the kernel policy's forms, the reversible couplings)
+# and the odd outputs, each kind once. Every other model traces the same probe, so every rule it
+# reaches runs on its shapes.
+FINITE_DIFFERENCES = {
+    'resnet20': {},                                 # oneDNN's dense forms, the block boundary
+    'resnet18': {},                                 # at 32 px: maps smaller than the kernel
+    'revnet38': {},                                 # reversible couplings in a scan (loop forms)
+    'mobilenetv3_small_050': {},                    # depthwise taps, SE, hard-swish
+    'convnext_tiny': {'depths': (1, 2, 1, 1)},      # 7x7 depthwise taps in a scan, layer scale
+    'shufflenet_g1': {},                            # grouped convolutions
+    'dynconv_cifar': {},                            # kernels computed from the input
+    'googlenet': {},                                # auxiliary heads in the loss
+    'unet_small': {},                               # per-pixel logits, transposed convolutions
+}
 
-
-@pytest.mark.parametrize('name,dtype', [(n, 'float32') for n in CLASSIFIERS] +
-                         [(n, 'bfloat16') for n in BF16_COMPILED])
-def test_jit_forward_backward(name, dtype):
-    dtype = jnp.dtype(dtype)
-    size = input_size(name)
-    model = jaxcnn.create_model(name, num_classes=7, dtype=dtype, drop_rate=0.1, drop_path_rate=0.1,
-                                **jit_test_overrides(name))
-    variables = random_variables(model, (2, size, size, 3))
-    x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 3), jnp.float32)
-    labels = jnp.array([1, 5])
-
-    @jit_once
-    def step(variables, x):
-        def loss_fn(params):
-            outputs, state = model.apply({**variables, 'params': params}, x, train=True,
-                                         rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
-            # the trainer's loss: auxiliary heads (GoogLeNet, Inception-v3) add with weight 0.3
-            loss = classification_loss(outputs, labels, 7)
-            return loss, (split_outputs(outputs)[0], state)
-        grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(variables['params'])
-        eval_logits = model.apply(variables, x, train=False)
-        return grads, train_logits, state, eval_logits
-
-    grads, train_logits, state, eval_logits = step(variables, x)
-    assert train_logits.shape == eval_logits.shape == (2, 7)
+def _check_outputs(variables, train_logits, state, eval_logits, dtype):
+    """Logits of the right shape and dtype, finite; running statistics moved by train mode."""
+    assert train_logits.shape == eval_logits.shape
     assert eval_logits.dtype == dtype
     assert np.isfinite(np.asarray(eval_logits, np.float32)).all()
-    # parameters stay fp32 whatever the compute dtype, and gradients reach every one of them
-    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params'])):
-        assert g.dtype == p.dtype == jnp.float32
-        assert np.isfinite(np.asarray(g)).all()
-    head_grad = grads['head']['fc']['kernel']
-    assert np.abs(np.asarray(head_grad)).sum() > 0
-    stem_grad = jax.tree.leaves(grads)[0]
-    assert np.abs(np.asarray(stem_grad)).sum() > 0
     if 'batch_stats' in variables:
         # train mode moves the running statistics; inference mode does not use batch statistics
         before = jax.tree.leaves(variables['batch_stats'])[0]
         after = jax.tree.leaves(state['batch_stats'])[0]
         assert not np.allclose(before, after)
+
+
+def _check_pass(model, variables, grads, train_logits, state, eval_logits, dtype):
+    """What every model's jitted pass must give: the outputs above, and finite fp32 gradients
+    reaching the head and the stem."""
+    _check_outputs(variables, train_logits, state, eval_logits, dtype)
+    # parameters stay fp32 whatever the compute dtype, and gradients reach every one of them
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params'])):
+        assert g.dtype == p.dtype == jnp.float32
+        assert np.isfinite(np.asarray(g)).all()
+    head_grad = jax.tree.leaves(grads['head'])[0]
+    assert np.abs(np.asarray(head_grad)).sum() > 0
+    stem_grad = jax.tree.leaves(grads)[0]
+    assert np.abs(np.asarray(stem_grad)).sum() > 0
+
+
+def _model_and_loss(name, dtype, **overrides):
+    """The model at its test size with dropout and stochastic depth on, its variables in
+    ``dtype``, and its loss as a function of the parameters and the mode (the trainer's loss:
+    auxiliary heads of GoogLeNet and Inception-v3 add with weight 0.3; U-Net's pixels take their
+    image's label). Returns (loss, (logits, updated variables))."""
+    size = input_size(name)
+    model = jaxcnn.create_model(name, num_classes=7, dtype=dtype, drop_rate=0.1, drop_path_rate=0.1,
+                                **(overrides or jit_test_overrides(name)))
+    variables = random_variables(model, (2, size, size, 3))
+    if dtype == jnp.float64:
+        variables = jax.tree.map(lambda t: jnp.asarray(t, jnp.float64), variables)
+    x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 3), dtype if dtype == jnp.float64 else jnp.float32)
+    labels = jnp.array([1, 5])
+
+    def loss_fn(params, train=True):
+        outputs, state = model.apply({**variables, 'params': params}, x, train=train,
+                                     rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
+        logits = split_outputs(outputs)[0]
+        targets = labels.reshape(-1, *[1] * (logits.ndim - 2)) * jnp.ones(logits.shape[:-1], jnp.int32)
+        return classification_loss(outputs, targets, 7), (logits, state)
+    return model, variables, loss_fn
+
+
+def _direction(params, seed):
+    """A random direction moving every parameter in proportion to its leaf's scale."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(p):
+        scale = max(float(jnp.sqrt(jnp.mean(jnp.square(p)))), 1e-2)
+        return jnp.asarray(rng.standard_normal(p.shape) * scale, p.dtype)
+    return jax.tree.map(leaf, params)
+
+
+def _differentiation_probe(loss_fn):
+    """``probe(params, v, u_head, a, b)``: at p = params + a v + b u, where u moves only the head
+    (``u_head``), in inference mode: the loss, the logits, the JVP along v of the loss and of the
+    logits by jax.jvp, the loss's by jax.linearize, the reverse-mode <grad, v>, and leaf by leaf
+    the projections <grad, v> and <H u, v> of the gradient and of the Hessian-vector product
+    (forward over reverse), with |H u| |v| and <|grad|, |v|> per leaf. Projections instead of
+    whole leaves keep the outputs small: every returned array is a scalar per leaf."""
+    eval_loss = lambda p: loss_fn(p, train=False)
+    per_leaf = lambda f, *trees: jnp.stack([f(*xs) for xs in zip(*map(jax.tree.leaves, trees))])
+
+    def probe(params, v, u_head, a, b):
+        u = {**jax.tree.map(jnp.zeros_like, params), 'head': u_head}
+        p = jax.tree.map(lambda x, dv, du: x + a * dv + b * du, params, v, u)
+        ((loss, (logits, _)), grads), (_, hvp) = jax.jvp(
+            jax.value_and_grad(eval_loss, has_aux=True), (p,), (u,))
+        jvp, (logits_jvp, _) = jax.jvp(eval_loss, (p,), (v,))[1]
+        linearized = jax.linearize(lambda q: eval_loss(q)[0], p)[1](v)
+        grad_v = per_leaf(jnp.vdot, grads, v)
+        return dict(loss=loss, logits=logits, jvp=jvp, logits_jvp=logits_jvp,
+                    linearized=linearized, dot=jnp.sum(grad_v), grad_v=grad_v,
+                    grad_v_abs=per_leaf(lambda g, d: jnp.vdot(jnp.abs(g), jnp.abs(d)), grads, v),
+                    hvp_v=per_leaf(jnp.vdot, hvp, v),
+                    hvp_bound=per_leaf(lambda h, d: jnp.linalg.norm(h) * jnp.linalg.norm(d), hvp, v))
+    return probe
+
+
+@pytest.mark.parametrize('name', sorted(FINITE_DIFFERENCES))
+def test_every_mode_of_differentiation_matches_finite_differences(name):
+    """In float64 (so that no ReLU or max-pool kink lies between the points of a difference,
+    and rounding stays far below what is compared) and under the library's default kernel
+    policy, one compiled program per model gives in inference mode the JVP along a random
+    direction v through all parameters (jax.jvp, and jax.linearize for the loss) and the
+    Hessian-vector product H u (forward over reverse) along a random direction u through the
+    head. Checked against central finite differences of the same program: the JVP of the
+    logits against (logits(p + eps v) - logits(p - eps v)) / 2 eps, and H u leaf by leaf
+    (projected on v) against (grad(p + eps u) - grad(p - eps u)) / 2 eps; and the loss's JVP
+    against reverse mode (the gradient's dot product with v) and linearize. H u's leaves before
+    the head are mixed derivatives through every backward convolution. (Training-mode BatchNorm
+    on two images makes the loss too sharp for differences; the training pass is checked in
+    test_jit_forward_backward.) In float32 the same differences wander by 10-60 % on the thin
+    ReLU6 networks (MobileNet-V1 0.25: 62 % at eps 1e-4, 11 % at 3e-6, alike under lax's own
+    convolutions): kinks between the points."""
+    with jax.enable_x64(True):
+        model, variables, loss_fn = _model_and_loss(name, jnp.float64, **FINITE_DIFFERENCES[name])
+        # a generic point: the initialiser's zero biases and unit scales put the ReLU inputs of a
+        # dead channel exactly on the kink, where differences average the two slopes
+        params = jax.tree.map(lambda p, d: p + 0.1 * d, variables['params'],
+                              _direction(variables['params'], 3))
+        assert all(p.dtype == jnp.float64 for p in jax.tree.leaves(params))
+        v, u_head = _direction(params, 1), _direction(params['head'], 2)
+        probe = jit_once(_differentiation_probe(loss_fn))
+        at = lambda a, b: jax.device_get(probe(params, v, u_head, a, b))
+        out = at(0.0, 0.0)
+        logits_fd = [(at(eps, 0.0)['logits'] - at(-eps, 0.0)['logits']) / (2 * eps) for eps in (1e-7, 1e-8)]
+        plus_u, minus_u = at(0.0, 1e-5), at(0.0, -1e-5)
+    assert out['logits'].dtype == np.float64 and np.isfinite(out['logits']).all()
+    jvp = float(out['jvp'])
+    # forward mode equals linearize and reverse mode (independent rules: JVPs against transposes)
+    np.testing.assert_allclose(float(out['linearized']), jvp, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(jvp, float(out['dot']), rtol=1e-8, atol=1e-12)
+    # the logits' JVP against their differences: a sign, a factor or a lost branch shows far
+    # above the differences' error (eps^2 of the third derivative, rounding 1e-16 / eps), at the
+    # better of two steps: a ReLU input that lies within the wider step of zero (RevNet-38 had
+    # one at 1e-7) bends that difference alone
+    logits_jvp = out['logits_jvp']
+    error = min(np.linalg.norm(fd - logits_jvp) for fd in logits_fd)
+    assert error < 1e-5 * np.linalg.norm(logits_jvp), (logits_fd, logits_jvp)
+    # H u leaf by leaf, projected on v, against the difference of the projected gradients; each
+    # leaf within 1e-6 of its largest possible projection |H u| |v|, 1e-4 of itself, and what
+    # float64 resolves of a difference of two gradients (8 ulps of <|grad|, |v|> over 2 eps)
+    fd = (plus_u['grad_v'] - minus_u['grad_v']) / 2e-5
+    hvp_v = out['hvp_v']
+    resolution = 8 * np.finfo(np.float64).eps * out['grad_v_abs'] / 2e-5
+    allowed = 1e-6 * out['hvp_bound'] + 1e-4 * np.abs(fd) + resolution + 1e-14
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    bad = [(paths[i], hvp_v[i], fd[i]) for i in np.flatnonzero(np.abs(hvp_v - fd) > allowed)]
+    assert not bad, bad[:5]
+    # the check has something to see: the head's Hessian moves the gradient before the head
+    body = np.asarray(['head' not in path for path in paths])
+    assert np.abs(hvp_v[body]).max() > 1e3 * allowed[body].min()
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_jit_forward_backward(name):
+    """The training and inference pass in float32, compiled for one model of each kind
+    (COMPILED) and traced for the others, and for every model jax.jvp, jax.linearize and the
+    Hessian-vector product traced through it under the default kernel policy (the
+    finite-difference probe above, shapes only: its differentiation rules all run at trace time)."""
+    model, variables, loss_fn = _model_and_loss(name, jnp.float32)
+
+    def step(params):
+        grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(params)
+        return grads, train_logits, state, loss_fn(params, train=False)[1][0]
+    if name in COMPILED:
+        _check_pass(model, variables, *jit_once(step)(variables['params']), jnp.float32)
+    else:
+        grads, train_logits, state, eval_logits = jax.eval_shape(step, variables['params'])
+        assert eval_logits.dtype == train_logits.dtype == jnp.float32
+        assert eval_logits.shape == train_logits.shape
+        assert all(g.dtype == p.dtype == jnp.float32 for g, p in
+                   zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params'])))
+    shapes = jax.eval_shape(_differentiation_probe(loss_fn), variables['params'], variables['params'],
+                            variables['params']['head'], 0.0, 0.0)
+    assert shapes['jvp'].shape == shapes['linearized'].shape == ()
+    assert shapes['logits_jvp'].shape == shapes['logits'].shape
+    assert shapes['hvp_v'].shape == (len(jax.tree.leaves(variables['params'])),)
+
+
+@pytest.mark.parametrize('name', BF16_COMPILED)
+def test_jit_forward_backward_in_bf16(name):
+    model, variables, loss_fn = _model_and_loss(name, jnp.bfloat16)
+
+    @jit_once
+    def step(params):
+        grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(params)
+        return grads, train_logits, state, loss_fn(params, train=False)[1][0]
+    _check_pass(model, variables, *step(variables['params']), jnp.bfloat16)
 
 
 # Products that stay float32 in a bfloat16 model by design, as (file, qualified function): the adaptive
@@ -139,9 +302,10 @@ _FLOAT32_BY_DESIGN = {('layers/conv.py', 'adaptive_avg_pool'), ('layers/dynamic.
 
 
 def _convolutions_and_products(jaxpr):
-    """Every convolution, matrix product and foreign call of a jaxpr, nested bodies included."""
+    """Every convolution (the kernel policy's forms too), matrix product and foreign call of a
+    jaxpr, nested bodies included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ('conv_general_dilated', 'dot_general', 'ffi_call'):
+        if eqn.primitive.name in ('conv_general_dilated', 'dot_general', 'ffi_call', 'jaxcnn_bilinear'):
             yield eqn
         for sub in _sub_jaxprs(eqn.params.values()):
             yield from _convolutions_and_products(sub)

@@ -99,13 +99,15 @@ def test_first_unit_shares_its_preactivation_and_projects():
 
 
 def _unstack(tree):
-    """Scanned variables (stage{s}_rest/unit, stacked) -> unrolled stage{s}_1.."""
+    """Scanned variables (stage{s}/stacked/block, stacked) -> unrolled stage{s}/1.."""
     out = {}
     for key, val in tree.items():
-        if key.endswith('_rest'):
-            n = jax.tree.leaves(val)[0].shape[0]
+        if isinstance(val, dict) and 'stacked' in val:
+            stacked = val['stacked']['block']
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            out[key] = {b: sub for b, sub in val.items() if b != 'stacked'}
             for i in range(n):
-                out[f'{key[:-5]}_{i + 1}'] = jax.tree.map(lambda a: a[i], val['unit'])
+                out[key][str(i + 1)] = jax.tree.map(lambda a: a[i], stacked)
         else:
             out[key] = val
     return out
@@ -117,8 +119,9 @@ def test_scanned_units_equal_unrolled_units():
     unrolled = jaxcnn.create_model('multiresnet200_k5', scan_blocks=False, **kw)
     x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 3), jnp.float32)
     v = random_variables(scanned, x.shape)
-    assert 'stage2_rest' in v['params'] and 'stage2_1' not in v['params']
+    assert 'stacked' in v['params']['stage2'] and '1' not in v['params']['stage2']
     v_unrolled = {c: _unstack(t) for c, t in v.items()}
+    assert jax.tree.structure(v_unrolled) == jax.tree.structure(abstract_variables(unrolled, x.shape))
     np.testing.assert_allclose(jit_once(scanned.apply)(v, x), jit_once(unrolled.apply)(v_unrolled, x),
                                rtol=1e-4, atol=1e-4)
 

@@ -79,11 +79,11 @@ def test_blocks_are_identity_at_init_and_betas_track_expected_variance():
     v = jit_once(model.init)(jax.random.key(1), x)
     _, st = jit_once(lambda v, x: model.apply(v, x, capture_intermediates=True,
                                              mutable=['intermediates']))(v, x)
-    out = {k: np.asarray(s['__call__'][0]) for k, s in st['intermediates'].items() if k.startswith('stages')}
-    np.testing.assert_array_equal(out['stages_0_1'], out['stages_0_0'])   # skip_gain = 0
-    np.testing.assert_array_equal(out['stages_1_2'], out['stages_1_1'])
-    assert float(v['params']['stages_0_1']['skip_gain']) == 0.0
-    # beta_i = 1/sqrt(expected var): 1, 1+a^2 | carried into the transition, then reset to 1+a^2
+    out = {f'{k}/{b}': np.asarray(blk['__call__'][0]) for k, stage in st['intermediates'].items()
+           if k.startswith('stages') for b, blk in stage.items() if b.isdigit()}
+    np.testing.assert_array_equal(out['stages_0/1'], out['stages_0/0'])   # skip_gain = 0
+    np.testing.assert_array_equal(out['stages_1/2'], out['stages_1/1'])
+    assert float(v['params']['stages_0']['1']['skip_gain']) == 0.0
     # beta_i = 1/sqrt(expected var): 1, 1+a^2 | carried into the transition, then reset to 1+a^2
     a2 = 0.3 ** 2
     expected = [1.0, 1 + a2, 1 + 2 * a2, 1 + a2, 1 + 2 * a2]
@@ -117,7 +117,7 @@ def test_measured_stream_variance_follows_the_analytic_one():
     v = {'params': _unzero(jit_once(model.init)(jax.random.key(1), x)['params'])}
     _, st = jit_once(lambda v, x: model.apply(v, x, capture_intermediates=True,
                                              mutable=['intermediates']))(v, x)
-    var = [float(np.var(np.asarray(st['intermediates'][f'stages_0_{b}']['__call__'][0]), axis=(0, 1, 2)).mean())
+    var = [float(np.var(np.asarray(st['intermediates']['stages_0'][str(b)]['__call__'][0]), axis=(0, 1, 2)).mean())
            for b in range(4)]
     stem_var = float(np.var(np.asarray(st['intermediates']['stem_conv']['__call__'][0]), axis=(0, 1, 2)).mean())
     growth = np.diff([stem_var] + var)
@@ -125,26 +125,28 @@ def test_measured_stream_variance_follows_the_analytic_one():
 
 
 def _stack_stages(params):
-    """Unrolled params -> the scanned layout: stages_s_b (b >= 1) stacked under stages_s_rest/block."""
-    out, rest = {}, {}
+    """Unrolled params -> the scanned layout: stages_s/b (b >= 1) stacked under
+    stages_s/stacked/block (block b at index b - 1); stages_s/0 stays unrolled."""
+    out = {}
     for k, val in params.items():
-        stage, _, b = k.rpartition('_')
-        if k.startswith('stages_') and b != '0':
-            rest.setdefault(f'{stage}_rest', []).append((int(b), val))
+        blocks = sorted((int(b), sub) for b, sub in val.items() if b.isdigit()) \
+            if k.startswith('stages_') else []
+        if len(blocks) > 1:
+            rest = [sub for _, sub in blocks[1:]]
+            out[k] = {'0': blocks[0][1],
+                      'stacked': {'block': jax.tree.map(lambda *xs: jnp.stack(xs), *rest)}}
         else:
             out[k] = val
-    for k, blocks in rest.items():
-        out[k] = {'block': jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in sorted(blocks, key=lambda t: t[0])])}
     return out
 
 
 @pytest.mark.parametrize('name', ['nfnet_f0', 'nf_resnet50'])
 def test_scanned_stages_are_the_same_function(name):
-    """scan_blocks (on for every registered NF model) runs blocks 2..n of a stage through nn.scan
-    with each block's beta and drop-path rate as scanned inputs: every block sees the same beta
-    and rate as unrolled, and the logits from the same (stacked) weights are the same, with every
-    branch gain non-zero so that each beta counts."""
-    from helpers import random_variables
+    """scan_blocks (on for every registered NF model) runs blocks 2..n of a stage as one nn.scan
+    (stages_s/stacked/block) with each block's beta and drop-path rate as scanned inputs: every
+    block sees the same beta and rate as unrolled, and the logits from the same (stacked)
+    weights are the same, with every branch gain non-zero so that each beta counts."""
+    from helpers import abstract_variables, random_variables
     kw = dict(depths=(1, 3, 4), channels=(32, 64, 64), stem_width=16, num_classes=10, alpha=0.3,
               drop_path_rate=0.3)
     kw.update(dict(group_size=8, num_features=32) if name == 'nfnet_f0' else {})
@@ -156,7 +158,8 @@ def test_scanned_stages_are_the_same_function(name):
              if path[-1].key in ('gain', 'skip_gain')]
     assert len(gains) > 20 and all(np.all(np.asarray(g) != 0) for g in gains)
     sv = {'params': _stack_stages(v['params'])}
-    assert sv['params']['stages_2_rest']['block']['conv1']['kernel'].shape[0] == 3
+    assert sv['params']['stages_2']['stacked']['block']['conv1']['kernel'].shape[0] == 3
+    assert jax.tree.structure(sv) == jax.tree.structure(abstract_variables(scanned, (2, 32, 32, 3)))
     x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
 
     def run(model, variables):
@@ -253,7 +256,7 @@ def test_agc_step_on_scanned_stages_equals_unrolled():
         return updates
     want = _stack_stages(step(v['params'], grads))
     got = step(_stack_stages(v['params']), _stack_stages(grads))
-    assert 'stages_1_rest' in got
-    assert np.abs(np.asarray(got['stages_1_rest']['block']['conv1']['kernel'])).max() > 0
+    assert 'stacked' in got['stages_1'] and '1' not in got['stages_1']
+    assert np.abs(np.asarray(got['stages_1']['stacked']['block']['conv1']['kernel'])).max() > 0
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9, err_msg=jax.tree_util.keystr(path))

@@ -1,6 +1,6 @@
-"""The oneDNN convolutions (layers/onednn.py): built here, equal to XLA's convolution in value and
-in reverse-mode derivatives of every order, and taken by conv_general_dilated where they apply.
-(Against PyTorch's autograd over many geometries: test_layers.test_conv_gradients_match_pytorch_autograd.)"""
+"""The oneDNN convolutions (kernels/onednn.py): built here, equal to XLA's convolution in value and
+in derivatives of every order and mode, and taken by the CPU policy where they apply. (Against
+PyTorch's autograd over many geometries: test_kernels.test_conv_forms_match_pytorch_autograd.)"""
 import functools
 import os
 import platform
@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn import layers
-from jaxcnn.layers import conv as conv_layers
-from jaxcnn.layers import onednn
+from jaxcnn import kernels
+from jaxcnn.kernels import onednn
 
 RNG = np.random.RandomState(0)
 DN = ('NHWC', 'HWIO', 'NHWC')
@@ -61,7 +60,7 @@ def test_a_damaged_file_in_the_cache_is_built_anew(tmp_path):
         pytest.skip('the oneDNN wheels are for x86-64 Linux')
     damaged = tmp_path / onednn._build().name
     damaged.write_bytes(b'\x7fELF truncated')
-    probe = ('from jaxcnn.layers import onednn; '
+    probe = ('from jaxcnn.kernels import onednn; '
              'print(onednn.available(), onednn.unavailable_reason())')
     done = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
                           env={**os.environ, 'JAXCNN_CACHE_DIR': str(tmp_path)}, timeout=600)
@@ -86,8 +85,9 @@ def test_convolution_and_gradients_equal_lax(x_shape, k_shape, strides, dilation
 
 @pytest.mark.parametrize('x_shape,k_shape,strides,dilation,pads', GEOMETRIES[1:4])
 def test_second_and_third_derivatives_equal_lax(x_shape, k_shape, strides, dilation, pads):
-    """The gradients are custom VJPs of the same handlers, so reverse mode nests: the gradient of
-    a loss on the input gradient (a gradient penalty), and one order further, equal lax's."""
+    """The gradients are the same handlers, each differentiable in every mode, so reverse mode
+    nests: the gradient of a loss on the input gradient (a gradient penalty), one order further,
+    and forward mode over both (jvp, Hessian-vector products), equal lax's."""
     x, k = _operands(x_shape, k_shape)
     args = (strides, dilation, pads)
 
@@ -101,6 +101,14 @@ def test_second_and_third_derivatives_equal_lax(x_shape, k_shape, strides, dilat
         got = jax.jit(jax.grad(functools.partial(f, onednn.conv), (0, 1)))(x, k)
         want = jax.grad(functools.partial(f, _lax), (0, 1))(x, k)
         for g, e in zip(got, want):
+            _close(g, e)
+    tangents = (jnp.ones_like(x), jnp.ones_like(k))
+    for transform in (lambda f: jax.jvp(f, (x, k), tangents),
+                      lambda f: jax.jvp(jax.grad(f, (0, 1)), (x, k), tangents),
+                      lambda f: jax.linearize(f, x, k)[1](*tangents)):
+        got = jax.jit(lambda: transform(functools.partial(penalty, onednn.conv)))()
+        want = transform(functools.partial(penalty, _lax))
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             _close(g, e)
 
 
@@ -122,19 +130,22 @@ def test_inside_scan_and_vmap():
                                jax.vmap(lambda x: _lax(x, ks[0], *args))(xs), rtol=1e-4, atol=1e-4)
 
 
-def test_conv_general_dilated_takes_onednn_for_dense_float32_convolutions_only():
-    """On the CPU a dense float32 convolution is a oneDNN call; grouped, depthwise, bfloat16 and
-    negatively padded ones, and any with the switch off, are not."""
+def test_cpu_policy_takes_onednn_for_dense_float32_convolutions_only():
+    """Under the CPU policy a dense float32 convolution is a oneDNN call; grouped, depthwise,
+    bfloat16 and negatively padded ones, and any with the policy's onednn off, are not."""
     x32, k32 = _operands((2, 8, 8, 4), (3, 3, 4, 4))
 
     def calls(x, k, groups=1, pads=((1, 1), (1, 1))):
-        return str(jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
-            x, k, (1, 1), pads, dimension_numbers=DN, feature_group_count=groups))(x, k)).count(
-            'JaxcnnConvForward')
+        with kernels.use(kernels.CPU):
+            return str(jax.make_jaxpr(lambda x, k: kernels.conv_general_dilated(
+                x, k, (1, 1), pads, dimension_numbers=DN, feature_group_count=groups))(x, k)).count(
+                'rule=onednn.conv]')
     assert calls(x32, k32) == 1
     assert calls(x32, k32[:, :, :2], groups=2) == 0
     assert calls(x32, k32[:, :, :1], groups=4) == 0
     assert calls(x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16)) == 0
     assert calls(x32, k32, pads=((-1, 1), (1, 1))) == 0
-    with conv_layers.switches(CPU_ONEDNN_CONVOLUTIONS=False):
-        assert calls(x32, k32) == 0
+    with kernels.use(onednn=False):
+        jaxpr = str(jax.make_jaxpr(lambda x, k: kernels.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN))(x32, k32))
+    assert 'onednn' not in jaxpr and 'conv_general_dilated' in jaxpr

@@ -332,7 +332,7 @@ def test_agc_in_optimizer_exempts_head():
 
 
 def test_agc_clips_scanned_blocks_one_by_one():
-  # ``*_rest`` modules stack their blocks on a leading axis: clipping must equal clipping
+  # a stage's ``stacked`` module stacks its blocks on a leading axis: clipping must equal clipping
   # every block's parameters on their own (NumPy reference, block by block)
   rng = np.random.default_rng(3)
   lam, eps = 0.05, 1e-3
@@ -343,27 +343,29 @@ def test_agc_clips_scanned_blocks_one_by_one():
   unit_scale = lambda s: 10.0 ** rng.uniform(-3, 1, size=(n_blocks,) + (1,) * max(len(s) - 1, 0)
                                              + s[-1:])
   g = {k: rng.normal(size=(n_blocks,) + s) * unit_scale(s) for k, s in shapes.items()}
-  params, grads = {'stage_rest': {'block': w}}, {'stage_rest': {'block': g}}
+  params, grads = {'stage': {'stacked': {'block': w}}}, {'stage': {'stacked': {'block': g}}}
   tx = optim.unitwise_agc(lam, eps)
   f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
   got, _ = tx.update(f32(grads), tx.init(f32(params)), f32(params))
   n_clipped = 0
   for k in shapes:
     want = np.stack([numpy_agc(g[k][i], w[k][i], lam, eps) for i in range(n_blocks)])
-    np.testing.assert_allclose(np.asarray(got['stage_rest']['block'][k]), want, rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(got['stage']['stacked']['block'][k]), want, rtol=1e-5,
                                atol=1e-8, err_msg=k)
     n_clipped += int(not np.allclose(want, g[k]))
   assert n_clipped >= 2
 
 
 def test_decay_mask_counts_block_rank_for_scanned_params():
-  params = {'layer1_rest': {'block': {'conv': {'kernel': jnp.zeros((3, 3, 3, 4, 4))},
-                                      'bn': {'scale': jnp.zeros((3, 4))}, 'gain': jnp.zeros((3,))}},
+  block = {'conv': {'kernel': jnp.zeros((3, 3, 3, 4, 4))}, 'bn': {'scale': jnp.zeros((3, 4))},
+           'gain': jnp.zeros((3,))}
+  params = {'layer1': {'stacked': {'block': block}},
             'conv': {'kernel': jnp.zeros((3, 3, 4, 4)), 'bias': jnp.zeros((4,))}}
   mask = optim.decay_mask(params)
-  assert mask['layer1_rest']['block']['conv']['kernel'] and mask['conv']['kernel']
-  assert not mask['layer1_rest']['block']['bn']['scale']
-  assert not mask['layer1_rest']['block']['gain'] and not mask['conv']['bias']
+  stacked = mask['layer1']['stacked']['block']
+  assert stacked['conv']['kernel'] and mask['conv']['kernel']
+  assert not stacked['bn']['scale']
+  assert not stacked['gain'] and not mask['conv']['bias']
 
 
 # ---------------------------------------------------------------- accumulation

@@ -86,8 +86,9 @@ def test_polynet_small_cifar_hand_count():
     # each stage holds one module of each kind; poly-2 owns one unit, the others two
     p = v['params']
     for s in (1, 2, 3):
-        assert set(p[f'stage{s}_0_poly2']) == {'f'}
-        assert set(p[f'stage{s}_1_mpoly2']) == set(p[f'stage{s}_2_2way']) == {'f', 'g'}
+        stage = p[f'stage{s}']
+        assert set(stage['0']['poly2']) == {'f'}
+        assert set(stage['1']['mpoly2']) == set(stage['2']['2way']) == {'f', 'g'}
     fmap = jax.eval_shape(lambda v, x: model.apply(v, x, features_only=True), v,
                           jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
     assert fmap.shape == (1, 8, 8, 256)                # 32 -> 16 -> 8 through the two reductions

@@ -91,31 +91,6 @@ def test_dropout_and_drop_path_use_the_dropout_stream():
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
 
 
-def test_scan_blocks_is_the_same_function():
-    """Scanned and unrolled stages compute the same logits from the same weights."""
-    unrolled = jaxcnn.create_model('resnet56', scan_blocks=False)
-    scanned = jaxcnn.create_model('resnet56', scan_blocks=True)
-    v = random_variables(unrolled, (2, 32, 32, 3))
-    p, bs = v['params'], v['batch_stats']
-
-    def stack(tree):
-        out = {}
-        for k, val in tree.items():
-            s, _, b = k.partition('_')
-            if k.startswith('layer') and b != '0':
-                out.setdefault(f'{s}_rest', []).append((int(b), val))
-            else:
-                out[k] = val
-        for k in [k for k in out if k.endswith('_rest')]:
-            blocks = [val for _, val in sorted(out[k], key=lambda t: t[0])]
-            out[k] = {'block': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-        return out
-    x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
-    a = unrolled.apply(v, x)
-    b = scanned.apply({'params': stack(p), 'batch_stats': stack(bs)}, x)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_import_does_not_pull_torch_or_tensorflow():
     code = ('import sys, jaxcnn; jaxcnn.list_models(); import jaxcnn.convert; '
             'bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "timm")]; '

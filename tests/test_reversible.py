@@ -1,7 +1,8 @@
 """The reversible coupling and the RevNet / i-RevNet models: inversion, gradients, statistics.
 
-Every comparison is against the same network run with ordinary autodiff (``reversible=False``),
-which stores activations; the reversible path must give the same gradients and statistics.
+Every comparison is against the same couplings run with ordinary autodiff, which stores
+activations (``Stage(reversible=True, recompute=False)``: the same scan and random keys); the
+reversible path must give the same gradients and statistics.
 """
 import math
 import os
@@ -17,7 +18,8 @@ from jax.test_util import check_grads
 import jaxcnn
 from helpers import abstract_variables, jit_once
 from jaxcnn.layers import batch_norm, conv2d
-from jaxcnn.layers.reversible import ReversibleSequence, depth_to_space, space_to_depth
+from jaxcnn.layers.reversible import Coupling, depth_to_space, space_to_depth
+from jaxcnn.layers.stage import Stage, stage_blocks
 from jaxcnn.models.revnet import IRevNet, RevNet
 
 
@@ -38,11 +40,21 @@ class Branch(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
+class Sequence(nn.Module):
+    """``n`` couplings of two Branch instances as a reversible stage, called (x1, x2)."""
+    stage: Stage
+
+    def __call__(self, x1, x2, train=False, inverse=False):
+        return self.stage((x1, x2), train, inverse)
+
+
 def sequence(channels, n, reversible, dropout=0.0, drop_path=0.0, dtype=None,
-             param_dtype=jnp.float32, gain=2.0):
-    mk = lambda: Branch(channels, dropout, dtype, param_dtype, gain)
-    rates = tuple(drop_path * (i + 1) / n for i in range(n)) if drop_path else ()
-    return ReversibleSequence(mk(), mk(), n, rates, reversible)
+             param_dtype=jnp.float32, gain=2.0, unroll=1):
+    branch = dict(channels=channels, dropout=dropout, dtype=dtype, param_dtype=param_dtype, gain=gain)
+    rates = [drop_path * (i + 1) / n for i in range(n)]
+    blocks = stage_blocks(Coupling, [dict(branch=Branch, branch_fields=tuple(sorted(branch.items())),
+                                          drop_path=r) for r in rates])
+    return Sequence(Stage(blocks, unrolled=0, reversible=True, recompute=reversible, unroll=unroll))
 
 
 def randomise_stats(variables, seed):
@@ -154,9 +166,10 @@ def test_gradients_equal_autodiff_with_dropout_and_stochastic_depth(seed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_custom_vjp_passes_check_grads():
-    """jax.test_util.check_grads (reverse mode, order 1) against finite differences in float64,
-    through BN in training mode, dropout and stochastic depth (masks fixed by the key)."""
+def test_reversible_pass_passes_check_grads_in_every_mode():
+    """jax.test_util.check_grads against finite differences in float64, forward and reverse mode
+    to second order (forward over reverse among them), through BN in training mode, dropout and
+    stochastic depth (masks fixed by the key)."""
     with jax.enable_x64(True):
         seq = sequence(2, 2, True, dropout=0.2, drop_path=0.3, dtype=jnp.float64,
                        param_dtype=jnp.float64)
@@ -169,7 +182,7 @@ def test_custom_vjp_passes_check_grads():
                                     rngs={'dropout': jax.random.key(7)}, mutable=['batch_stats'])
             return y1, y2
 
-        check_grads(f, (variables['params'], x1, x2), order=1, modes=['rev'], atol=1e-5, rtol=1e-5)
+        check_grads(f, (variables['params'], x1, x2), order=2, modes=['fwd', 'rev'], atol=1e-5, rtol=1e-5)
 
 
 def test_batch_stats_updated_once_like_autodiff():
@@ -181,10 +194,10 @@ def test_batch_stats_updated_once_like_autodiff():
     (_, _, _), state = _grads(rev, variables, x1, x2, jax.random.key(0))
     (_, _, _), ref_state = _grads(plain, variables, x1, x2, jax.random.key(0))
     # first block's F sees x2 itself: its new mean is 0.9 * old + 0.1 * batch mean of x2
-    old = variables['batch_stats']['f']['BatchNorm_0']['mean'][0]
+    f_stats = lambda v: v['stage']['stacked']['block']['f']['BatchNorm_0']['mean']
+    old = f_stats(variables['batch_stats'])[0]
     expected = 0.9 * old + 0.1 * jnp.mean(x2, axis=(0, 1, 2))
-    np.testing.assert_allclose(state['batch_stats']['f']['BatchNorm_0']['mean'][0], expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f_stats(state['batch_stats'])[0], expected, rtol=1e-5, atol=1e-6)
     for a, b, before in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state),
                             jax.tree.leaves(variables['batch_stats'])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -192,10 +205,10 @@ def test_batch_stats_updated_once_like_autodiff():
 
 
 def test_revnet_model_gradients_equal_autodiff():
-    """A whole (narrow) RevNet with dropout, stochastic depth and the non-reversible
-    downsampling units: reversible and ordinary training give the same gradients."""
-    kw = dict(layers=(1, 3), widths=(8, 16), stem_width=8, block_dropout=0.2,
-              drop_path_rate=0.3)
+    """A whole (narrow) RevNet with the non-reversible downsampling units: reversible and
+    ordinary training (scanned couplings) give the same gradients. (With dropout the two draw
+    different masks; the couplings' randomness is checked above with the same keys.)"""
+    kw = dict(layers=(1, 3), widths=(8, 16), stem_width=8)
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
     labels = jnp.array([0, 3, 5, 9])
     rev, plain = RevNet(**kw), RevNet(**kw, reversible=False)
@@ -300,7 +313,7 @@ def test_unrolled_scan_gives_the_same_gradients():
     unrolled sequence equal the rolled one's (and the inverse still inverts)."""
     x1, x2 = halves(11, (4, 8, 8, 4))
     rolled = sequence(4, 3, True, dropout=0.1, drop_path=0.2)
-    unrolled = rolled.clone(unroll=3)
+    unrolled = sequence(4, 3, True, dropout=0.1, drop_path=0.2, unroll=3)
     variables = randomise_stats(rolled.init(jax.random.key(0), x1, x2), 2)
     (g, gx1, gx2), _ = _grads(rolled, variables, x1, x2, jax.random.key(4))
     (u, ux1, ux2), _ = _grads(unrolled, variables, x1, x2, jax.random.key(4))

@@ -88,8 +88,8 @@ def _subnet_variables(variables, specs, choices):
             continue
         b = count.get(spec.stage, 0)
         count[spec.stage] = b + 1
-        new_p[f'blocks_{spec.stage}_{b}'] = params[f'layer_{l}'][name]
-        new_s[f'blocks_{spec.stage}_{b}'] = stats[f'layer_{l}'][name]
+        new_p.setdefault(f'blocks_{spec.stage}', {})[str(b)] = params[f'layer_{l}'][name]
+        new_s.setdefault(f'blocks_{spec.stage}', {})[str(b)] = stats[f'layer_{l}'][name]
     return {'params': new_p, 'batch_stats': new_s}
 
 
@@ -261,3 +261,66 @@ def test_smoke_search_end_to_end_and_the_found_network_trains(tmp_path):
                        f'--config.model_kwargs.arch={workdir / "architecture.json"}']) == 0
     trained = json.load(open(tmp_path / 'train' / 'results.json'))
     assert trained['model'] == 'fbnet_searched' and trained['step'] == 4
+
+
+def _saved_search(workdir):
+    """The last checkpoint of a search, as saved (nested dicts of arrays)."""
+    from jaxcnn import checkpoint as ckpt_lib
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+    try:
+        return ckpt.latest_step(), ckpt.restore_arrays()
+    finally:
+        ckpt.close()
+
+
+def _assert_same_arrays(a, b):
+    """Bit-equal trees of arrays (typed PRNG keys compared by their key data)."""
+    def same(x, y):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(x, y)
+    jax.tree.map(same, a, b)
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
+def test_a_search_preempted_and_run_again_ends_as_an_uninterrupted_one(tmp_path, capsys):
+    # The smoke search without warm-up, so that the epoch it resumes from has trained theta
+    # (and theta's Adam moments): 2 epochs of 3 weight + 3 architecture steps.
+    def run(name, *overrides):
+        return search.main(['--config', 'fbnet_search_fmnist:smoke',
+                            '--config.search.warmup_epochs=0', '--workdir', str(tmp_path / name),
+                            *overrides])
+
+    assert run('uninterrupted') == 0
+    capsys.readouterr()
+    # SIGTERM before weight step 4, the second of epoch 1: exit 0, epoch 0's checkpoint kept
+    assert run('resumed', '--config.simulate_preemption_at_step=4') == 0
+    out = capsys.readouterr().out
+    assert 'Received SIGTERM' in out and 'after 1 of 2 epochs' in out, out
+    assert not (tmp_path / 'resumed' / 'architecture.json').exists()
+    assert _saved_search(tmp_path / 'resumed')[0] == 1
+    assert run('resumed') == 0
+    assert 'at epoch 1.' in capsys.readouterr().out
+
+    (epochs_a, a), (epochs_b, b) = (_saved_search(tmp_path / name)
+                                    for name in ('uninterrupted', 'resumed'))
+    assert epochs_a == epochs_b == 2
+    # the whole search state, bit for bit: the weights' TrainState (parameters, BatchNorm
+    # statistics, SGD momentum, step, key) and theta with its Adam state
+    assert int(a['arch']['step']) == 6 and int(a['weights']['step']) == 6
+    _assert_same_arrays(a['weights'], b['weights'])
+    _assert_same_arrays(a['arch'], b['arch'])
+    arch_a, arch_b = (json.load(open(tmp_path / name / 'architecture.json'))
+                      for name in ('uninterrupted', 'resumed'))
+    assert arch_a['theta'] == arch_b['theta'] and arch_a['choices'] == arch_b['choices']
+    assert np.abs(np.asarray(arch_a['theta'])).max() > 0     # theta moved from its start
+    # results.json: the same accuracies and per-epoch history (but for the seconds taken)
+    res_a, res_b = (json.load(open(tmp_path / name / 'results.json'))
+                    for name in ('uninterrupted', 'resumed'))
+    untimed = lambda history: [{k: v for k, v in r.items() if k != 'epoch_seconds'}
+                               for r in history]
+    assert len(res_a['history']) == 2
+    assert untimed(res_a['history']) == untimed(res_b['history'])
+    for key in ('supernet_test_accuracy', 'argmax_path_test_accuracy', 'weight_steps',
+                'arch_steps'):
+        assert res_a[key] == res_b[key], key

@@ -64,12 +64,12 @@ def test_v1_matches_table1(g):
                                                   capture_intermediates=True, mutable=['intermediates']), variables)
     inter = state['intermediates']
     for stage, (c, size, r) in enumerate(zip((c2, 2 * c2, 4 * c2), (28, 14, 7), REPEATS)):
-        assert inter[f'stage{stage + 2}_{r}']['__call__'][0].shape == (1, size, size, c)
+        assert inter[f'stage{stage + 2}'][str(r)]['__call__'][0].shape == (1, size, size, c)
     # grouped 1x1s: kernels hold in/g inputs; the first unit's first 1x1 is not grouped
     p = variables['params']
-    assert p['stage2_0']['conv1']['kernel'].shape == (1, 1, 24, c2 // 4)
-    assert p['stage3_1']['conv1']['kernel'].shape == (1, 1, 2 * c2 // g, c2 // 2)
-    assert p['stage3_0']['conv3']['kernel'].shape == (1, 1, c2 // 2 // g, c2)
+    assert p['stage2']['0']['conv1']['kernel'].shape == (1, 1, 24, c2 // 4)
+    assert p['stage3']['1']['conv1']['kernel'].shape == (1, 1, 2 * c2 // g, c2 // 2)
+    assert p['stage3']['0']['conv3']['kernel'].shape == (1, 1, c2 // 2 // g, c2)
 
 
 def test_channel_shuffle_is_the_papers_permutation():
@@ -113,7 +113,7 @@ def test_v2_stage_widths_follow_table5(name, chs):
                                                   capture_intermediates=True, mutable=['intermediates']), v)
     inter = state['intermediates']
     for stage, (c, size, last) in enumerate(zip(chs, (28, 14, 7), (3, 7, 3))):
-        assert inter[f'stage{stage + 2}_{last}']['__call__'][0].shape == (1, size, size, c)
+        assert inter[f'stage{stage + 2}'][str(last)]['__call__'][0].shape == (1, size, size, c)
     assert v['params']['conv5']['kernel'].shape == (1, 1, chs[2], chs[3])
 
 

@@ -46,11 +46,11 @@ def test_one_block_by_hand():
     p = params_of('sqnxt23_w1')
     by_hand = (64 * 32 + 2 * 32) + (32 * 16 + 2 * 16) + (3 * 16 * 32 + 2 * 32) + (3 * 32 * 32 + 2 * 32) \
         + (32 * 64 + 2 * 64)
-    assert jaxcnn.count_params(p['stage2_1']) == block_params(64, 64, 1) == by_hand == 9_568
+    assert jaxcnn.count_params(p['stage2']['1']) == block_params(64, 64, 1) == by_hand == 9_568
     # the stride-2 block opening stage 2 (32 -> 64) and the narrowing first block (64 -> 32)
-    assert jaxcnn.count_params(p['stage2_0']) == block_params(32, 64, 2)
-    assert jaxcnn.count_params(p['stage1_0']) == block_params(64, 32, 1)
-    assert 'shortcut' not in p['stage2_1'] and 'shortcut' in p['stage2_0'] and 'shortcut' in p['stage1_0']
+    assert jaxcnn.count_params(p['stage2']['0']) == block_params(32, 64, 2)
+    assert jaxcnn.count_params(p['stage1']['0']) == block_params(64, 32, 1)
+    assert 'shortcut' not in p['stage2']['1'] and 'shortcut' in p['stage2']['0'] and 'shortcut' in p['stage1']['0']
 
 
 @pytest.mark.parametrize('name,width,count', [('sqnxt23_w1', 1.0, 717_280), ('sqnxt23_w2', 2.0, 2_377_408)])
@@ -66,23 +66,24 @@ def test_network_count_from_the_block_formula(name, width, count):
 
 def test_separable_3x1_and_1x3_shapes():
     p = params_of('sqnxt23_w1')
-    kernel = lambda block, conv: p[block][conv]['conv']['kernel'].shape
+    kernel = lambda block, conv: p[block.split('/')[0]][block.split('/')[1]][conv]['conv']['kernel'].shape
     # block 0 (stage 1, narrowing 64 -> 32): 3x1 on 8 -> 16 channels, then 1x3 on 16 -> 16
-    assert kernel('stage1_0', 'sep1') == (3, 1, 8, 16) and kernel('stage1_0', 'sep2') == (1, 3, 16, 16)
+    assert kernel('stage1/0', 'sep1') == (3, 1, 8, 16) and kernel('stage1/0', 'sep2') == (1, 3, 16, 16)
     # the released definitions alternate the order: block 1 has the 1x3 first
-    assert kernel('stage1_1', 'sep1') == (1, 3, 8, 16) and kernel('stage1_1', 'sep2') == (3, 1, 16, 16)
-    assert kernel('stage4_0', 'sep1') == (3, 1, 64, 128)      # block 20: stride-2 block, C = 128
-    assert kernel('stage1_1', 'reduce1') == (1, 1, 32, 16)      # C/2
-    assert kernel('stage1_1', 'reduce2') == (1, 1, 16, 8)       # C/4
-    assert kernel('stage1_1', 'expand') == (1, 1, 16, 32)
+    assert kernel('stage1/1', 'sep1') == (1, 3, 8, 16) and kernel('stage1/1', 'sep2') == (3, 1, 16, 16)
+    assert kernel('stage4/0', 'sep1') == (3, 1, 64, 128)      # block 20: stride-2 block, C = 128
+    assert kernel('stage1/1', 'reduce1') == (1, 1, 32, 16)      # C/2
+    assert kernel('stage1/1', 'reduce2') == (1, 1, 16, 8)       # C/4
+    assert kernel('stage1/1', 'expand') == (1, 1, 16, 32)
     fixed = params_of('sqnxt23_w1', alternate_separable=False)
-    assert all(fixed[b]['sep1']['conv']['kernel'].shape[:2] == (3, 1) for b in fixed if b.startswith('stage'))
+    assert all(block['sep1']['conv']['kernel'].shape[:2] == (3, 1)
+               for stage in fixed if stage.startswith('stage') for block in fixed[stage].values())
     assert jaxcnn.count_params(fixed) == jaxcnn.count_params(p)
     # a separable conv keeps the map size: it pads along its long axis only
     model = jaxcnn.create_model('sqnxt23_w1')
     _, state = jax.eval_shape(lambda: model.init_with_output(
         jax.random.key(0), jnp.zeros((1, 227, 227, 3)), capture_intermediates=True, mutable=True))
-    inter = state['intermediates']['stage3_1']
+    inter = state['intermediates']['stage3']['1']
     assert inter['sep1']['conv']['__call__'][0].shape == inter['sep2']['conv']['__call__'][0].shape \
         == (1, 14, 14, 64)       # C/2 of a 128-channel block
 
@@ -96,10 +97,10 @@ def test_stage_output_sizes(size, maps):
     stem = inter['stem']['__call__'][0].shape
     assert stem == (1, (size - 7) // 2 + 1, (size - 7) // 2 + 1, 128)     # unpadded 7x7/2
     pooled, *stages = maps
-    last = [f'stage{s + 1}_{n - 1}' for s, n in enumerate(SQNXT23)]
-    got = [inter[b]['__call__'][0].shape for b in last]
+    last = [(f'stage{s + 1}', f'{n - 1}') for s, n in enumerate(SQNXT23)]
+    got = [inter[stage][b]['__call__'][0].shape for stage, b in last]
     assert got == [(1, m, m, 2 * w) for m, w in zip(stages, STAGE_WIDTHS)]
-    assert inter['stage1_0']['reduce1']['__call__'][0].shape[1] == pooled  # after the 3x3/2 pool
+    assert inter['stage1']['0']['reduce1']['__call__'][0].shape[1] == pooled  # after the 3x3/2 pool
     assert inter['final']['__call__'][0].shape == (1, maps[-1], maps[-1], 128)
 
 

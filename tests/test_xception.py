@@ -9,6 +9,8 @@ from flax import traverse_util
 import jaxcnn
 from helpers import abstract_variables, random_variables, jit_once
 
+FLOWS = ('entry_flow', 'middle_flow', 'exit_flow')      # the model's three stages, in order
+
 
 def sep(c_in, c_out):
     return 9 * c_in + c_in * c_out          # depthwise 3x3 + pointwise 1x1, no biases
@@ -60,7 +62,10 @@ def test_separable_convolutions_throughout():
 
 def test_middle_flow_shortcuts_are_identities():
     params = abstract_variables(jaxcnn.create_model('xception'), (1, 64, 64, 3))['params']
-    with_projection = sorted(int(k[5:]) for k in params if k.startswith('block') and 'skip' in params[k])
+    # blocks 1-12 through the three flows (entry_flow/0-2, middle_flow/0-7, exit_flow/0)
+    blocks = [params[flow][str(b)] for flow in FLOWS for b in range(len(params[flow]))]
+    assert len(blocks) == 12
+    with_projection = [i + 1 for i, block in enumerate(blocks) if 'skip' in block]
     assert with_projection == [1, 2, 3, 12]
 
 
@@ -68,11 +73,13 @@ def test_flow_map_sizes_at_299():
     # Fig. 5: entry flow 299 -> 19x19x728, middle flow keeps it, exit flow 10x10x1024 -> 2048
     model = jaxcnn.create_model('xception')
     v = abstract_variables(model, (1, 299, 299, 3))
-    names = {'block1', 'block2', 'block3', 'block11', 'block12'}
+    # blocks 1, 2, 3, 11 and 12 of Fig. 5, by their place in the flows
+    names = {'block1': ('entry_flow', '0'), 'block2': ('entry_flow', '1'), 'block3': ('entry_flow', '2'),
+             'block11': ('middle_flow', '7'), 'block12': ('exit_flow', '0')}
     _, state = jax.eval_shape(lambda v: model.apply(
-        v, jnp.zeros((1, 299, 299, 3)), capture_intermediates=lambda m, _: m.name in names,
+        v, jnp.zeros((1, 299, 299, 3)), capture_intermediates=lambda m, _: m.path in names.values(),
         mutable=['intermediates']), v)
-    got = {n: state['intermediates'][n]['__call__'][0].shape[1:] for n in names}
+    got = {n: state['intermediates'][flow][b]['__call__'][0].shape[1:] for n, (flow, b) in names.items()}
     assert got == {'block1': (74, 74, 128), 'block2': (37, 37, 256), 'block3': (19, 19, 728),
                    'block11': (19, 19, 728), 'block12': (10, 10, 1024)}
     fmap = jax.eval_shape(lambda v: jaxcnn.forward_features(model, v, jnp.zeros((1, 299, 299, 3))), v)

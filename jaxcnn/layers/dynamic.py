@@ -127,7 +127,7 @@ class CondConvRouting(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+        pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
         logits = nn.Dense(self.num_experts, dtype=self.dtype, param_dtype=self.param_dtype,
                           name='fc')(pooled)
         return nn.sigmoid(logits)
@@ -281,7 +281,8 @@ class DynamicConv(nn.Module):
     def __call__(self, x, cond=None):
         cond = x if cond is None else cond
         if cond.ndim == 4:
-            cond = jnp.mean(cond.astype(jnp.float32), axis=(1, 2)).astype(cond.dtype)
+            cond = jnp.mean(cond, axis=(1, 2),
+                            dtype=jnp.promote_types(cond.dtype, jnp.float32)).astype(cond.dtype)
         kh, kw = _pair(self.kernel_size)
         c_in = x.shape[-1]
         if c_in % self.groups or self.features % self.groups:
@@ -338,7 +339,7 @@ class DynamicLocalFilter(nn.Module):
         if self.per_channel:
             f = f.reshape(f.shape[:3] + (taps, c))
         if self.normalize == 'softmax':
-            f = jax.nn.softmax(f.astype(jnp.float32), axis=3).astype(f.dtype)
+            f = jax.nn.softmax(f.astype(jnp.promote_types(f.dtype, jnp.float32)), axis=3).astype(f.dtype)
         elif self.normalize != 'none':
             raise ValueError(f"normalize must be 'softmax' or 'none', got {self.normalize!r}")
         x, f = nn.dtypes.promote_dtype(x, f, dtype=self.dtype)

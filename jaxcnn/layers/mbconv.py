@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .activations import get_act
-from .conv import conv2d, depthwise_conv2d, make_divisible, residual_output
+from .conv import conv2d, depthwise_conv2d, make_divisible
 from .drop import DropPath
 from .dynamic import CondConv, CondConvRouting
 from .norm import batch_norm
@@ -68,7 +68,7 @@ class MBConv(nn.Module):
     padding: str = 'torch'              # 'same' for TF-trained weights (EfficientNetV2)
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
-    drop_path: float = 0.0
+    drop_path: float = 0.0              # may be a traced scalar in a scanned stage
     num_experts: int = 0                # > 0: CondConv 'ir' block (see the module docstring)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -124,4 +124,4 @@ class MBConv(nn.Module):
         residual = same_shape and (self.skip if self.kind == 'cn' else self.skip is not False)
         if not residual:
             return h
-        return residual_output(DropPath(self.drop_path)(h, train) + x)
+        return DropPath(self.drop_path)(h, train) + x

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .activations import get_act
-from .conv import conv_general_dilated, resolve_padding
+from ..kernels import conv_general_dilated
+from .conv import resolve_padding
 
 # The NFNet reference code's constants (deepmind-research/nfnets/base.py), Monte Carlo estimates;
 # used only where converted weights must give the reference's logits.

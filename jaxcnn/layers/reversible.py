@@ -1,232 +1,174 @@
 """Reversible couplings: backpropagation that rebuilds activations instead of storing them.
 
 The additive coupling of Gomez et al. 2017 ("The Reversible Residual Network", eq. 1-2),
-for any two Flax modules F and G with signature ``module(x, train)``::
+for two instances F and G of one branch module::
 
     y1 = x1 + F(x2)            x2 = y2 - G(y1)
     y2 = x2 + G(y1)            x1 = y1 - F(x2)
 
-:class:`ReversibleSequence` stacks ``num_blocks`` such couplings (parameters stacked on a
-leading axis and run through ``lax.scan``, so compile time does not grow with depth). Its
-gradient is a ``jax.custom_vjp`` whose residuals are the final outputs, the parameters and
-the per-block random keys only; the backward pass walks the blocks in reverse, rebuilds each
-block's inputs from its outputs (Gomez et al. 2017, Algorithm 1) and returns the stacked
-parameter gradients. Activation memory is therefore that of one block, whatever the depth.
+:class:`Coupling` is one such block, a module like any other: unrolled or scanned by
+:class:`~jaxcnn.layers.stage.Stage` it trains with ordinary autodiff. With
+``Stage(reversible=True)`` the stage's stacked couplings run through :func:`run_couplings`
+instead: the same parameters, their gradient taken by a backward pass whose residuals are the
+final outputs, the parameters and the per-block random keys only. It walks the blocks in reverse,
+rebuilds each block's inputs from its outputs (Gomez et al. 2017, Algorithm 1) and returns the
+stacked parameter gradients, so activation memory is that of one block, whatever the depth.
+It is a :func:`jaxcnn.kernels.autodiff.linear` map, so forward mode (``jax.jvp``,
+``jax.linearize``) and forward-over-reverse Hessian-vector products work through it too.
 
-Randomness. Every block gets its own key, split once from the module's 'dropout' stream; the
-forward pass and the backward recomputation pass the very same key to F and G (their inner
-``nn.Dropout``/``DropPath`` draw from it) and to the coupling's own stochastic depth, so the
-recomputed function is the function that was differentiated.
+Randomness. Every block gets its own key, split once from the stage's 'dropout' stream; the
+forward pass and the backward recomputation pass the very same key to the coupling (its
+branches' ``nn.Dropout`` and its stochastic depth draw from it), so the recomputed function is
+the function that was differentiated.
 
 BatchNorm. The recomputation runs F and G in the same mode as the forward pass: in training
 BN normalises with the statistics of the (reconstructed) batch, which equal the forward's up
 to rounding, so the recomputed function is the forward's function. The running-average
 update it produces is thrown away: only the forward pass's updated ``batch_stats`` leave the
-module, so the running statistics move once per step, exactly as with ordinary autodiff.
-
-``reversible=False`` runs the same scan under ordinary autodiff (activations stored), for
-comparison and as a fallback.
+stage, so the running statistics move once per step, exactly as with ordinary autodiff.
 """
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .conv import loop_body
+from .. import kernels
+from ..kernels.autodiff import linear
+from .drop import DropPath
+
+
+class Coupling(nn.Module):
+    """One additive coupling (x1, x2) -> (y1, y2), its F and G two instances ``f`` and ``g`` of
+    ``branch(**branch_fields)`` (any module called ``branch(x, train)``; F maps x2's shape to
+    x1's, G x1's to x2's). ``drop_path``: stochastic depth on both branch outputs; the coupling
+    stays exactly invertible, its mask a function of the key."""
+    branch: Any
+    branch_fields: tuple = ()
+    drop_path: float = 0.0
+
+    def setup(self):
+        self.f = self.branch(**dict(self.branch_fields))
+        self.g = self.branch(**dict(self.branch_fields))
+        self.drop_f, self.drop_g = DropPath(self.drop_path), DropPath(self.drop_path)
+
+    def residual_f(self, x2, train: bool = False):
+        # the residual stream keeps its dtype whatever the branch computes in
+        return self.drop_f(self.f(x2, train), train).astype(x2.dtype)
+
+    def residual_g(self, y1, train: bool = False):
+        return self.drop_g(self.g(y1, train), train).astype(y1.dtype)
+
+    def __call__(self, x, train: bool = False):
+        x1, x2 = x
+        y1 = x1 + self.residual_f(x2, train)
+        return y1, x2 + self.residual_g(y1, train)
+
+    def inverse(self, y, train: bool = False):
+        y1, y2 = y
+        x2 = y2 - self.residual_g(y1, train)
+        return y1 - self.residual_f(x2, train), x2
 
 
 def _raw_key(key):
-    """A legacy uint32 key: plain arrays cross custom_vjp boundaries without float0 fuss."""
+    """A legacy uint32 key: plain arrays cross differentiation boundaries without float0 fuss."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
     return key
 
 
-def drop_path_mask(x, key, rate):
-    """Per-sample stochastic depth (Huang et al. 2016) with inverted scaling; ``rate`` may be traced."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+class _Blocks:
+    """The stacked couplings as pure functions of one block's variables, key and numbers."""
 
+    def __init__(self, cls, static, train, stats):
+        self.cls, self.static, self.train, self.stats = cls, dict(static), train, stats
 
-class _Coupling:
-    """The pure functions of one coupling, given the two (unbound) modules and the mode.
+    def variables(self, params, stats):
+        return {'params': params, **({'batch_stats': stats} if self.stats else {})}
 
-    Block variables are dicts ``{'params': ..., 'batch_stats': ...}`` (no batch_stats key when
-    the branch has none); ``key`` is a raw uint32 key, ``rate`` the block's stochastic-depth rate.
-    """
+    def apply(self, params, stats, key, nums, x, method=None):
+        """(output, updated batch_stats) of one block's ``method``."""
+        out, state = self.cls(**self.static, **nums).apply(
+            self.variables(params, stats), *x, self.train, method=method,
+            rngs={'dropout': jax.random.wrap_key_data(key)}, mutable=['batch_stats'])
+        return out, state.get('batch_stats', {})
 
-    def __init__(self, f: nn.Module, g: nn.Module, train: bool, use_drop_path: bool):
-        self.f, self.g, self.train, self.use_drop_path = f, g, train, use_drop_path
+    def forward(self, params, stats, keys, nums, x, unroll):
+        def step(h, xs):
+            p, s, key, num = xs
+            h, new = self.apply(p, s, key, num, (h,))
+            return h, new
+        with kernels.loop_body():
+            return jax.lax.scan(step, x, (params, stats, keys, nums), unroll=unroll)
 
-    def branch(self, module, params, stats, x, key, rate):
-        """module(x) with the given key; returns (output, updated batch_stats)."""
-        inner_key, path_key = jax.random.split(key)
-        variables = {'params': params, **({'batch_stats': stats} if stats else {})}
-        out, state = module.apply(variables, x, self.train, rngs={'dropout': inner_key},
-                                  mutable=['batch_stats'])
-        if self.use_drop_path and self.train:
-            out = drop_path_mask(out, path_key, rate)
-        # the residual stream keeps its dtype whatever the branch computes in
-        return out.astype(x.dtype), state.get('batch_stats', {})
+    def inverse(self, params, stats, keys, nums, y, unroll):
+        def step(h, xs):
+            p, s, key, num = xs
+            return self.apply(p, s, key, num, (h,), method=self.cls.inverse)[0], None
+        with kernels.loop_body():
+            return jax.lax.scan(step, y, (params, stats, keys, nums), reverse=True, unroll=unroll)[0]
 
-    def forward(self, v, key, rate, x1, x2):
-        kf, kg = jax.random.split(key)
-        fx, sf = self.branch(self.f, v['f']['params'], v['f'].get('batch_stats'), x2, kf, rate)
-        y1 = x1 + fx
-        gy, sg = self.branch(self.g, v['g']['params'], v['g'].get('batch_stats'), y1, kg, rate)
-        y2 = x2 + gy
-        return y1, y2, {'f': sf, 'g': sg}
-
-    def inverse(self, v, key, rate, y1, y2):
-        kf, kg = jax.random.split(key)
-        gy, _ = self.branch(self.g, v['g']['params'], v['g'].get('batch_stats'), y1, kg, rate)
-        x2 = y2 - gy
-        fx, _ = self.branch(self.f, v['f']['params'], v['f'].get('batch_stats'), x2, kf, rate)
-        return y1 - fx, x2
-
-
-def _scan_forward(coupling, variables, keys, rates, x1, x2, unroll=1):
-    """All blocks in order under ordinary autodiff; returns (y1, y2, stacked new batch_stats)."""
-    def step(carry, xs):
-        v, key, rate = xs
-        y1, y2, stats = coupling.forward(v, key, rate, *carry)
-        return (y1, y2), stats
-    with loop_body():
-        (y1, y2), stats = jax.lax.scan(step, (x1, x2), (variables, keys, rates), unroll=unroll)
-    return y1, y2, stats
-
-
-def _scan_inverse(coupling, variables, keys, rates, y1, y2, unroll=1):
-    def step(carry, xs):
-        v, key, rate = xs
-        return coupling.inverse(v, key, rate, *carry), None
-    with loop_body():
-        (x1, x2), _ = jax.lax.scan(step, (y1, y2), (variables, keys, rates), reverse=True,
-                                   unroll=unroll)
-    return x1, x2
-
-
-def reversible_scan(coupling, variables, keys, rates, x1, x2, unroll=1):
-    """The blocks' forward pass with the memory-free custom VJP (see the module docstring).
-
-    ``variables`` holds the blocks' stacked params and batch_stats; gradients flow to the
-    params and to (x1, x2). Returns (y1, y2, stacked updated batch_stats).
-    """
-    params = {k: v['params'] for k, v in variables.items()}
-    stats = {k: {'batch_stats': v['batch_stats']} if 'batch_stats' in v else {}
-             for k, v in variables.items()}
-
-    def merge(p, s):
-        return {k: {'params': p[k], **s[k]} for k in p}
-
-    @jax.custom_vjp
-    def run(params, stats, keys, rates, x1, x2):
-        return _scan_forward(coupling, merge(params, stats), keys, rates, x1, x2, unroll)
-
-    def fwd(params, stats, keys, rates, x1, x2):
-        y1, y2, new_stats = run(params, stats, keys, rates, x1, x2)
-        # the residuals: outputs, parameters and keys only -- no per-block activations
-        return (y1, y2, new_stats), (params, stats, keys, rates, y1, y2)
-
-    def bwd(res, cts):
-        params, stats, keys, rates, y1, y2 = res
-        dy1, dy2, _ = cts   # running statistics carry no gradient
-
+    def backward(self, params, stats, keys, nums, y, dy, unroll):
+        """(parameter cotangents, input cotangents) from the outputs: each block's inputs are
+        rebuilt and its branches differentiated, G first, then F."""
         def step(carry, xs):
-            y1, y2, dy1, dy2 = carry
-            p, s, key, rate = xs
-            kf, kg = jax.random.split(key)
-            g_stats, f_stats = s['g'].get('batch_stats'), s['f'].get('batch_stats')
-            # G first: rebuild x2 = y2 - G(y1) and pull dy2 back through G
-            gy, g_vjp = jax.vjp(
-                lambda q, z: coupling.branch(coupling.g, q, g_stats, z, kg, rate)[0], p['g'], y1)
+            (y1, y2), (dy1, dy2) = carry
+            p, s, key, num = xs
+            g = lambda q, z: self.apply(q, s, key, num, (z,), self.cls.residual_g)[0]
+            f = lambda q, z: self.apply(q, s, key, num, (z,), self.cls.residual_f)[0]
+            gy, g_vjp = jax.vjp(g, p, y1)              # rebuild x2 = y2 - G(y1), pull dy2 back
             x2 = y2 - gy
             dpg, dz = g_vjp(dy2)
-            dz = dy1 + dz                      # total cotangent of y1 (= of x1)
-            # then F: rebuild x1 = y1 - F(x2) and pull dz back through F
-            fx, f_vjp = jax.vjp(
-                lambda q, z: coupling.branch(coupling.f, q, f_stats, z, kf, rate)[0], p['f'], x2)
-            x1 = y1 - fx
+            dz = dy1 + dz                              # the whole cotangent of y1 (= of x1)
+            fx, f_vjp = jax.vjp(f, p, x2)              # rebuild x1 = y1 - F(x2), pull dz back
             dpf, dx2 = f_vjp(dz)
-            return (x1, x2, dz, dy2 + dx2), {'f': dpf, 'g': dpg}
-
-        with loop_body():
-            (_, _, dx1, dx2), dparams = jax.lax.scan(
-                step, (y1, y2, dy1, dy2), (params, stats, keys, rates), reverse=True, unroll=unroll)
-        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-        key_ct = np.zeros(keys.shape, jax.dtypes.float0)
-        return dparams, zeros(stats), key_ct, zeros(rates), dx1, dx2
-
-    run.defvjp(fwd, bwd)
-    return run(params, stats, keys, rates, x1, x2)
+            return ((y1 - fx, x2), (dz, dy2 + dx2)), jax.tree.map(jnp.add, dpf, dpg)
+        with kernels.loop_body():
+            (_, dx), dparams = jax.lax.scan(step, (y, dy), (params, stats, keys, nums),
+                                            reverse=True, unroll=unroll)
+        return dparams, dx
 
 
-class ReversibleSequence(nn.Module):
-    """``num_blocks`` additive couplings (x1, x2) -> (y1, y2) with F and G as given.
+def run_couplings(cls, static, variables, nums, x, train, rng=None, inverse=False,
+                  recompute=True, unroll=1):
+    """The stacked couplings ``cls(**static, **nums[b])`` on ``x = (x1, x2)``: ``variables``
+    holds their stacked 'params' (and 'batch_stats'), ``nums`` the per-block numbers, ``rng``
+    the key their randomness comes from (None: no randomness). Returns (y, the stacked updated
+    batch_stats). ``recompute=False`` takes ordinary autodiff of the same scan (the same keys),
+    for comparison; ``inverse=True`` maps outputs back to inputs."""
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    n = jax.tree.leaves(params)[0].shape[0]
+    keys = (_raw_key(jax.random.split(rng, n)) if rng is not None else
+            _raw_key(jax.random.split(jax.random.key(0), n)))
+    blocks = _Blocks(cls, static, train, bool(stats))
+    if inverse:
+        return blocks.inverse(params, stats, keys, nums, x, unroll), stats
+    if not recompute:
+        return blocks.forward(params, stats, keys, nums, x, unroll)
 
-    f_block, g_block: templates of F and G (any modules called as ``m(x, train)``; F maps
-      x2's shape to x1's, G maps x1's shape to x2's). Each block gets its own parameters,
-      stored stacked under ``f`` and ``g`` (and running statistics under ``batch_stats``).
-    drop_path_rates: per-block stochastic-depth rate applied to both branch outputs
-      (empty: none). The coupling stays exactly invertible: the mask is a function of the key.
-    reversible: True recomputes activations in the backward pass (memory independent of
-      depth); False stores them (ordinary autodiff), for comparison.
+    @jax.custom_jvp
+    def run(params, x, stats, keys, nums):
+        return blocks.forward(params, stats, keys, nums, x, unroll)
 
-    ``__call__(x1, x2, train, inverse=True)`` runs the inverse map, (y1, y2) -> (x1, x2).
-    """
-    f_block: nn.Module
-    g_block: nn.Module
-    num_blocks: int
-    drop_path_rates: Sequence[float] = ()
-    reversible: bool = True
-    unroll: Any = 1
+    def tangent(res, t):          # the outputs' tangent, linear in the (params, inputs) tangent
+        p, s, k, m, y = res
+        x = blocks.inverse(p, s, k, m, y, unroll)
+        return jax.jvp(lambda p, x: blocks.forward(p, s, k, m, x, unroll)[0], (p, x), t)[1]
 
-    def _stacked_init(self, module, x, name):
-        """Independent initial variables for every block, stacked on a leading axis."""
-        def init_all(rng):
-            keys = jax.random.split(rng, self.num_blocks)
-            return jax.vmap(lambda k: module.init({'params': k, 'dropout': k}, x, False))(keys)
-        params = self.param(name, lambda rng: init_all(rng)['params'])
-        variables = {'params': params}
-        shapes = jax.eval_shape(init_all, jax.random.key(0))
-        if 'batch_stats' in shapes:
-            stats = self.variable('batch_stats', name,
-                                  lambda: init_all(jax.random.key(0))['batch_stats'])
-            variables['batch_stats'] = stats.value
-            return variables, stats
-        return variables, None
+    def transpose(res, ct):       # its transpose: the reversible backward pass
+        p, s, k, m, y = res
+        return blocks.backward(p, s, k, m, y, ct, unroll)
 
-    @nn.compact
-    def __call__(self, x1, x2, train: bool = False, inverse: bool = False):
-        if self.drop_path_rates and len(self.drop_path_rates) != self.num_blocks:
-            raise ValueError(f'drop_path_rates has {len(self.drop_path_rates)} entries for '
-                             f'{self.num_blocks} blocks')
-        f, g = self.f_block.clone(parent=None), self.g_block.clone(parent=None)
-        f_vars, f_stats = self._stacked_init(f, x2, 'f')
-        g_vars, g_stats = self._stacked_init(g, x1, 'g')
-        variables = {'f': f_vars, 'g': g_vars}
-        use_drop_path = any(r > 0 for r in self.drop_path_rates)
-        rates = jnp.asarray(self.drop_path_rates or [0.0] * self.num_blocks, jnp.float32)
-        if train and self.has_rng('dropout'):
-            keys = _raw_key(jax.random.split(self.make_rng('dropout'), self.num_blocks))
-        else:
-            keys = jnp.zeros((self.num_blocks, 2), jnp.uint32)
-        coupling = _Coupling(f, g, train, use_drop_path)
+    @run.defjvp
+    def run_jvp(primals, tangents):
+        params, x, stats, keys, nums = primals
+        y, new_stats = run(*primals)
+        # the residuals are the outputs, parameters, statistics, keys and numbers, no activations;
+        # the statistics, keys and numbers are not differentiated
+        dy = linear(tangent, transpose, (params, stats, keys, nums, y), tangents[:2])
+        return (y, new_stats), (dy, jax.tree.map(jnp.zeros_like, new_stats))
 
-        if inverse:
-            return _scan_inverse(coupling, variables, keys, rates, x1, x2, self.unroll)
-        if self.reversible and not self.is_initializing():
-            y1, y2, new_stats = reversible_scan(coupling, variables, keys, rates, x1, x2, self.unroll)
-        else:
-            y1, y2, new_stats = _scan_forward(coupling, variables, keys, rates, x1, x2, self.unroll)
-        if train and not self.is_initializing():
-            for holder, name in ((f_stats, 'f'), (g_stats, 'g')):
-                if holder is not None and self.is_mutable_collection('batch_stats'):
-                    holder.value = new_stats[name]
-        return y1, y2
+    return run(params, x, stats, keys, nums)
 
 
 def space_to_depth(x, block: int = 2):

@@ -27,7 +27,8 @@ class SqueezeExcite(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         rd = self.rd_channels or make_divisible(c * self.rd_ratio, self.rd_divisor, round_limit=0.0)
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        s = jnp.mean(x, axis=(1, 2), keepdims=True,
+                     dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
         kw = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
         s = nn.Conv(rd, name='fc1', **kw)(s)
         s = get_act(self.act)(s)

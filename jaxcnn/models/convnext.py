@@ -16,18 +16,19 @@ downsample``, ``stages.s.blocks.b`` with ``conv_dw``/``norm``/``mlp.fc1``/``mlp.
 ``head.norm``/``head.fc``), so its weights convert with the rename table below.
 
 Each stage's blocks are identical, so ``scan_blocks`` runs them through ``nn.scan`` (weights
-stacked on a leading axis under ``stages_{s}_scan/block``): compile time then no longer grows
+stacked on a leading axis under ``stages_{s}/stacked/block``): compile time then no longer grows
 with depth, which matters for the 27-block third stage of S/B/L/XL.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ..convert import register_renames, register_scan_rules
-from ..layers import residual_output, ClassifierHead, loop_body, DropPath, check_image_batch, conv2d, depthwise_conv2d, get_act, global_avg_pool
+from ..convert import register_renames
+from ..layers import ClassifierHead, DropPath, check_image_batch, conv2d, depthwise_conv2d, get_act, global_avg_pool
 from ..layers.layer_scale import LayerScale
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 # The official code initialises every conv and linear with trunc_normal(std=0.02), biases zero.
@@ -65,21 +66,7 @@ class ConvNeXtBlock(nn.Module):
         h = get_act(self.act)(h)
         h = nn.Dense(self.dim, kernel_init=_INIT, name='fc2', **kw)(h)
         h = LayerScale(self.ls_init_value, self.param_dtype, name='layer_scale')(h)
-        return residual_output(x + DropPath(self.drop_path)(h, train))
-
-
-class _ScannedBlock(nn.Module):
-    """A ConvNeXt block as the body of ``nn.scan``: the carry is the feature map, the scanned
-    input the block's drop-path rate (the one thing that differs between a stage's blocks)."""
-    block_kw: tuple                 # ConvNeXtBlock fields as (name, value) pairs
-    train: bool
-    drop_path: bool                 # False: no DropPath at all (no 'dropout' rng needed)
-
-    @nn.compact
-    def __call__(self, x, rate):
-        x = ConvNeXtBlock(**dict(self.block_kw), drop_path=rate if self.drop_path else 0.0,
-                          name='block')(x, self.train)
-        return x, None
+        return x + DropPath(self.drop_path)(h, train)
 
 
 class ConvNeXt(nn.Module):
@@ -87,6 +74,9 @@ class ConvNeXt(nn.Module):
 
     ``features_only`` returns the last stage's map (before the head's LayerNorm);
     ``num_classes=0`` returns the pooled, normalised features (timm's pre-logits).
+    ``scan_blocks`` runs each stage's blocks as one ``nn.scan`` (``stages_{s}/stacked``);
+    ``remat`` recomputes each block's activations in the backward pass
+    (:class:`~jaxcnn.layers.stage.Stage`).
     """
     depths: Sequence[int] = (3, 3, 9, 3)
     dims: Sequence[int] = (96, 192, 384, 768)
@@ -96,6 +86,7 @@ class ConvNeXt(nn.Module):
     ls_init_value: float = 1e-6
     act: str = 'gelu'
     scan_blocks: bool = True
+    remat: Union[bool, str] = False
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -123,17 +114,11 @@ class ConvNeXt(nn.Module):
                            name=f'stages_{s}_down_conv', **kw)(x)
             stage_rates = rates[start:start + depth]
             start += depth
-            block_kw = dict(dim=dim, mlp_ratio=self.mlp_ratio, kernel_size=self.kernel_size,
-                            ls_init_value=self.ls_init_value, act=self.act, **kw)
-            if self.scan_blocks:
-                scan = nn.scan(_ScannedBlock, variable_axes={'params': 0},
-                               split_rngs={'params': True, 'dropout': True}, length=depth)
-                with loop_body():
-                    x, _ = scan(tuple(block_kw.items()), train, self.drop_path_rate != 0,
-                                name=f'stages_{s}_scan')(x, jnp.asarray(stage_rates, jnp.float32))
-            else:
-                for b in range(depth):
-                    x = ConvNeXtBlock(drop_path=stage_rates[b], name=f'stages_{s}_{b}', **block_kw)(x, train)
+            blocks = stage_blocks(ConvNeXtBlock, [dict(
+                dim=dim, mlp_ratio=self.mlp_ratio, kernel_size=self.kernel_size,
+                ls_init_value=self.ls_init_value, act=self.act, drop_path=r, **kw) for r in stage_rates])
+            x = Stage(blocks, unrolled=0, scan=self.scan_blocks, remat=self.remat,
+                      name=f'stages_{s}')(x, train)
         if features_only:
             return x
         # head: pool first, then LN on the pooled vector (the paper's ordering), then the classifier
@@ -142,20 +127,17 @@ class ConvNeXt(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight conversion from timm's ConvNeXt. Block b of stage s becomes stages_s_b, which the scan
-# rule stacks into stages_s_scan/block at index b.
+# Weight conversion from timm's ConvNeXt. Block b of stage s becomes stages_s/b, which the stage
+# helper's rule stacks into stages_s/stacked/block at index b.
 register_renames('convnext', [
     (r'^stem\.0\.', 'stem_conv.'),
     (r'^stem\.1\.', 'stem_norm.'),
     (r'^stages\.(\d+)\.downsample\.0\.', r'stages_\1_down_norm.'),
     (r'^stages\.(\d+)\.downsample\.1\.', r'stages_\1_down_conv.'),
-    (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages_\1_\2.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages_\1.\2.'),
     (r'\.mlp\.fc(\d)\.', r'.fc\1.'),
     (r'\.gamma$', '.layer_scale.gamma'),
     (r'^head\.norm\.', 'head_norm.'),
-])
-register_scan_rules('convnext', [
-    (r'^stages_(\d+)_(\d+)$', lambda m: ((f'stages_{m[1]}_scan', 'block'), int(m[2]))),
 ])
 
 # §3 of the paper ("ConvNeXt-T: C = (96, 192, 384, 768), B = (3, 3, 9, 3)" ...): blocks per

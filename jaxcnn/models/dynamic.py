@@ -13,15 +13,18 @@
 
 The CIFAR ResNet of :mod:`jaxcnn.models.resnet` builds its convolutions directly (no conv
 factory field), so these blocks are written here rather than by reusing ``ResidualBlock``.
-Both models are counted by hand in ``tests/test_dynamic.py``.
+Both models are counted by hand in ``tests/test_dynamic.py``. Their residual blocks run through
+:class:`~jaxcnn.layers.stage.Stage` (``layer{s}/{b}``; ``stage{s}/0`` and ``stage{s}/1``), whose
+``remat`` recomputes each block's activations in the backward pass.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import residual_output, ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
 from ..layers.dynamic import CondConv, DynamicConv, DynamicLocalFilter
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 from .hypernet import zero_pad_shortcut
 
@@ -43,11 +46,12 @@ class CondConvBlock(nn.Module):
         h = nn.relu(batch_norm(train, name='bn1', **kw)(h))
         h = CondConv(self.features, 3, 1, num_experts=self.num_experts, name='conv2', **kw)(h)
         h = batch_norm(train, name='bn2', **kw)(h)
-        return residual_output(nn.relu(DropPath(self.drop_path)(h, train) + shortcut))
+        return nn.relu(DropPath(self.drop_path)(h, train) + shortcut)
 
 
 class CondConvResNet(nn.Module):
-    """CIFAR ResNet-(6n+2) with CondConv block convolutions (per-layer routing)."""
+    """CIFAR ResNet-(6n+2) with CondConv block convolutions (per-layer routing); block b of
+    stage s (from 1) is ``layer{s}/{b}``. ``remat``: True or a ``jax.checkpoint_policies`` name."""
     layers: Sequence[int] = (3, 3, 3)
     widths: Sequence[int] = (16, 32, 64)
     stem_width: int = 16
@@ -55,6 +59,7 @@ class CondConvResNet(nn.Module):
     num_classes: int = 10
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -64,26 +69,64 @@ class CondConvResNet(nn.Module):
         check_image_batch(x, 8, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         x = nn.relu(batch_norm(train, name='bn1', **kw)(conv2d(self.stem_width, 3, name='conv1', **kw)(x)))
-        rates = drop_path_rates(self.drop_path_rate, sum(self.layers))
-        i = 0
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n, width) in enumerate(zip(self.layers, self.widths)):
-            for b in range(n):
-                x = CondConvBlock(width, 2 if (s > 0 and b == 0) else 1, self.num_experts, rates[i],
-                                  name=f'layer{s + 1}_{b}', **kw)(x, train)
-                i += 1
+            blocks = stage_blocks(CondConvBlock, [dict(
+                features=width, stride=2 if (s > 0 and b == 0) else 1, num_experts=self.num_experts,
+                drop_path=next(rates), **kw) for b in range(n)])
+            x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
+class DynamicConvBlock(nn.Module):
+    """x + BN(DynamicConv(w, 3x3)(x)), ReLU: a residual block with a per-sample kernel."""
+    features: int
+    hidden: int = 16
+    drop_path: float = 0.0
+    dtype: Optional[jnp.dtype] = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = DynamicConv(self.features, 3, hidden=self.hidden, name='dynconv', **kw)(x)
+        h = batch_norm(train, name='dynconv_bn', **kw)(h)
+        return nn.relu(x + DropPath(self.drop_path)(h, train))
+
+
+class LocalFilterBlock(nn.Module):
+    """x + BN(DynamicLocalFilter(k, features=w)(x)), ReLU: a residual block with a per-pixel
+    filter (then a 1x1 conv)."""
+    features: int
+    kernel_size: int = 3
+    hidden: int = 16
+    per_channel: bool = False
+    drop_path: float = 0.0
+    dtype: Optional[jnp.dtype] = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = DynamicLocalFilter(self.kernel_size, self.features, self.hidden, per_channel=self.per_channel,
+                               name='local', **kw)(x)
+        h = batch_norm(train, name='local_bn', **kw)(h)
+        return nn.relu(x + DropPath(self.drop_path)(h, train))
+
+
 class DynamicFilterNet(nn.Module):
-    """Stage s: [stem 3x3 conv | 3x3/2 conv] - BN - ReLU, then two residual blocks:
+    """Stage s: [stem 3x3 conv | 3x3/2 conv] - BN - ReLU, then two residual blocks
+    (``stage{s}/0`` and ``stage{s}/1``, from s = 1):
 
       dynamic conv:   x + BN(DynamicConv(w, 3x3)(x)), ReLU          (per-sample kernel)
       local filter:   x + BN(DynamicLocalFilter(3, features=w)(x)), ReLU   (per-pixel filter + 1x1)
 
     ``hidden``: width of the dynamic conv's filter-generating MLP; ``local_hidden``: of the local
     filter's 3x3 generating conv. ``per_channel``: one local filter per channel (K*K*C taps).
+    ``remat``: recompute each block's activations in the backward pass (True or a
+    ``jax.checkpoint_policies`` name).
     """
     widths: Sequence[int] = (16, 32, 64)
     hidden: int = 16
@@ -93,6 +136,7 @@ class DynamicFilterNet(nn.Module):
     num_classes: int = 10
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -106,13 +150,12 @@ class DynamicFilterNet(nn.Module):
             name = 'stem' if s == 0 else f'down{s}'
             x = conv2d(w, 3, 1 if s == 0 else 2, name=f'{name}_conv', **kw)(x)
             x = nn.relu(batch_norm(train, name=f'{name}_bn', **kw)(x))
-            h = DynamicConv(w, 3, hidden=self.hidden, name=f'stage{s + 1}_dynconv', **kw)(x)
-            h = batch_norm(train, name=f'stage{s + 1}_dynconv_bn', **kw)(h)
-            x = residual_output(nn.relu(x + DropPath(rates[2 * s])(h, train)))
-            h = DynamicLocalFilter(self.local_kernel, w, self.local_hidden, per_channel=self.per_channel,
-                                   name=f'stage{s + 1}_local', **kw)(x)
-            h = batch_norm(train, name=f'stage{s + 1}_local_bn', **kw)(h)
-            x = residual_output(nn.relu(x + DropPath(rates[2 * s + 1])(h, train)))
+            blocks = (stage_blocks(DynamicConvBlock, [dict(
+                features=w, hidden=self.hidden, drop_path=rates[2 * s], **kw)])
+                + stage_blocks(LocalFilterBlock, [dict(
+                    features=w, kernel_size=self.local_kernel, hidden=self.local_hidden,
+                    per_channel=self.per_channel, drop_path=rates[2 * s + 1], **kw)]))
+            x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

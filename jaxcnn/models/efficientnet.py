@@ -21,20 +21,22 @@ timm and torchvision reproduce) are hand-rounded, e.g. B1 = (1.0, 1.1, 240) wher
 published coefficients, so their parameter counts equal the references'.
 
 Layout and names follow timm's ``EfficientNet`` / ``MobileNetV3`` (``conv_stem``, ``bn1``,
-``blocks_{stage}_{block}``, ``conv_head``, ``bn2``); the twins are timm ``efficientnet_b*``
-(PyTorch padding, BN eps 1e-5) and ``tf_efficientnetv2_*`` (TF 'same' padding, BN eps 1e-3),
-whose counts equal torchvision's. The CondConv B0s (a ``Row.experts`` column on the B0 table)
-are timm's ``efficientnet_cc_b0_4e`` / ``tf_efficientnet_cc_b0_4e``.
+``blocks_{stage}/{block}``, ``conv_head``, ``bn2``; each stage's blocks run through
+:class:`jaxcnn.layers.stage.Stage`, module ``blocks_{stage}``); the twins are timm
+``efficientnet_b*`` (PyTorch padding, BN eps 1e-5) and ``tf_efficientnetv2_*`` (TF 'same'
+padding, BN eps 1e-3), whose counts equal torchvision's. The CondConv B0s (a ``Row.experts``
+column on the B0 table) are timm's ``efficientnet_cc_b0_4e`` / ``tf_efficientnet_cc_b0_4e``.
 """
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, loop_body, batch_norm, check_image_batch, conv2d, get_act, global_avg_pool, make_divisible
+from ..layers import ClassifierHead, batch_norm, check_image_batch, conv2d, get_act, global_avg_pool, make_divisible
 from ..layers.mbconv import MBConv
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 
@@ -113,20 +115,6 @@ def expand_blocks(stages: Stages):
     return out
 
 
-class _ScannedBlock(nn.Module):
-    """A stage's identical blocks 2..n as the body of ``nn.scan``: carry = activations,
-    scanned input = the block's drop-path rate."""
-    block_kw: tuple
-    train: bool
-    drop_path: bool         # False: no DropPath (static rate 0, no 'dropout' rng needed)
-
-    @nn.compact
-    def __call__(self, x, rate):
-        x = MBConv(**dict(self.block_kw), drop_path=rate if self.drop_path else 0.0,
-                   name='block')(x, self.train)
-        return x, None
-
-
 class MBConvNet(nn.Module):
     """Stem - stage table of MBConv blocks - head, for every mobile family here.
 
@@ -142,9 +130,15 @@ class MBConvNet(nn.Module):
       TF-trained ones.
     drop_path_rate: stochastic depth, block i of N drops with rate drop_path_rate * i / N
       (EfficientNet's reference rule: the first block never drops).
-    scan_blocks: run a stage's identical blocks 2..n (n > 2) through ``nn.scan`` with parameters
-      stacked under ``blocks_{s}_rest/block``: compile time stops growing with depth (B7 has 55
-      blocks, V2-L 79); the math is unchanged. ``jaxcnn.convert`` stacks timm's weights into it.
+    scan_blocks: run a stage's blocks 2..n through ``nn.scan`` when there are at least two of
+      them and they are identical but for their drop-path rates (a table row repeated), with
+      parameters stacked under ``blocks_{s}/stacked/block`` (:class:`~jaxcnn.layers.stage.Stage`):
+      compile time stops growing with depth (B7 has 55 blocks, V2-L 79); the math is unchanged.
+      A stage whose blocks 2..n differ (rows mixed after the first block, as in some of
+      MobileNetV3's and FBNet's stages) stays unrolled. ``jaxcnn.convert`` stacks timm's weights
+      into the stacked blocks.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name).
     """
     stages: Stages
     width_mult: float = 1.0
@@ -165,6 +159,7 @@ class MBConvNet(nn.Module):
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
     scan_blocks: bool = True
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -201,15 +196,12 @@ class MBConvNet(nn.Module):
                              skip=r.skip, padding=self.padding, bn_eps=self.bn_eps,
                              bn_momentum=self.bn_momentum, num_experts=r.experts, **kw)
                         for r in blocks]
+            # the Stage would stack any blocks that differ only in numbers, and kernels, widths
+            # and expansions are numbers too: scan only a repeated row (blocks 2..n equal but for
+            # their drop-path rates), as before
             scan = self.scan_blocks and len(blocks) > 2 and all(k == block_kw[1] for k in block_kw[2:])
-            for b in range(1 if scan else len(blocks)):
-                x = MBConv(**block_kw[b], drop_path=rates[b], name=f'blocks_{s}_{b}')(x, train)
-            if scan:
-                body = nn.scan(_ScannedBlock, variable_axes={'params': 0, 'batch_stats': 0},
-                               split_rngs={'params': True, 'dropout': True}, length=len(blocks) - 1)
-                with loop_body():
-                    x, _ = body(tuple(block_kw[1].items()), train, self.drop_path_rate != 0,
-                                name=f'blocks_{s}_rest')(x, jnp.asarray(rates[1:], jnp.float32))
+            x = Stage(stage_blocks(MBConv, [dict(k, drop_path=r) for k, r in zip(block_kw, rates)]),
+                      scan=scan, remat=self.remat, name=f'blocks_{s}')(x, train)
 
         width = self.head_width()
         if self.head == 'conv':
@@ -230,10 +222,11 @@ class MBConvNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Weight conversion from timm's EfficientNet / MobileNetV3 (one layout for every mobile family):
-# blocks.s.b -> blocks_s_b (blocks b >= 1 of a scanned stage are stacked into blocks_s_rest by
-# jaxcnn.convert's default scan rule), SE conv_reduce/conv_expand -> fc1/fc2, classifier -> head.fc.
+# blocks.s.b -> blocks_s/b (blocks b >= 1 of a scanned stage are stacked into
+# blocks_s/stacked/block at index b - 1 by the stage helper's rule), SE conv_reduce/conv_expand ->
+# fc1/fc2, classifier -> head.fc.
 MBCONV_RENAMES = [
-    (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1_\2.'),
+    (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1.\2.'),
     (r'\.se\.conv_reduce\.', '.se.fc1.'),
     (r'\.se\.conv_expand\.', '.se.fc2.'),
     (r'^classifier\.', 'head.fc.'),

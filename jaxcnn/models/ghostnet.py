@@ -11,17 +11,21 @@ shortcut that is the identity or, when the shape changes, depthwise k x k/stride
 Table 7 is the stage table below; the head is 1x1 conv to 960, global pool, a 1x1 conv to 1280
 with ReLU (applied to the pooled vector, so a dense layer here), dropout and the classifier.
 
-Layout and names follow timm's ``GhostNet`` (v1) so its weights convert with the table below.
+Layout and names follow timm's ``GhostNet`` (v1) so its weights convert with the table below:
+bottleneck b of stage s is ``blocks_{s}/{b}`` (timm ``blocks.s.b``), each stage's blocks run
+through :class:`~jaxcnn.layers.stage.Stage` (``remat`` recomputes their activations in the
+backward pass).
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (residual_output, ClassifierHead, DropPath, SqueezeExcite, batch_norm, check_image_batch, conv2d,
+from ..layers import (ClassifierHead, DropPath, SqueezeExcite, batch_norm, check_image_batch, conv2d,
                       depthwise_conv2d, drop_path_rates, global_avg_pool, make_divisible)
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 # Table 7: one row per bottleneck (kernel, expansion width "#exp", output width, SE ratio, stride),
@@ -92,11 +96,15 @@ class GhostBottleneck(nn.Module):
             shortcut = bn('shortcut_bn1', depthwise_conv2d(x.shape[-1], self.kernel_size, self.stride,
                                                            name='shortcut_dw', **kw)(x))
             shortcut = bn('shortcut_bn2', conv2d(self.out_channels, 1, name='shortcut_pw', **kw)(shortcut))
-        return residual_output(shortcut + DropPath(self.drop_path)(h, train))
+        return shortcut + DropPath(self.drop_path)(h, train)
 
 
 class GhostNet(nn.Module):
-    """GhostNet from Table 7; ``width`` multiplies every width (rounded to multiples of 4)."""
+    """GhostNet from Table 7; ``width`` multiplies every width (rounded to multiples of 4).
+
+    remat: recompute each bottleneck's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
+    """
     width: float = 1.0
     stages: Sequence[Tuple[Tuple[float, ...], ...]] = STAGES
     stem_channels: int = 16
@@ -105,6 +113,7 @@ class GhostNet(nn.Module):
     num_classes: int = 1000
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -118,9 +127,10 @@ class GhostNet(nn.Module):
         x = nn.relu(batch_norm(train, name='bn1', **kw)(x))
         rates = iter(drop_path_rates(self.drop_path_rate, sum(len(s) for s in self.stages)))
         for s, stage in enumerate(self.stages):
-            for b, (k, exp, c, se, stride) in enumerate(stage):
-                x = GhostBottleneck(ch(exp), ch(c), k, stride, se, next(rates),
-                                    name=f'blocks_{s}_{b}', **kw)(x, train)
+            blocks = stage_blocks(GhostBottleneck, [dict(
+                mid_channels=ch(exp), out_channels=ch(c), kernel_size=k, stride=stride, se_ratio=se,
+                drop_path=next(rates), **kw) for k, exp, c, se, stride in stage])
+            x = Stage(blocks, remat=self.remat, name=f'blocks_{s}')(x, train)
         x = conv2d(ch(self.last_channels), 1, name='conv_last', **kw)(x)
         x = nn.relu(batch_norm(train, name='bn_last', **kw)(x))
         if features_only:
@@ -130,13 +140,14 @@ class GhostNet(nn.Module):
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-# timm's GhostNet: blocks.s.b (the last stage, blocks.9.0, is the 1x1 ConvBnAct to 960),
+# timm's GhostNet: blocks.s.b -> blocks_s/b (the last stage, blocks.9.0, is the 1x1 ConvBnAct
+# to 960: conv_last / bn_last here, outside the stages),
 # GhostModule = primary_conv (conv, bn, act) + cheap_operation (dwconv, bn, act),
 # shortcut = (dw, bn, pw, bn), SE conv_reduce / conv_expand.
 register_renames('ghostnet', [
     (r'^blocks\.9\.0\.conv\.', 'conv_last.'),
     (r'^blocks\.9\.0\.bn1\.', 'bn_last.'),
-    (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1_\2.'),
+    (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1.\2.'),
     (r'\.primary_conv\.0\.', '.primary_conv.'),
     (r'\.primary_conv\.1\.', '.primary_bn.'),
     (r'\.cheap_operation\.0\.', '.cheap_conv.'),

@@ -22,14 +22,19 @@ built here:
 
 One addition to eq. 2: each generated kernel is scaled by the constant sqrt(16 / C_in)
 (``fan_in_scale``, see :class:`jaxcnn.layers.dynamic.HyperConv`); it adds no parameter.
+
+Each group's blocks run through :class:`~jaxcnn.layers.stage.Stage` (block b of group s, from 1,
+is ``layer{s}/{b}``, holding its embeddings); the one generator, ``generator``, is a field of
+every block and lives at the top of the model.
 """
-from typing import Optional
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import residual_output, ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
 from ..layers.dynamic import HyperConv, HyperKernelGenerator
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 
@@ -45,8 +50,13 @@ def zero_pad_shortcut(x, out_channels: int, stride: int):
 
 class HyperBlock(nn.Module):
     """Pre-activation WRN block B(3,3) whose two kernels are generated:
-    BN-ReLU-hyperconv(stride)-BN-ReLU-dropout-hyperconv, + option-A shortcut of the input."""
+    BN-ReLU-hyperconv(stride)-BN-ReLU-dropout-hyperconv, + option-A shortcut of the input.
+
+    generator: the network's shared :class:`~jaxcnn.layers.dynamic.HyperKernelGenerator` (a
+      module owned by the model, so every block's kernels come from the same g).
+    """
     features: int
+    generator: Any = None
     stride: int = 1
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -55,7 +65,8 @@ class HyperBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, generator, train: bool = False):
+    def __call__(self, x, train: bool = False):
+        generator = self.generator
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shortcut = zero_pad_shortcut(x, self.features, self.stride)
         h = nn.relu(batch_norm(train, name='bn1', **kw)(x))
@@ -65,7 +76,7 @@ class HyperBlock(nn.Module):
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = HyperConv(self.features, 3, 1, use_bias=True, fan_in_scale=self.fan_in_scale,
                       name='conv2', **kw)(h, generator)
-        return residual_output(DropPath(self.drop_path)(h, train) + shortcut)
+        return DropPath(self.drop_path)(h, train) + shortcut
 
 
 class HyperWRN(nn.Module):
@@ -75,6 +86,8 @@ class HyperWRN(nn.Module):
     z_dim / hidden: the generator's N_z and d (64 and 64 in the paper).
     fan_in_scale: scale each generated kernel by sqrt(16 / C_in) (a constant; see
       :class:`jaxcnn.layers.dynamic.HyperConv`), so wide layers start at the basic kernel's scale.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
     """
     depth: int = 40
     widen_factor: int = 2
@@ -87,6 +100,7 @@ class HyperWRN(nn.Module):
     block_dropout: float = 0.0
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -103,10 +117,11 @@ class HyperWRN(nn.Module):
         x = conv2d(self.stem_width, 3, 1, use_bias=True, name='conv1', **kw)(x)
         rates = drop_path_rates(self.drop_path_rate, 3 * n)
         for s, width in enumerate((16, 32, 64)):
-            for b in range(n):
-                x = HyperBlock(width * self.widen_factor, 2 if (s > 0 and b == 0) else 1,
-                               self.block_dropout, rates[s * n + b], self.fan_in_scale,
-                               name=f'layer{s + 1}_{b}', **kw)(x, generator, train)
+            blocks = stage_blocks(HyperBlock, [dict(
+                features=width * self.widen_factor, generator=generator,
+                stride=2 if (s > 0 and b == 0) else 1, dropout=self.block_dropout,
+                drop_path=rates[s * n + b], fan_in_scale=self.fan_in_scale, **kw) for b in range(n)])
+            x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x

@@ -20,8 +20,10 @@ shortcut, which is a 1x1 convolution where the shape changes (option B); every o
 gives each F_i its own BN-ReLU and keeps the identity untouched. That is the authors' layout.
 
 Stochastic depth (``drop_path_rate``) drops a block's whole residual sum per sample, with the
-linear decay of Huang et al. 2016. Units 2..n of a stage are identical and run through
-``nn.scan`` (``scan_blocks``), so depth costs no compile time.
+linear decay of Huang et al. 2016. Units 2..n of a stage are identical and run as one
+``nn.scan`` (``scan_blocks``; parameters stacked under ``stage{s}/stacked/block``, unit 1 of
+the stage is ``stage{s}/0``; :class:`~jaxcnn.layers.stage.Stage`), so depth costs no compile
+time.
 
 Registered row: ``multiresnet200_k5``, depth 200, k = 5 (bottleneck, width 1): 10.2M
 parameters, 4.35 % CIFAR-10 / 20.42 % CIFAR-100 error, set against the 1001-layer pre-activation
@@ -36,12 +38,13 @@ which rounds to 10.2M. Other rows are arguments of the same row:
     block='basic'`` counts 72.7M (145.1M with k = 4); the README prints 72M and 154M, so these
     figures could not be confirmed and the rows are not registered.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import residual_output, ClassifierHead, loop_body, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 EXPANSION = {'basic': 1, 'bottleneck': 4}
@@ -106,26 +109,16 @@ class MultiResidualUnit(nn.Module):
         residual = [ResidualFunction(self.block, self.planes, self.stride, not self.first, self.dropout,
                                      name=f'f{i + 1}', **kw)(h, train) for i in range(self.k)]
         residual = sum(residual[1:], residual[0])
-        return residual_output(shortcut + DropPath(self.drop_path)(residual, train))
-
-
-class _ScannedUnit(nn.Module):
-    """A non-first unit as the body of ``nn.scan``: carry = activations, input = drop rate."""
-    unit_args: tuple
-    train: bool
-    dtype: Optional[jnp.dtype] = None
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, drop_path):
-        block, planes, k, dropout = self.unit_args
-        x = MultiResidualUnit(block, planes, k, 1, False, dropout, drop_path, name='unit',
-                              dtype=self.dtype, param_dtype=self.param_dtype)(x, self.train)
-        return x, None
+        return shortcut + DropPath(self.drop_path)(residual, train)
 
 
 class MultiResNet(nn.Module):
-    """CIFAR multi-residual network: ``depth`` layers, ``k`` residual functions per block."""
+    """CIFAR multi-residual network: ``depth`` layers, ``k`` residual functions per block.
+
+    scan_blocks: run units 2..n of each stage as one ``nn.scan`` (``stage{s}/stacked``);
+    remat: recompute each unit's activations in the backward pass (True, or a
+    ``jax.checkpoint_policies`` name); see :class:`~jaxcnn.layers.stage.Stage`.
+    """
     depth: int = 200
     k: int = 5
     block: str = 'bottleneck'
@@ -134,6 +127,7 @@ class MultiResNet(nn.Module):
     stem_width: int = 16
     block_dropout: float = 0.0
     scan_blocks: bool = True
+    remat: Union[bool, str] = False
     num_classes: int = 10
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -157,20 +151,12 @@ class MultiResNet(nn.Module):
         for s, base in enumerate(self.widths):
             planes = base * self.width
             stage_rates = rates[s * n:(s + 1) * n]
-            x = MultiResidualUnit(self.block, planes, self.k, 1 if s == 0 else 2, True,
-                                  self.block_dropout, stage_rates[0], name=f'stage{s + 1}_0',
-                                  **kw)(x, train)
-            unit_args = (self.block, planes, self.k, self.block_dropout)
-            if self.scan_blocks and n > 2:
-                scan = nn.scan(_ScannedUnit, variable_axes={'params': 0, 'batch_stats': 0},
-                               split_rngs={'params': True, 'dropout': True}, length=n - 1)
-                with loop_body():
-                    x, _ = scan(unit_args, train, name=f'stage{s + 1}_rest', **kw)(
-                        x, jnp.asarray(stage_rates[1:], jnp.float32))
-            else:
-                for u in range(1, n):
-                    x = MultiResidualUnit(*unit_args[:3], 1, False, self.block_dropout,
-                                          stage_rates[u], name=f'stage{s + 1}_{u}', **kw)(x, train)
+            blocks = stage_blocks(MultiResidualUnit, [dict(
+                block=self.block, planes=planes, k=self.k,
+                stride=(1 if s == 0 else 2) if u == 0 else 1, first=u == 0,
+                dropout=self.block_dropout, drop_path=stage_rates[u], **kw) for u in range(n)])
+            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat,
+                      name=f'stage{s + 1}')(x, train)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x

@@ -18,14 +18,15 @@ DeepMind models (GELU, 4-conv stem, widths 256/512/1536/1536, depths (1, 2, 6, 3
 group width 128, an extra 3x3 conv per block, final 1x1 conv to 3072, TF "SAME" padding, gamma
 in the activations).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import residual_output, ClassifierHead, loop_body, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
+from ..layers import ClassifierHead, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
 from ..layers.nf import ScaledStdConv, activation_gamma, gamma_act
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 
@@ -88,22 +89,7 @@ class NFBlock(nn.Module):
         h = DropPath(self.drop_path)(h, train)
         if self.skipinit:
             h = h * self.param('skip_gain', nn.initializers.zeros, (), self.param_dtype).astype(h.dtype)
-        return residual_output(h * jnp.asarray(self.alpha, h.dtype) + shortcut)
-
-
-class _ScannedNFBlock(nn.Module):
-    """One non-transition block as the body of ``nn.scan``: carry = activations, scanned input =
-    (beta, drop-path rate), the two things that differ between a stage's blocks 2..n."""
-    block_kw: tuple                 # NFBlock fields shared by the scanned blocks, as (name, value)
-    train: bool
-    drop_path: bool                 # False: no DropPath at all (static rate 0, no 'dropout' rng)
-
-    @nn.compact
-    def __call__(self, x, beta_rate):
-        beta, rate = beta_rate
-        x = NFBlock(**dict(self.block_kw), beta=beta, drop_path=rate if self.drop_path else 0.0,
-                    name='block')(x, self.train)
-        return x, None
+        return h * jnp.asarray(self.alpha, h.dtype) + shortcut
 
 
 class NFNet(nn.Module):
@@ -117,10 +103,14 @@ class NFNet(nn.Module):
     gamma_source: 'deepmind' (the published constants the pretrained weights were trained with)
       or 'computed' (exact; see :mod:`jaxcnn.layers.nf`).
     num_features: width of a final 1x1 conv before the head (0: none).
-    scan_blocks: run the identical blocks 2..n of each stage (n > 2) through ``nn.scan``, their
-      parameters stacked on a leading axis under ``stages_{s}_rest/block``; each block's beta and
-      drop-path rate are scanned inputs. Compile time then stops growing with depth (nfnet_f6
-      has 168 blocks); the math is unchanged. ``jaxcnn.convert`` stacks unrolled weights into it.
+    scan_blocks: run blocks 2..n of each stage (all but the transition block) as one ``nn.scan``,
+      their parameters stacked on a leading axis under ``stages_{s}/stacked/block``
+      (:class:`~jaxcnn.layers.stage.Stage`; unrolled, block b is ``stages_{s}/{b}``); each
+      block's beta and drop-path rate are scanned inputs. Compile time then stops growing with
+      depth (nfnet_f6 has 168 blocks); the math is unchanged. ``jaxcnn.convert`` stacks timm's
+      per-block weights into it.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name).
     """
     depths: Sequence[int]
     channels: Sequence[int] = (256, 512, 1536, 1536)
@@ -143,6 +133,7 @@ class NFNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     scan_blocks: bool = False
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -178,24 +169,16 @@ class NFNet(nn.Module):
                             attn_gain=self.attn_gain, skipinit=self.skipinit, act=self.act,
                             act_gamma=act_gamma, conv_gamma=conv_gamma, padding=self.padding,
                             std_eps=self.std_eps, **kw)
-            betas, rates = [], []
+            fields = []
             for b in range(depth):
-                betas.append(expected_var ** -0.5)
-                rates.append(self.drop_path_rate * i / n_total)           # DeepMind's rule
+                fields.append(dict(block_kw, stride=2 if (s > 0 and b == 0) else 1,
+                                   beta=expected_var ** -0.5,
+                                   drop_path=self.drop_path_rate * i / n_total))  # DeepMind's rule
                 # a transition block's shortcut sees the normalised input: variance restarts at 1
                 expected_var = (1.0 if b == 0 else expected_var) + self.alpha ** 2
                 i += 1
-            n_unrolled = 1 if (self.scan_blocks and depth > 2) else depth
-            for b in range(n_unrolled):
-                x = NFBlock(stride=2 if (s > 0 and b == 0) else 1, beta=betas[b], drop_path=rates[b],
-                            name=f'stages_{s}_{b}', **block_kw)(x, train)
-            if n_unrolled < depth:
-                scan = nn.scan(_ScannedNFBlock, variable_axes={'params': 0},
-                               split_rngs={'params': True, 'dropout': True}, length=depth - 1)
-                with loop_body():
-                    x, _ = scan(tuple(block_kw.items()), train, self.drop_path_rate != 0,
-                                name=f'stages_{s}_rest')(
-                        x, (jnp.asarray(betas[1:], jnp.float32), jnp.asarray(rates[1:], jnp.float32)))
+            x = Stage(stage_blocks(NFBlock, fields), scan=self.scan_blocks, remat=self.remat,
+                      name=f'stages_{s}')(x, train)
         if self.num_features:
             x = conv('final_conv', self.num_features, 1)(x)
         x = act(x)
@@ -206,11 +189,12 @@ class NFNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight conversion from timm's NormFreeNet: stem.convN -> stem_convN, stages.s.b -> stages_s_b,
-# skipinit_gain -> skip_gain; ScaledStdConv ``gain`` (O, 1, 1, 1) -> (O,).
+# Weight conversion from timm's NormFreeNet: stem.convN -> stem_convN, stages.s.b -> stages_s/b
+# (which the stage helper's rule stacks into stages_s/stacked/block at index b - 1 when the stage
+# is scanned), skipinit_gain -> skip_gain; ScaledStdConv ``gain`` (O, 1, 1, 1) -> (O,).
 register_renames('nfnet', [
     (r'^stem\.conv', 'stem_conv'),
-    (r'^stages\.(\d+)\.(\d+)\.', r'stages_\1_\2.'),
+    (r'^stages\.(\d+)\.(\d+)\.', r'stages_\1.\2.'),
     (r'\.downsample\.conv\.', '.downsample.'),
     (r'\.skipinit_gain$', '.skip_gain'),
 ])

@@ -39,13 +39,14 @@ this file's reading of the papers (PolyNet CVPR 2017; Inception-v4 / Inception-R
 2017); the unit widths, beta and the mix of modules are choices for a small network, not
 figures from either paper.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ..layers import ClassifierHead, DropPath, check_image_batch, conv2d, drop_path_rates, max_pool
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 # Branch tables: each branch is a list of (channels, (kh, kw), stride) conv-BN-ReLU layers.
@@ -213,8 +214,29 @@ def poly_module(kind: str, make_unit, scale: float, drop_path: float, name: str)
     raise ValueError(f"module kind must be one of {sorted(STRUCTURES)}, got {kind!r}")
 
 
+class PolyBlock(nn.Module):
+    """One module of a stage, as the stage helper builds it: the ``kind`` structure over fresh
+    Inception-residual units of ``width`` and ``branches`` (module ``{kind}`` inside the block)."""
+    kind: str
+    width: int
+    branches: Branches
+    scale: float = 1.0
+    drop_path: float = 0.0
+    dtype: Optional[jnp.dtype] = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        make_unit = lambda: InceptionResidual(self.width, self.branches, parent=None,
+                                              dtype=self.dtype, param_dtype=self.param_dtype)
+        return poly_module(self.kind, make_unit, self.scale, self.drop_path, name=self.kind)(x, train)
+
+
 class PolyNet(nn.Module):
     """A PolyNet from a stage table: (width, unit branches, module kinds, reduction after).
+    Stage s's modules run through :class:`~jaxcnn.layers.stage.Stage` (module i is
+    ``stage{s}/{i}/{kind}``); ``remat`` (True or a ``jax.checkpoint_policies`` name) recomputes
+    their activations in the backward pass instead of storing them.
 
     The default table is the small CIFAR configuration of ``polynet_small_cifar``."""
     stages: Sequence[tuple] = ((64, UNIT_A, ('poly2', 'mpoly2', '2way'), REDUCTION_A),
@@ -226,6 +248,7 @@ class PolyNet(nn.Module):
     num_classes: int = 10
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -240,11 +263,11 @@ class PolyNet(nn.Module):
         for s, (width, unit, kinds, reduction) in enumerate(self.stages):
             if x.shape[-1] != width:
                 raise ValueError(f'stage {s + 1} is {width} wide but receives {x.shape[-1]} channels')
-            make_unit = lambda: InceptionResidual(width, unit, parent=None, **kw)
-            for i, kind in enumerate(kinds):
-                x = poly_module(kind, make_unit, self.residual_scale, rates[m],
-                                name=f'stage{s + 1}_{i}_{kind}')(x, train)
-                m += 1
+            blocks = stage_blocks(PolyBlock, [dict(kind=kind, width=width, branches=unit,
+                                                   scale=self.residual_scale, drop_path=rates[m + i], **kw)
+                                              for i, kind in enumerate(kinds)])
+            x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
+            m += len(kinds)
             if reduction is not None:
                 x = Reduction(reduction, name=f'reduction{s + 1}', **kw)(x, train)
         # Inception-ResNet-v2's last layer before pooling: a 1x1 conv-BN-ReLU, so the classifier

@@ -12,14 +12,18 @@ The table's alpha-270 rows (28.3M at depth 110, 27.0M at depth 164 bottleneck) a
 registered: eq. 2 with alpha 270 gives whole widths 21, 26, ..., 286 with no rounding choice,
 and this unit counts 28,485,477 and 27,216,021, 0.7-0.8 % above the table; pass ``alpha=270``
 to build them anyway. Tests also check every count against a hand count of the units.
+
+The three groups of N / 3 units (the reference implementation's ``layer1``-``layer3``) each run
+through :class:`~jaxcnn.layers.stage.Stage`: unit b of group s (counted from 1) is ``layer{s}/{b}``.
 """
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import residual_output, check_image_batch, ClassifierHead, DropPath, avg_pool, batch_norm, conv2d, drop_path_rates
+from ..layers import check_image_batch, ClassifierHead, DropPath, avg_pool, batch_norm, conv2d, drop_path_rates
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 
@@ -52,17 +56,22 @@ class PyramidUnit(nn.Module):
             shortcut = avg_pool(shortcut, 2, 2, ((0, ph), (0, pw)), count_include_pad=False)
         extra = self.out_channels - shortcut.shape[-1]
         shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, extra)))
-        return residual_output(h + shortcut)
+        return h + shortcut
 
 
 class PyramidNet(nn.Module):
-    """CIFAR PyramidNet with ``depth`` layers and widening factor ``alpha``."""
+    """CIFAR PyramidNet with ``depth`` layers and widening factor ``alpha``.
+
+    remat: recompute each unit's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
+    """
     depth: int = 110
     alpha: float = 48
     bottleneck: bool = False
     num_classes: int = 10
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -76,11 +85,13 @@ class PyramidNet(nn.Module):
         x = jnp.asarray(x, self.dtype or jnp.float32)
         x = batch_norm(train, name='bn1', **kw)(conv2d(16, 3, name='conv1', **kw)(x))
         rates = drop_path_rates(self.drop_path_rate, total)
-        for k in range(total):
-            width = int(16 + Fraction(self.alpha) * (k + 1) / total)     # floor, exactly
-            stride = 2 if k in (per_stage, 2 * per_stage) else 1
-            x = PyramidUnit(width * expansion, stride, self.bottleneck, rates[k],
-                            name=f'unit{k}', **kw)(x, train)
+        for s in range(3):
+            units = range(s * per_stage, (s + 1) * per_stage)
+            blocks = stage_blocks(PyramidUnit, [dict(
+                out_channels=int(16 + Fraction(self.alpha) * (k + 1) / total) * expansion,  # floor, exactly
+                stride=2 if (s > 0 and k == units[0]) else 1, bottleneck=self.bottleneck,
+                drop_path=rates[k], **kw) for k in units])
+            x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x

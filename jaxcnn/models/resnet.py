@@ -2,7 +2,7 @@
 
 One generic builder, :class:`ResNet`, reads the stage table (blocks per stage, widths) and a
 block kind; every registered variant below is a row of arguments. Parameter names mirror
-torchvision's (``conv1``, ``bn1``, ``layer{s}_{b}/conv1`` ...), which keeps weight conversion
+torchvision's (``conv1``, ``bn1``, ``layer{s}/{b}/conv1`` ...), which keeps weight conversion
 a table of renames (see :mod:`jaxcnn.convert`).
 
 References:
@@ -13,13 +13,14 @@ References:
   Hu et al. 2018, "Squeeze-and-Excitation Networks".
   Huang et al. 2016, "Deep Networks with Stochastic Depth" (``drop_path_rate``).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import (check_image_batch, loop_body, residual_output, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
+from ..layers import (check_image_batch, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
                       drop_path_rates, max_pool)
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 EXPANSION = {'basic': 1, 'bottleneck': 4, 'preact_basic': 1, 'preact_bottleneck': 4}
@@ -123,23 +124,7 @@ class ResidualBlock(nn.Module):
             h = SqueezeExcite(rd_ratio=self.se_ratio, name='se', **kw)(h)
         h = DropPath(self.drop_path)(h, train)
         out = h + shortcut
-        return residual_output(out if preact else nn.relu(out))
-
-
-class _ScannedBlock(nn.Module):
-    """One block as the body of ``nn.scan``: carry = activations, scanned input = drop rate."""
-    block_args: tuple
-    train: bool
-    dtype: Optional[jnp.dtype] = None
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, drop_path):
-        kind, planes, groups, base_width, shortcut, se_ratio, dropout, zero_init_last = self.block_args
-        x = ResidualBlock(kind, planes, 1, groups, base_width, shortcut, se_ratio, dropout, drop_path,
-                          zero_init_last, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name='block')(x, self.train)
-        return x, None
+        return out if preact else nn.relu(out)
 
 
 class ResNet(nn.Module):
@@ -150,8 +135,10 @@ class ResNet(nn.Module):
     block: 'basic' | 'bottleneck' | 'preact_basic' | 'preact_bottleneck'.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (one 3x3 conv).
     scan_blocks: run the identical blocks 2..n of each stage through ``nn.scan`` (parameters
-      stacked under ``layer{s}_rest``): compile time stops growing with depth, which is what
-      makes ResNet-1202 practical; the math is unchanged.
+      stacked under ``layer{s}/stacked``, :class:`~jaxcnn.layers.stage.Stage`): compile time
+      stops growing with depth, which is what makes ResNet-1202 practical; the math is unchanged.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name).
     """
     layers: Sequence[int]
     widths: Sequence[int] = (64, 128, 256, 512)
@@ -168,6 +155,7 @@ class ResNet(nn.Module):
     drop_path_rate: float = 0.0
     zero_init_last: bool = False
     scan_blocks: bool = False
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -191,24 +179,14 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
 
-        rates = drop_path_rates(self.drop_path_rate, sum(self.layers))
-        start = 0
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n_blocks, planes) in enumerate(zip(self.layers, self.widths)):
-            block_args = (self.block, planes, self.groups, self.base_width, self.shortcut,
-                          self.se_ratio, self.block_dropout, self.zero_init_last)
-            stage_rates, start = rates[start:start + n_blocks], start + n_blocks
-            n_unrolled = 1 if (self.scan_blocks and n_blocks > 2) else n_blocks
-            for b in range(n_unrolled):
-                stride = 2 if (s > 0 and b == 0) else 1
-                x = ResidualBlock(self.block, planes, stride, *block_args[2:7], stage_rates[b],
-                                  self.zero_init_last, name=f'layer{s + 1}_{b}', **kw)(x, train)
-            if n_unrolled < n_blocks:
-                scan = nn.scan(_ScannedBlock, variable_axes={'params': 0, 'batch_stats': 0},
-                               split_rngs={'params': True, 'dropout': True},
-                               length=n_blocks - 1)
-                with loop_body():
-                    x, _ = scan(block_args, train, name=f'layer{s + 1}_rest', **kw)(
-                        x, jnp.asarray(stage_rates[1:], jnp.float32))
+            blocks = stage_blocks(ResidualBlock, [dict(
+                kind=self.block, planes=planes, stride=2 if (s > 0 and b == 0) else 1,
+                groups=self.groups, base_width=self.base_width, shortcut=self.shortcut,
+                se_ratio=self.se_ratio, dropout=self.block_dropout, drop_path=next(rates),
+                zero_init_last=self.zero_init_last, **kw) for b in range(n_blocks)])
+            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         if preact:
             x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:

@@ -1,8 +1,9 @@
 """Reversible networks: RevNet (Gomez et al. 2017) and i-RevNet (Jacobsen et al. 2018).
 
-Both are built on :class:`jaxcnn.layers.reversible.ReversibleSequence`, whose backward pass
-rebuilds activations from the block outputs instead of storing them (``reversible=False``
-falls back to ordinary autodiff for comparison).
+Both stack additive couplings (:class:`jaxcnn.layers.reversible.Coupling`) in stages of
+:class:`jaxcnn.layers.stage.Stage` with ``reversible=True``, whose backward pass rebuilds
+activations from the block outputs instead of storing them (``reversible=False`` scans the same
+couplings under ordinary autodiff, ``remat=True`` recomputes them per block, for comparison).
 
 RevNet (Gomez et al. 2017, Table 1): the channels are split in two halves; every residual
 unit of a ResNet becomes a coupling y1 = x1 + F(x2), y2 = x2 + G(y1) whose F and G are
@@ -34,14 +35,15 @@ bijection up to the classifier, and :meth:`IRevNet.inverse` maps the final repre
 back to the image. Two consecutive half-couplings are one RevNet coupling, so the stride-1
 stretches run through the same memory-free sequence.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..layers import (ClassifierHead, DropPath, avg_pool, batch_norm, check_image_batch, conv2d,
                       drop_path_rates, max_pool)
-from ..layers.reversible import ReversibleSequence, depth_to_space, space_to_depth
+from ..layers.reversible import Coupling, depth_to_space, space_to_depth
+from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 from .resnet import EXPANSION, ResidualBlock
 
@@ -133,7 +135,8 @@ class RevDownUnit(nn.Module):
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
     @nn.compact
-    def __call__(self, x1, x2, train: bool = False):
+    def __call__(self, x, train: bool = False):
+        x1, x2 = x
         kw = dict(bottleneck=self.bottleneck, dropout=self.dropout, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         f = RevBranch(self.channels, self.stride, preact=not self.first, name='f', **kw)(x2, train)
@@ -150,7 +153,8 @@ class RevNet(nn.Module):
     stem: 'cifar' (3x3 conv) or 'imagenet' (7x7/2 conv + 3x3/2 max-pool), each + BN-ReLU.
     branch: 'revnet' (the paper's F, G) or 'resnet' (F, G from resnet.ResidualBlock of kind
       ``resnet_kind``, with ``se_ratio``) for the reversible units.
-    reversible: False trains the same network with ordinary autodiff.
+    reversible: False trains the same network with ordinary autodiff (scanned couplings, or
+      unrolled with ``scan_blocks=False``); ``remat`` recomputes each unit instead.
     """
     layers: Sequence[int]
     widths: Sequence[int]
@@ -165,19 +169,23 @@ class RevNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     reversible: bool = True
+    scan_blocks: bool = True
+    remat: Union[bool, str] = False
     scan_unroll: int = 1            # lax.scan unroll of the reversible stages (see README: CPU)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
-    def _branch(self, channels):
-        # parent=None: templates for the sequence, not children of this module
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+    def _coupling(self, channels, rate) -> dict:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.branch == 'revnet':
-            return RevBranch(channels, bottleneck=self.bottleneck, dropout=self.block_dropout, **kw)
-        if self.branch == 'resnet':
-            return ResidualBranch(self.resnet_kind, channels, self.se_ratio,
-                                  dropout=self.block_dropout, **kw)
-        raise ValueError(f"branch must be 'revnet' or 'resnet', got {self.branch!r}")
+            branch = RevBranch, dict(out_channels=channels, bottleneck=self.bottleneck,
+                                     dropout=self.block_dropout, **kw)
+        elif self.branch == 'resnet':
+            branch = ResidualBranch, dict(kind=self.resnet_kind, channels=channels,
+                                          se_ratio=self.se_ratio, dropout=self.block_dropout, **kw)
+        else:
+            raise ValueError(f"branch must be 'revnet' or 'resnet', got {self.branch!r}")
+        return dict(branch=branch[0], branch_fields=tuple(sorted(branch[1].items())), drop_path=rate)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
@@ -194,19 +202,19 @@ class RevNet(nn.Module):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
 
         half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        rates = drop_path_rates(self.drop_path_rate, sum(self.layers))
-        start = 0
+        x = (x[..., :half], x[..., half:])
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n_units, width) in enumerate(zip(self.layers, self.widths)):
             channels = width * (4 if self.bottleneck else 1) // 2
-            stage_rates, start = rates[start:start + n_units], start + n_units
-            x1, x2 = RevDownUnit(channels, 1 if s == 0 else 2, self.bottleneck, first=s == 0,
-                                 dropout=self.block_dropout, drop_path=stage_rates[0],
-                                 name=f'layer{s + 1}_0', **kw)(x1, x2, train)
-            if n_units > 1:
-                x1, x2 = ReversibleSequence(self._branch(channels), self._branch(channels),
-                                            n_units - 1, tuple(stage_rates[1:]), self.reversible,
-                                            self.scan_unroll, name=f'layer{s + 1}_rev')(x1, x2, train)
+            blocks = stage_blocks(RevDownUnit, [dict(
+                channels=channels, stride=1 if s == 0 else 2, bottleneck=self.bottleneck,
+                first=s == 0, dropout=self.block_dropout, drop_path=next(rates), **kw)])
+            blocks += stage_blocks(Coupling, [self._coupling(channels, next(rates))
+                                              for _ in range(n_units - 1)])
+            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat,
+                      reversible=self.reversible, unroll=self.scan_unroll,
+                      name=f'layer{s + 1}')(x, train)
+        x1, x2 = x
         x = jnp.concatenate([x1, x2], axis=-1)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
@@ -264,11 +272,13 @@ class IRevHalfBlock(nn.Module):
     def _s(self, x):
         return space_to_depth(x, 2) if self.stride == 2 else x
 
-    def __call__(self, x1, x2, train: bool = False):
+    def __call__(self, x, train: bool = False):
+        x1, x2 = x
         fx = self.drop(self.f(x2, train), train).astype(x1.dtype)
         return self._s(x2), self._s(x1) + fx
 
-    def inverse(self, a, b, train: bool = False):
+    def inverse(self, y, train: bool = False):
+        a, b = y
         x2 = depth_to_space(a, 2) if self.stride == 2 else a
         fx = self.drop(self.f(x2, train), train).astype(b.dtype)
         x1 = b - fx
@@ -293,6 +303,8 @@ class IRevNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     reversible: bool = True
+    scan_blocks: bool = True
+    remat: Union[bool, str] = False
     scan_unroll: int = 1            # lax.scan unroll of the reversible stages (see README: CPU)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -311,18 +323,17 @@ class IRevNet(nn.Module):
         stages, start = [], 0
         for s, (n, c) in enumerate(zip(self.blocks, self.channels)):
             r, start = rates[start:start + n], start + n
-            down = IRevHalfBlock(c, 2, first=s == 0, dropout=self.block_dropout, drop_path=r[0],
-                                 name=f'stage{s + 1}_down', **kw)
+            half = dict(out_channels=c, dropout=self.block_dropout, **kw)
             n_rest = n - 1
-            odd = (IRevHalfBlock(c, 1, dropout=self.block_dropout, drop_path=r[1],
-                                 name=f'stage{s + 1}_odd', **kw) if n_rest % 2 else None)
-            seq = None
-            if n_rest // 2:
-                pair_rates = tuple(r[1 + n_rest % 2::2])   # one rate per coupling (F, G pair)
-                branch = IRevBranch(c, dropout=self.block_dropout, parent=None, **kw)
-                seq = ReversibleSequence(branch, branch, n_rest // 2, pair_rates, self.reversible,
-                                         self.scan_unroll, name=f'stage{s + 1}_rev')
-            stages.append((down, odd, seq))
+            blocks = stage_blocks(IRevHalfBlock, [dict(half, stride=2, first=s == 0, drop_path=r[0])]
+                                  + [dict(half, drop_path=r[1])] * (n_rest % 2))
+            branch = tuple(sorted(dict(out_channels=c, dropout=self.block_dropout, **kw).items()))
+            # a stride-1 stretch: pairs of half-couplings are RevNet couplings, one rate per pair
+            blocks += stage_blocks(Coupling, [dict(branch=IRevBranch, branch_fields=branch, drop_path=p)
+                                              for p in r[1 + n_rest % 2::2]])
+            stages.append(Stage(blocks, unrolled=1 + n_rest % 2, scan=self.scan_blocks,
+                                remat=self.remat, reversible=self.reversible,
+                                unroll=self.scan_unroll))
         self.stages = stages
         self.final_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, **kw)
         self.head = ClassifierHead(self.num_classes, self.drop_rate, **kw)
@@ -337,13 +348,10 @@ class IRevNet(nn.Module):
 
     def __call__(self, x, train: bool = False, features_only: bool = False):
         check_image_batch(x, 2 ** (len(self.blocks) + 1), type(self).__name__)
-        x1, x2 = self._split(jnp.asarray(x, self.dtype or jnp.float32))
-        for down, odd, seq in self.stages:
-            x1, x2 = down(x1, x2, train)
-            if odd is not None:
-                x1, x2 = odd(x1, x2, train)
-            if seq is not None:
-                x1, x2 = seq(x1, x2, train)
+        x = self._split(jnp.asarray(x, self.dtype or jnp.float32))
+        for stage in self.stages:
+            x = stage(x, train)
+        x1, x2 = x
         z = jnp.concatenate([x1, x2], axis=-1)
         if features_only:
             return z
@@ -353,13 +361,10 @@ class IRevNet(nn.Module):
     def inverse(self, z, train: bool = False):
         """The input image from the final representation z (``features_only=True`` output)."""
         half = z.shape[-1] // 2
-        x1, x2 = z[..., :half], z[..., half:]
-        for down, odd, seq in reversed(self.stages):
-            if seq is not None:
-                x1, x2 = seq(x1, x2, train, inverse=True)
-            if odd is not None:
-                x1, x2 = odd.inverse(x1, x2, train)
-            x1, x2 = down.inverse(x1, x2, train)
+        x = (z[..., :half], z[..., half:])
+        for stage in reversed(self.stages):
+            x = stage(x, train, inverse=True)
+        x1, x2 = x
         x = jnp.concatenate([x1, x2], axis=-1)
         if self.in_pad:
             x = x[..., :x.shape[-1] - self.in_pad]

@@ -13,8 +13,12 @@ branches, no element-wise adds): a unit splits the channels in half, leaves one 
 runs 1x1-DW3x3-1x1 on the other, concatenates and shuffles with 2 groups. Downsampling units
 run both halves through a branch (the left one DW3x3/2-1x1) on the full input. Layout follows
 torchvision's ``ShuffleNetV2`` so its weights convert with the rename table below.
+
+Each stage's units run through :class:`~jaxcnn.layers.stage.Stage`: unit b of stage s is
+``stage{s}/{b}`` (torchvision ``stage{s}.{b}``); ``remat`` recomputes their activations in the
+backward pass instead of storing them.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from ..convert import register_renames
 from ..layers import (ClassifierHead, avg_pool, batch_norm, channel_shuffle, check_image_batch, conv2d,
                       depthwise_conv2d, max_pool)
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 
@@ -73,6 +78,7 @@ class ShuffleNetV1(nn.Module):
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0      # units are not dropped; accepted for a uniform surface
+    remat: Union[bool, str] = False  # True or a jax.checkpoint_policies name (layers/stage.py)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -81,10 +87,11 @@ class ShuffleNetV1(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _stem(self, x, train, kw)
         for s, (ch, repeats) in enumerate(zip(self.stage_channels, self.stage_repeats)):
-            for b in range(repeats + 1):
-                x = ShuffleV1Unit(ch, 2 if b == 0 else 1, self.groups,
-                                  1 if (s == 0 and b == 0) else self.groups,
-                                  name=f'stage{s + 2}_{b}', **kw)(x, train)
+            blocks = stage_blocks(ShuffleV1Unit, [dict(
+                out_channels=ch, stride=2 if b == 0 else 1, groups=self.groups,
+                first_groups=1 if (s == 0 and b == 0) else self.groups, **kw)
+                for b in range(repeats + 1)])
+            x = Stage(blocks, remat=self.remat, name=f'stage{s + 2}')(x, train)
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
@@ -125,6 +132,7 @@ class ShuffleNetV2(nn.Module):
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0      # units are not dropped; accepted for a uniform surface
+    remat: Union[bool, str] = False  # True or a jax.checkpoint_policies name (layers/stage.py)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -133,8 +141,9 @@ class ShuffleNetV2(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _stem(self, x, train, kw)
         for s, (ch, repeats) in enumerate(zip(self.stage_channels, self.stage_repeats)):
-            for b in range(repeats):
-                x = ShuffleV2Unit(ch, 2 if b == 0 else 1, name=f'stage{s + 2}_{b}', **kw)(x, train)
+            blocks = stage_blocks(ShuffleV2Unit, [dict(out_channels=ch, stride=2 if b == 0 else 1, **kw)
+                                                  for b in range(repeats)])
+            x = Stage(blocks, remat=self.remat, name=f'stage{s + 2}')(x, train)
         x = conv2d(self.num_features, 1, name='conv5', **kw)(x)
         x = nn.relu(batch_norm(train, name='bn5', **kw)(x))
         if features_only:
@@ -151,7 +160,6 @@ _BRANCH = {'branch1.0': 'b1_dw', 'branch1.1': 'b1_bn1', 'branch1.2': 'b1_pw', 'b
 register_renames('shufflenet_v2', [
     (r'^conv1\.0\.', 'conv1.'), (r'^conv1\.1\.', 'bn1.'),
     (r'^conv5\.0\.', 'conv5.'), (r'^conv5\.1\.', 'bn5.'),
-    (r'^stage(\d)\.(\d+)\.', r'stage\1_\2.'),
     (r'\.(branch\d\.\d)\.', lambda m: f'.{_BRANCH[m[1]]}.'),
     (r'^fc\.', 'head.fc.'),
 ])

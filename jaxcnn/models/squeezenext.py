@@ -23,13 +23,17 @@ Parameter counts (BN scale and shift counted as parameters, as in the paper's ta
 count of the released 2.0-SqNxt-23 layout, tests/test_squeezenext.py). osmr's PyTorch port
 (imgclsmob ``sqnxt23_w1``: 724,056) differs: it adds conv biases, a classifier bias and, at
 width 2.0, widens the final convolution to 256.
+
+Each stage's blocks run through :class:`~jaxcnn.layers.stage.Stage`: block i of stage s (from 1)
+is ``stage{s}/{i}``.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import residual_output, DropPath, batch_norm, ceil_max_pool, check_image_batch, conv2d, drop_path_rates, global_avg_pool
+from ..layers import DropPath, batch_norm, ceil_max_pool, check_image_batch, conv2d, drop_path_rates, global_avg_pool
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 SQNXT23 = (6, 6, 8, 1)             # blocks per stage, §4 (23 layers)
@@ -80,7 +84,7 @@ class SqnxtBlock(nn.Module):
         h = cbr(self.features, (1, 1), 1, 'expand')(h, train)
         if self.stride != 1 or c != self.features:
             x = cbr(self.features, (1, 1), self.stride, 'shortcut')(x, train)
-        return residual_output(nn.relu(x + DropPath(self.drop_path)(h, train)))
+        return nn.relu(x + DropPath(self.drop_path)(h, train))
 
 
 class FeatureHead(nn.Module):
@@ -105,6 +109,8 @@ class SqueezeNext(nn.Module):
     """stem (7x7/2 conv-BN-ReLU, 3x3/2 max-pool) -> stages of SqueezeNext blocks -> final 1x1
     conv-BN-ReLU -> head. Widths (stem, stages) are multiplied by ``width``; ``final_width`` is
     not. ``num_classes=0`` returns the pooled final features, ``features_only`` the final map.
+    ``remat`` recomputes each block's activations in the backward pass (True or a
+    ``jax.checkpoint_policies`` name).
     """
     depths: Sequence[int] = SQNXT23
     width: float = 1.0
@@ -115,6 +121,7 @@ class SqueezeNext(nn.Module):
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -126,13 +133,15 @@ class SqueezeNext(nn.Module):
         x = ConvBNReLU(int(self.stem_width * self.width), (7, 7), 2, 'valid', name='stem', **kw)(x, train)
         x = ceil_max_pool(x, 3, 2)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
-        b = 0
+        start = 0
         for s, (n, w) in enumerate(zip(self.depths, self.widths)):
-            for i in range(n):
-                first = '3x1' if not self.alternate_separable or b % 2 == 0 else '1x3'
-                x = SqnxtBlock(int(w * self.width), 2 if i == 0 and s > 0 else 1, first, rates[b],
-                               name=f'stage{s + 1}_{i}', **kw)(x, train)
-                b += 1
+            # b: the block's index in the whole network, which alternates the separable pair
+            blocks = stage_blocks(SqnxtBlock, [dict(
+                features=int(w * self.width), stride=2 if i == 0 and s > 0 else 1,
+                first_separable='3x1' if not self.alternate_separable or b % 2 == 0 else '1x3',
+                drop_path=rates[b], **kw) for i, b in enumerate(range(start, start + n))])
+            x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
+            start += n
         x = ConvBNReLU(self.final_width, (1, 1), 1, name='final', **kw)(x, train)
         if features_only:
             return x

@@ -9,18 +9,22 @@ where it downsamples; its shortcut is a strided 1x1 conv + BN where the shape ch
 identity otherwise. A separable convolution is a depthwise 3x3 (one filter per channel) then a
 pointwise 1x1, with no BN or ReLU between them (the paper's finding, §4.7).
 
-Module names mirror timm's (``block<i>.rep.<index>`` -> ``block<i>/rep_<index>``), so one
-rename converts the weights. ``drop_path_rate`` drops the residual (separable) branch of each
-block with the linear-decay rule; timm's model has none, so its default is 0.
+Each flow's blocks run through :class:`~jaxcnn.layers.stage.Stage`, one stage per flow: block b
+of a flow is ``entry_flow/<b>``, ``middle_flow/<b>`` or ``exit_flow/<b>``. Inside a block the
+names mirror timm's (``rep.<index>`` -> ``rep_<index>``, ``skip``, ``skipbn``), so timm's
+``block<i>`` (numbered 1-12 through the three flows) converts with the table below.
+``drop_path_rate`` drops the residual (separable) branch of each block with the linear-decay
+rule; timm's model has none, so its default is 0.
 """
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (residual_output, ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d,
+from ..layers import (ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d,
                       depthwise_conv2d, drop_path_rates, make_divisible, max_pool)
+from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 
@@ -35,7 +39,8 @@ class Block(NamedTuple):
 
 # Chollet 2017, Fig. 5
 ENTRY_FLOW = (Block(128, 2, 2, start_with_relu=False), Block(256, 2, 2), Block(728, 2, 2))
-MIDDLE_FLOW = Block(728, 3)           # "repeated eight times"
+MIDDLE_FLOW = Block(728, 3)
+MIDDLE_REPEATS = 8                    # "repeated eight times"
 EXIT_FLOW = (Block(1024, 2, 2, grow_first=False),)
 # The stem's two plain 3x3 convolutions (the first stride 2, both unpadded) and the exit
 # flow's last two separable convolutions.
@@ -90,18 +95,20 @@ class XceptionBlock(nn.Module):
         if row.out != c_in or row.stride != 1:
             x = conv2d(row.out, 1, row.stride, name='skip', **kw)(x)
             x = batch_norm(train, name='skipbn', **kw)(x)
-        return residual_output(DropPath(self.drop_path)(h, train) + x)
+        return DropPath(self.drop_path)(h, train) + x
 
 
 class Xception(nn.Module):
     """stem -> entry flow -> middle flow (``middle_repeats`` x ``middle_flow``) -> exit flow.
 
     width: multiplies every width (small models for smoke tests); 1.0 is the reference.
+    remat: recompute each block's activations in the backward pass instead of storing them
+      (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
     ``num_classes=0`` returns pooled features; ``features_only`` the final 2048-channel map.
     """
     entry_flow: Sequence[Block] = ENTRY_FLOW
     middle_flow: Block = MIDDLE_FLOW
-    middle_repeats: int = 8
+    middle_repeats: int = MIDDLE_REPEATS
     exit_flow: Sequence[Block] = EXIT_FLOW
     stem_widths: Sequence[int] = STEM_WIDTHS
     exit_widths: Sequence[int] = EXIT_WIDTHS
@@ -109,13 +116,20 @@ class Xception(nn.Module):
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    remat: Union[bool, str] = False
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
+    def flows(self):
+        """(stage name, block rows) of the three flows, entry to exit, at this model's width."""
+        flows = (('entry_flow', self.entry_flow), ('middle_flow', (self.middle_flow,) * self.middle_repeats),
+                 ('exit_flow', self.exit_flow))
+        return [(name, [r._replace(out=make_divisible(r.out * self.width, 1)) for r in rows])
+                for name, rows in flows]
+
     def rows(self):
         """Every block row, entry to exit, at this model's width."""
-        rows = (*self.entry_flow, *(self.middle_flow,) * self.middle_repeats, *self.exit_flow)
-        return [r._replace(out=make_divisible(r.out * self.width, 1)) for r in rows]
+        return [r for _, rows in self.flows() for r in rows]
 
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
@@ -126,9 +140,10 @@ class Xception(nn.Module):
         w1, w2 = (make_divisible(c * self.width, 1) for c in self.stem_widths)
         x = bn('bn1', conv2d(w1, 3, 2, padding='valid', name='conv1', **kw)(x))
         x = bn('bn2', conv2d(w2, 3, padding='valid', name='conv2', **kw)(x))
-        rows = self.rows()
-        for i, (row, rate) in enumerate(zip(rows, drop_path_rates(self.drop_path_rate, len(rows)))):
-            x = XceptionBlock(row, rate, name=f'block{i + 1}', **kw)(x, train)
+        rates = iter(drop_path_rates(self.drop_path_rate, len(self.rows())))
+        for name, rows in self.flows():
+            blocks = stage_blocks(XceptionBlock, [dict(row=row, drop_path=next(rates), **kw) for row in rows])
+            x = Stage(blocks, remat=self.remat, name=name)(x, train)
         for j, c in enumerate(self.exit_widths):
             x = SeparableConv(make_divisible(c * self.width, 1), name=f'conv{j + 3}', **kw)(x)
             x = bn(f'bn{j + 3}', x)
@@ -137,7 +152,19 @@ class Xception(nn.Module):
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
+def _timm_block(m):
+    """timm's block<i> (1-12: entry 1-3, middle 4-11, exit 12) -> its flow's stage and index."""
+    i = int(m[1]) - 1
+    for name, n in (('entry_flow', len(ENTRY_FLOW)), ('middle_flow', MIDDLE_REPEATS),
+                    ('exit_flow', len(EXIT_FLOW))):
+        if i < n:
+            return f'{name}.{i}.'
+        i -= n
+    return m[0]
+
+
 register_renames('xception', [
+    (r'^block(\d+)\.', _timm_block),
     (r'\.rep\.(\d+)\.', r'.rep_\1.'),
     (r'^fc\.', 'head.fc.'),
 ])

@@ -1,14 +1,13 @@
-"""Every convolution of a model's training step, timed alone: XLA's kernels against PyTorch's.
+"""Every convolution of a model's training step, timed alone: jaxcnn's kernels against PyTorch's.
 
-    python -m jaxcnn.experiments.conv_kernels_cpu --model resnet18 --batch 32 --size 112 \
+    python benchmarks/conv_kernels_cpu.py --model resnet18 --batch 32 --size 112 \
         --out benchmarks/results/conv_kernels_resnet18_cpu.json
 
 The convolutions are read from the model's forward pass (its jaxpr), so the shapes are the
 model's own. Each distinct one is timed three ways, as the training step runs it: forward, input
 gradient (skipped for the convolution that reads the images, whose gradient no step needs) and
-kernel gradient; on XLA with the trainer's compiler options and in the form the step runs
-(oneDNN's kernels; with ``--xla-convolutions`` XLA's own, and one product per kernel tap where
-much of the kernel lies on padding), on PyTorch with
+kernel gradient; on XLA with the trainer's compiler options and in the form the CPU kernel
+policy gives it (oneDNN's kernels; with ``--xla-convolutions`` XLA's own), on PyTorch with
 ``aten.convolution_backward`` (eager, fp32, the CPU kernels torchvision users get). The totals,
 weighted by how often each convolution occurs, bound how close a whole XLA step can come to
 PyTorch's: the rest of the step (BatchNorm, ReLU, residual sums, update) is what is left to win on.
@@ -20,10 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn import bench
-from jaxcnn.layers import conv as conv_layers
-from jaxcnn.layers import onednn
-from jaxcnn.layers.conv import _sub_jaxprs
+from jaxcnn import bench, kernels
 
 
 def conv_equations(jaxpr, inputs):
@@ -34,7 +30,7 @@ def conv_equations(jaxpr, inputs):
         if eqn.primitive.name == 'conv_general_dilated':
             lhs, rhs = eqn.invars[:2]
             found.append((eqn.params, lhs.aval.shape, rhs.aval.shape, any(lhs is v for v in inputs)))
-        for sub in _sub_jaxprs(eqn.params.values()):
+        for sub in kernels.sub_jaxprs(eqn.params.values()):
             found.extend(conv_equations(sub, ()))
     return found
 
@@ -58,11 +54,9 @@ def _best_ms(fn, args, repeats):
 
 def time_xla(params, lhs_shape, rhs_shape, options, repeats=5):
     """Milliseconds of the forward, input-gradient and kernel-gradient convolution, in the form
-    the step takes (``layers.conv_general_dilated``: oneDNN's convolution where it applies;
-    without it one product per tap where much of the kernel is on padding, XLA's convolution
-    elsewhere)."""
+    the current kernel policy gives it (oneDNN's convolution where it applies)."""
     def conv(x, w):
-        return conv_layers.conv_general_dilated(
+        return kernels.conv_general_dilated(
             x, w, params['window_strides'], params['padding'], params['lhs_dilation'],
             params['rhs_dilation'], params['dimension_numbers'], params['feature_group_count'])
     rng = np.random.RandomState(0)
@@ -110,27 +104,25 @@ def time_torch(params, lhs_shape, rhs_shape, repeats=5):
 
 
 def run(spec, batch, size, repeats=5, grouped_depthwise=False, xla_small_maps=False,
-        xla_padded_maps=False, xla_convolutions=False):
-    _, model, variables, images, _, _ = bench._setup(spec, batch, size, jnp.float32, 1000, 1)
-    # the convolutions are listed with tap products off and timed with them on, unless
-    # xla_padded_maps
-    with conv_layers.switches(CPU_DEPTHWISE_TAPS=not grouped_depthwise,
-                              CPU_SMALL_MAP_PRODUCTS=not xla_small_maps):
-        options = bench._xla_options(model, variables, images)
+        xla_convolutions=False):
+    setup = bench.Setup(spec, batch, size)
+    model, variables = setup.model, setup.variables
+    images = jnp.asarray(np.random.RandomState(0).randn(batch, *setup.image_shape), jnp.float32)
+    with kernels.use(kernels.CPU, depthwise_taps=not grouped_depthwise,
+                     small_map_products=not xla_small_maps):
+        options = setup.xla_options()
         convolutions = model_convolutions(model, variables, images)
-        with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=not xla_padded_maps,
-                                  CPU_ONEDNN_CONVOLUTIONS=not xla_convolutions):
+        with kernels.use(onednn=not xla_convolutions):
             result = _time_all(spec, batch, size, repeats, options, convolutions)
     return dict(result, grouped_depthwise=grouped_depthwise, xla_small_maps=xla_small_maps,
-                xla_padded_maps=xla_padded_maps, xla_convolutions=xla_convolutions,
-                onednn=not xla_convolutions and onednn.available())
+                xla_convolutions=xla_convolutions,
+                onednn=not xla_convolutions and kernels.onednn.available())
 
 
 def model_convolutions(model, variables, images):
     """:func:`conv_equations` of the model's training forward pass on ``images``, traced with
-    oneDNN and the tap products of padded maps off, so that the convolutions they replace are
-    listed too."""
-    with conv_layers.switches(CPU_PADDED_TAP_PRODUCTS=False, CPU_ONEDNN_CONVOLUTIONS=False):
+    oneDNN off, so that the convolutions it runs are listed as convolutions."""
+    with kernels.use(onednn=False):
         closed = jax.make_jaxpr(lambda x: model.apply(
             variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}))(images)
     return conv_equations(closed.jaxpr, closed.jaxpr.invars)
@@ -180,9 +172,6 @@ def main():
                         help="keep dense convolutions on maps smaller than their kernel as XLA's "
                              'convolutions (on the CPU they are matrix products and are otherwise '
                              'not listed)')
-    parser.add_argument('--xla-padded-maps', action='store_true',
-                        help="time dense convolutions with much of their kernel on padding as XLA's "
-                             'convolutions (on the CPU they are one product per kernel tap)')
     parser.add_argument('--xla-convolutions', action='store_true',
                         help="time dense convolutions with XLA's own (Eigen's) kernels rather than "
                              "oneDNN's")
@@ -190,17 +179,16 @@ def main():
     args = parser.parse_args()
     import torch
     result = run(args.model, args.batch, args.size, args.repeats, args.grouped_depthwise,
-                 args.xla_small_maps, args.xla_padded_maps, args.xla_convolutions)
+                 args.xla_small_maps, args.xla_convolutions)
     for lib, t in result['total_ms'].items():
         print(f"{lib:>6}: forward {t['forward']:.1f} ms, input gradients {t['input_gradient']:.1f} ms, "
               f"kernel gradients {t['kernel_gradient']:.1f} ms, all convolutions {t['total']:.1f} ms")
-    command = (f'python -m jaxcnn.experiments.conv_kernels_cpu --model {args.model} --batch {args.batch} '
+    command = (f'python benchmarks/conv_kernels_cpu.py --model {args.model} --batch {args.batch} '
                f'--size {args.size}' + (' --grouped-depthwise' if args.grouped_depthwise else '')
                + (' --xla-small-maps' if args.xla_small_maps else '')
-               + (' --xla-padded-maps' if args.xla_padded_maps else '')
                + (' --xla-convolutions' if args.xla_convolutions else '')
                + (f' --out {args.out}' if args.out else ''))
-    bench._write(args.out, {'command': command, **bench._environment(), 'torch': torch.__version__,
+    bench.write(args.out, {'command': command, **bench.environment(), 'torch': torch.__version__,
                             'torch_threads': torch.get_num_threads(), **result})
 
 

@@ -1,8 +1,8 @@
 """Where a CPU training step spends its time, by kind of XLA operation, from a profiler trace.
 
-    python -m jaxcnn.experiments.cpu_step_profile --model resnet18 --out benchmarks/results/resnet18_step_profile_cpu.json
+    python benchmarks/cpu_step_profile.py --model resnet18 --out benchmarks/results/resnet18_step_profile_cpu.json
 
-Compiles the bench's training step (SGD, the trainer's XLA options), runs it under
+Compiles the trainer's training step (as the bench runs it: SGD, the trainer's XLA options), runs it under
 ``jax.profiler`` for a few steps and sums the trace's events per operation name, with the
 numeric suffix dropped (``transpose_copy_fusion.29`` counts as ``transpose_copy_fusion``).
 XLA:CPU's convolutions run on Eigen's thread pool and their trace events cover only the
@@ -18,11 +18,8 @@ import re
 import tempfile
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from jaxcnn import bench
-from jaxcnn.layers import conv as conv_layers
+from jaxcnn import bench, kernels
 
 # trace events that are not XLA operations: Python frames, the executor's waits, jit dispatch
 _NOT_OPS = re.compile(r'^\$|Execute|PjitFunction|block_until_ready|^end: ')
@@ -47,19 +44,15 @@ def main():
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--devices', type=int, default=1)
     parser.add_argument('--no-residual-boundary', action='store_true',
-                        help='trace without layers.residual_output (A/B timing)')
+                        help="trace without the kernel policy's block boundary (A/B timing)")
     parser.add_argument('--out', default='')
     args = parser.parse_args()
-    with conv_layers.switches(CPU_MATERIALIZE_RESIDUALS=not args.no_residual_boundary):
-        _, model, variables, images, labels, _ = bench._setup(
-            args.model, args.batch, args.size, jnp.float32, 1000, args.devices)
-        params, stats = variables['params'], variables.get('batch_stats', {})
-        tx = optax.sgd(0.1, momentum=0.9)
-        step_args = (params, stats, tx.init(params), images, labels, jax.random.key(1))
-        options = bench._xla_options(model, variables, images)
-        step = jax.jit(bench._train_step(model, tx), compiler_options=options).lower(
-            *step_args).compile()
-    ms_per_step = bench._time(step, step_args, args.steps) * 1e3
+    with kernels.use(block_boundary=not args.no_residual_boundary):
+        setup = bench.Setup(args.model, args.batch, args.size, devices=args.devices)
+        options = setup.xla_options()
+        step = jax.jit(setup.step, compiler_options=options).lower(*setup.args).compile()
+        step_args = setup.args
+    ms_per_step = bench.time_calls(step, step_args, args.steps) * 1e3
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         for _ in range(args.steps):
@@ -68,12 +61,12 @@ def main():
         trace_file, = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
         per_kind = op_times(trace_file, args.steps)
     listed = sum(per_kind.values())
-    command = ('python -m jaxcnn.experiments.cpu_step_profile'
+    command = ('python benchmarks/cpu_step_profile.py'
                f' --model {args.model} --batch {args.batch} --size {args.size}'
                + (f' --devices {args.devices}' if args.devices != 1 else '')
                + (' --no-residual-boundary' if args.no_residual_boundary else '')
                + (f' --out {args.out}' if args.out else ''))
-    record = {'command': command, **bench._environment(), 'xla_options': options,
+    record = {'command': command, **bench.environment(), 'xla_options': options,
               'model': args.model, 'batch': args.batch, 'size': args.size, 'devices': args.devices,
               'residual_boundary': not args.no_residual_boundary,
               'ms_per_step': ms_per_step, 'ms_listed_operations': listed,
@@ -81,7 +74,7 @@ def main():
     print(f'{args.model}: {ms_per_step:.1f} ms per step; listed operations {listed:.1f} ms')
     for kind, ms in per_kind.most_common(12):
         print(f'{ms:9.1f} ms  {kind}')
-    bench._write(args.out, record)
+    bench.write(args.out, record)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,10 @@
 """The bar chart of docs/reversible.md from the bench's memory record.
 
-    python -m jaxcnn.experiments.plot_reversible_memory benchmarks/results/memory_cifar_b128.json docs/reversible_memory.png
+    python benchmarks/plot_reversible_memory.py benchmarks/results/memory_remat_cifar_b128.json docs/reversible_memory.png
 
-The record is that of ``python -m jaxcnn.bench memory --models revnet38,revnet38:plain,resnet32,
-revnet110,...,resnet164 --batch 128``: each depth gets the reversible RevNet, the same RevNet
-under ordinary autodiff, and the ResNet of its depth class.
+The record is that of docs/reversible.md's ``python -m jaxcnn.bench memory`` command: each depth
+gets the reversible RevNet, the same RevNet under ordinary autodiff with stored and with
+rematerialised activations, and the ResNet of its depth class, stored and rematerialised.
 """
 import json
 import sys
@@ -16,21 +16,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 GROUPS = (('depth 38 / 32', 'revnet38', 'resnet32'), ('depth 110', 'revnet110', 'resnet110'),
           ('depth 164', 'revnet164', 'resnet164'))
-SERIES = (('RevNet (reversible)', '{rev}', 'tab:green'),
-          ('RevNet (ordinary autodiff)', '{rev}:plain', 'tab:orange'),
-          ('ResNet', '{res}', 'tab:blue'))
+SERIES = (('RevNet, reversible', '{rev}', 'tab:green'),
+          ('RevNet, stored', '{rev}:plain', 'tab:orange'),
+          ('RevNet, remat', '{rev}:plain:remat=True', 'tab:red'),
+          ('ResNet, stored', '{res}', 'tab:blue'),
+          ('ResNet, remat', '{res}:remat=True', 'tab:purple'))
 
 
 def main(record_path, png_path):
     with open(record_path) as f:
         record = json.load(f)
     peak = {r['model']: r['peak_bytes'] / 2**20 for r in record['results']}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.27
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(SERIES)
     for i, (label, pattern, color) in enumerate(SERIES):
         heights = [peak[pattern.format(rev=rev, res=res)] for _, rev, res in GROUPS]
-        ax.bar([g + (i - 1) * width for g in range(len(GROUPS))], heights, width, label=label,
-               color=color)
+        offset = (i - (len(SERIES) - 1) / 2) * width
+        ax.bar([g + offset for g in range(len(GROUPS))], heights, width, label=label, color=color)
     ax.set_xticks(range(len(GROUPS)), [name for name, _, _ in GROUPS])
     ax.set(ylabel='peak MiB, one training step', title='CIFAR, batch 128, fp32 (XLA memory analysis)')
     ax.legend()

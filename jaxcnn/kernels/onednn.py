@@ -3,20 +3,20 @@
 XLA:CPU runs convolutions with Eigen's kernels, built for a baseline instruction set; oneDNN
 picks its kernels for the CPU it runs on (AVX-512 where there is one). On the 2-core test machine
 ResNet-18's convolutions and their gradients take 382 ms per training step through oneDNN
-against 505 ms in Eigen's (``python -m jaxcnn.experiments.conv_kernels_cpu``), and the whole
-step runs 1.13x faster (``python -m jaxcnn.experiments.onednn_conv_cpu``; BENCHMARKS.md).
+against 505 ms in Eigen's (``python benchmarks/conv_kernels_cpu.py``); whole steps with and
+without it: ``python benchmarks/kernel_forms.py`` (BENCHMARKS.md).
 
 ``onednn_conv.cc`` holds three XLA FFI handlers (the convolution, its input gradient and its
 kernel gradient). It is compiled once per machine, against the installed jaxlib's FFI headers and
 the ``onednn-devel-cpu-gomp`` wheel, into ``$JAXCNN_CACHE_DIR`` (default
 ``~/.cache/jaxcnn``), and loaded from there afterwards. Where it cannot be built (no C++ compiler,
 no oneDNN wheel, a platform other than x86-64 Linux), or with ``JAXCNN_ONEDNN=0`` in the
-environment, :func:`available` is False and ``layers.conv_general_dilated`` keeps XLA's
-convolutions; :func:`unavailable_reason` says why.
+environment, :func:`available` is False and the CPU policy keeps XLA's convolutions; :func:`unavailable_reason` says why.
 
-:func:`conv` is the convolution as a custom VJP. Its gradients are custom VJPs of the same three
-handlers (the three are the bilinear maps of one another's transposes), so reverse mode nests to
-any order; forward mode is not supported.
+:func:`conv` is the convolution. The three handlers are the bilinear maps of one another's
+transposes, and :func:`jaxcnn.kernels.autodiff.convolution_triple` makes each differentiable in
+every mode from the other two: reverse mode nests to any order, and forward mode (``jax.jvp``,
+``jax.linearize``, forward-over-reverse Hessian-vector products) runs the handlers too.
 """
 import ctypes
 import functools
@@ -34,6 +34,8 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .autodiff import convolution_triple
 
 _SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
 _FORWARD, _INPUT_GRADIENT, _KERNEL_GRADIENT = (
@@ -135,73 +137,33 @@ def log_line() -> str:
     return "dense convolutions: oneDNN's kernels"
 
 
-def _call(target, out_shape, a, b, strides, dilation, pads):
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                            vmap_method='sequential')(
-        a, b, strides=np.asarray(strides, np.int64), dilation=np.asarray(dilation, np.int64),
-        pads=np.asarray(pads, np.int64).reshape(4))
-
-
 def output_shape(x_shape, k_shape, strides, dilation, pads):
     (n, h, w, _), (kh, kw, _, c_out) = x_shape, k_shape
     return (n, *((size + lo + hi - (kk - 1) * d - 1) // s + 1 for size, kk, s, d, (lo, hi)
                  in zip((h, w), (kh, kw), strides, dilation, pads)), c_out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _handler(target, out_shape, strides, dilation, pads):
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method='sequential')
+    attrs = dict(strides=np.asarray(strides, np.int64), dilation=np.asarray(dilation, np.int64),
+                 pads=np.asarray(pads, np.int64).reshape(4))
+    return lambda a, b: call(a, b, **attrs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _triple(x_shape, k_shape, strides, dilation, pads):
+    """The convolution, its input gradient and its kernel gradient for one geometry, as the
+    three handlers, each differentiable in every mode (:func:`autodiff.convolution_triple`)."""
+    y_shape = output_shape(x_shape, k_shape, strides, dilation, pads)
+    geometry = (strides, dilation, pads)
+    return convolution_triple(_handler(_FORWARD, y_shape, *geometry),
+                              _handler(_INPUT_GRADIENT, x_shape, *geometry),
+                              _handler(_KERNEL_GRADIENT, k_shape, *geometry), 'onednn.conv')
+
+
 def conv(x, k, strides, dilation, pads):
     """A dense NHWC x HWIO float32 convolution: ``strides`` and ``dilation`` (the kernel's) are
     pairs, ``pads`` ((top, bottom), (left, right)), all non-negative."""
-    return _call(_FORWARD, output_shape(x.shape, k.shape, strides, dilation, pads), x, k,
-                 strides, dilation, pads)
-
-
-def _conv_fwd(x, k, strides, dilation, pads):
-    return conv(x, k, strides, dilation, pads), (x, k)
-
-
-def _conv_bwd(strides, dilation, pads, res, dy):
-    x, k = res
-    return (input_gradient(dy, k, x.shape, strides, dilation, pads),
-            kernel_gradient(x, dy, k.shape, strides, dilation, pads))
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def input_gradient(dy, k, x_shape, strides, dilation, pads):
-    """The gradient of :func:`conv` with respect to its input of shape ``x_shape``."""
-    return _call(_INPUT_GRADIENT, x_shape, dy, k, strides, dilation, pads)
-
-
-def _input_gradient_fwd(dy, k, x_shape, strides, dilation, pads):
-    return input_gradient(dy, k, x_shape, strides, dilation, pads), (dy, k)
-
-
-def _input_gradient_bwd(x_shape, strides, dilation, pads, res, g):
-    dy, k = res      # <g, input_gradient(dy, k)> = <conv(g, k), dy> = <kernel_gradient(g, dy), k>
-    return (conv(g, k, strides, dilation, pads),
-            kernel_gradient(g, dy, k.shape, strides, dilation, pads))
-
-
-input_gradient.defvjp(_input_gradient_fwd, _input_gradient_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def kernel_gradient(x, dy, k_shape, strides, dilation, pads):
-    """The gradient of :func:`conv` with respect to its kernel of shape ``k_shape``."""
-    return _call(_KERNEL_GRADIENT, k_shape, x, dy, strides, dilation, pads)
-
-
-def _kernel_gradient_fwd(x, dy, k_shape, strides, dilation, pads):
-    return kernel_gradient(x, dy, k_shape, strides, dilation, pads), (x, dy)
-
-
-def _kernel_gradient_bwd(k_shape, strides, dilation, pads, res, g):
-    x, dy = res      # <g, kernel_gradient(x, dy)> = <input_gradient(dy, g), x> = <conv(x, g), dy>
-    return (input_gradient(dy, g, x.shape, strides, dilation, pads),
-            conv(x, g, strides, dilation, pads))
-
-
-kernel_gradient.defvjp(_kernel_gradient_fwd, _kernel_gradient_bwd)
+    pads = tuple(tuple(int(v) for v in p) for p in pads)
+    return _triple(tuple(x.shape), tuple(k.shape), tuple(strides), tuple(dilation), pads)[0](x, k)

@@ -2,9 +2,9 @@
 and learning rate, trained twice with the nfnet_f0 recipe: once with AGC (lambda = 0.01, as in
 the recipe), once without. Everything else -- data order, initialisation, schedule -- is equal.
 
-    python -m jaxcnn.experiments.agc_demo --workdir /tmp/agc_demo          # both runs + figure
-    python -m jaxcnn.train --config jaxcnn/experiments/agc_demo.py:agc   --workdir /tmp/a
-    python -m jaxcnn.train --config jaxcnn/experiments/agc_demo.py:noagc --workdir /tmp/b
+    python benchmarks/agc_demo.py --workdir /tmp/agc_demo          # both runs + figure
+    python -m jaxcnn.train --config benchmarks/agc_demo.py:agc   --workdir /tmp/a
+    python -m jaxcnn.train --config benchmarks/agc_demo.py:noagc --workdir /tmp/b
 
 This file is also the runs' config (``get_config``); ``--lr`` / ``--steps`` / ``--batch`` of
 ``main`` become ``--config.*`` overrides. A run that blows up stops at the trainer's NaN check;
@@ -54,7 +54,7 @@ def _records(workdir):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxcnn.experiments.agc_demo')
+  p = argparse.ArgumentParser(prog='python benchmarks/agc_demo.py')
   p.add_argument('--workdir', default='/tmp/agc_demo')
   p.add_argument('--lr', type=float, default=DEFAULTS['lr'], help='per 256 images')
   p.add_argument('--batch', type=int, default=DEFAULTS['batch'])

@@ -1,1 +1,0 @@
-"""Short, re-runnable experiments that back claims made in the docs."""
