@@ -15,7 +15,7 @@ def get_config(arg=None):
   # epoch that short schedules need.
   c.model = 'resnet20'
   c.model_kwargs.layers = (2, 2, 2)
-  # one XLA device: its dense convolutions then run on oneDNN (layers/onednn.py), whose steps are
+  # one XLA device: its dense convolutions then run on oneDNN (jaxcnn/kernels/onednn.py), whose steps are
   # ~1.3x faster here than two devices (one per core) data-parallel on XLA's own convolutions
   c.cpu_devices = 0
   c.dataset = 'fmnist'
