@@ -417,8 +417,8 @@ def main(argv=None) -> int:
   os.makedirs(workdir, exist_ok=True)
   log(f'{run_name}: {mesh.devices.size} device(s) ({jax.devices()[0].platform}), '
       f'{jax.process_count()} process(es), workdir {workdir}')
-  if jax.default_backend() == 'cpu':
-    log(kernels.describe())
+  if kernels_line := kernels.describe():
+    log(kernels_line)
 
   # == Input ===================================================================================
   model_name = resolve_model_name(config)

@@ -191,7 +191,10 @@ def model_compiler_options(model, variables, image_shape, dtype=jnp.float32) -> 
 
 
 def describe() -> str:
-    """What the current policy runs a CPU step's dense convolutions on, in one line for a log."""
+    """What the current policy runs a CPU step's dense convolutions on, in one line for a log;
+    empty off the CPU, where the policy is lax as the model states it."""
+    if jax.default_backend() != 'cpu':
+        return ''
     if not current().onednn:
         return "dense convolutions: XLA's kernels (the policy's onednn is off)"
     if not onednn.available():
