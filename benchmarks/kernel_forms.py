@@ -3,13 +3,15 @@
     python benchmarks/kernel_forms.py --out benchmarks/results/kernel_forms_cpu.json
 
 For every case (a shipped recipe's step or a model benchmarked against PyTorch) the trainer's
-training step (as the bench runs it, on generated data) is compiled under the library's CPU policy, under that policy with each form that
-acts on the model turned off, under the plain policy (lax's convolutions as the model states
-them, with XLA:CPU's own options: its YNNPACK convolutions, and its oneDNN rewrite,
-``xla_cpu_use_onednn``), and all are timed in alternation, so that the machine's drift hits every
-variant alike; the best round of each is kept. A form stays in the policy only where it gains at
-least 10 % on some case (BENCHMARKS.md, "Kernel forms on the CPU"). ``--only NAME`` runs the
-cases whose model spec starts with NAME; ``--rounds``/``--steps`` set the timing.
+training step (as the bench runs it, on generated data) is compiled under the library's CPU
+policy, under that policy with each form that acts on the model turned off, and under the
+plain policy (lax's convolutions as the model states them, with XLA:CPU's own options: its
+YNNPACK convolutions, and its oneDNN rewrite, ``xla_cpu_use_onednn``). All are timed in
+alternation, so that the machine's drift hits every variant alike; the best round of each is
+kept, and the median beside it. A form stays in the policy only where it gains at least 10 % on
+some case (BENCHMARKS.md, "Kernel forms on the CPU"). ``--only NAME[,NAME]`` runs the cases whose
+model spec starts with a NAME; ``--rounds``/``--steps`` set the timing; ``--no-plain`` leaves out the
+plain policy, whose grouped depthwise convolutions take seconds per step on XLA:CPU.
 """
 import argparse
 import dataclasses
@@ -17,6 +19,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from jaxcnn import bench, kernels
 
@@ -38,7 +41,7 @@ OFF = {'xla_options': 'defaults'}
 XLA_ONEDNN = {'xla_cpu_use_onednn': True}
 
 
-def variants(off):
+def variants(off, with_plain=True):
     """(label, policy, XLA options added to the policy's) for one case: the CPU policy, it with
     each form in ``off`` turned off, XLA's own routes in place of the oneDNN handlers (its
     oneDNN rewrite; its default YNNPACK convolutions), and the plain policy (lax as the model
@@ -50,8 +53,9 @@ def variants(off):
     if 'onednn' in off:
         out += [('without onednn, xla_cpu_use_onednn', dataclasses.replace(cpu, onednn=False), XLA_ONEDNN),
                 ('without onednn, XLA defaults', dataclasses.replace(cpu, onednn=False, xla_options='defaults'), {})]
-    plain = dataclasses.replace(kernels.PLAIN, xla_options='defaults')
-    out += [('plain, XLA defaults', plain, {}), ('plain, xla_cpu_use_onednn', plain, XLA_ONEDNN)]
+    if with_plain:
+        plain = dataclasses.replace(kernels.PLAIN, xla_options='defaults')
+        out += [('plain, XLA defaults', plain, {}), ('plain, xla_cpu_use_onednn', plain, XLA_ONEDNN)]
     return out
 
 
@@ -70,17 +74,19 @@ def compile_step(spec, batch, size, policy, extra_options):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--steps', type=int, default=2)
     parser.add_argument('--only', default='')
+    parser.add_argument('--no-plain', action='store_true',
+                        help='leave out the plain policy (minutes per step for depthwise networks)')
     parser.add_argument('--out', default='')
     args = parser.parse_args(argv)
     results = []
     for spec, batch, size, off in CASES:
-        if args.only and not spec.startswith(args.only):
+        if args.only and not spec.startswith(tuple(args.only.split(','))):
             continue
         compiled, step_args, options, compile_s = {}, {}, {}, {}
-        for label, policy, extra in variants(off):
+        for label, policy, extra in variants(off, not args.no_plain):
             t0 = time.perf_counter()
             step, step_args[label], options[label] = compile_step(spec, batch, size, policy, extra)
             compile_s[label] = time.perf_counter() - t0
@@ -91,15 +97,17 @@ def main(argv=None):
         times = bench.time_alternating(compiled, step_args, rounds=args.rounds, steps=args.steps,
                                        update_args=bench.common.next_state)
         best = {label: min(t) for label, t in times.items()}
+        median = {label: float(np.median(t)) for label, t in times.items()}
         base = best['cpu policy']
         print(f'{spec} b{batch} {size}px: ' + ', '.join(
             f'{label} {ms:.1f} ms ({ms / base:.2f}x)' for label, ms in best.items()), flush=True)
-        results.append(dict(model=spec, batch=batch, size=size, ms_per_step=best, all_ms=times,
+        results.append(dict(model=spec, batch=batch, size=size, ms_per_step=best,
+                            median_ms=median, all_ms=times,
                             slowdown_over_cpu_policy={k: v / base for k, v in best.items()},
                             xla_options=options, compile_s=compile_s))
         command = 'python benchmarks/kernel_forms.py' + ''.join(
             f' --{k} {v}' for k, v in (('rounds', args.rounds), ('steps', args.steps), ('only', args.only),
-                                       ('out', args.out)) if v)
+                                       ('out', args.out)) if v) + (' --no-plain' if args.no_plain else '')
         bench.write(args.out, {'command': command, **bench.environment(), 'results': results})
     return 0
 

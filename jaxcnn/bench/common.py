@@ -153,6 +153,7 @@ def environment():
                num_devices=jax.device_count(), jax=jax.__version__,
                flax=__import__('flax').__version__, optax=optax.__version__)
     if dev.platform == 'cpu':
+        env['cpu'] = kernels.cpu.host()
         env['dense_convolutions'] = kernels.describe()
         if kernels.onednn.available():
             env['onednn'] = kernels.onednn.version()

@@ -147,11 +147,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             if depthwise and policy.depthwise_taps:
                 return cpu.depthwise_triple(lhs.shape, rhs.shape, strides, pads, dilation,
                                             jax.default_backend() == 'cpu')[0](lhs, rhs)
-            if feature_group_count == 1 and policy.onednn and _onednn_applies(lhs, rhs, pads):
-                return onednn.conv(lhs, rhs, strides, dilation, pads)
+            # maps smaller than the kernel first: one product beats any convolution kernel there
             if (feature_group_count == 1 and policy.small_map_products
                     and cpu.small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation)):
                 return cpu.conv_as_product(lhs, rhs, strides, pads, dilation, precision)
+            if feature_group_count == 1 and policy.onednn and _onednn_applies(lhs, rhs, pads):
+                return onednn.conv(lhs, rhs, strides, dilation, pads)
             if policy.loop_gradients and _IN_LOOP.get():
                 return cpu.loop_triple(lhs.shape, rhs.shape, strides, pads, dilation,
                                        feature_group_count, precision)[0](lhs, rhs)

@@ -18,6 +18,24 @@ from .autodiff import convolution_triple
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+@functools.lru_cache(maxsize=None)
+def host() -> dict:
+    """The host CPU as records name it: its model name and widest vector unit ('avx512', 'avx2'
+    or ''), read from Linux's /proc/cpuinfo (empty elsewhere). Which forms win depends on it:
+    oneDNN's kernels are tuned for AVX-512 (BENCHMARKS.md, "Kernel forms on the CPU")."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            text = f.read()
+    except OSError:
+        return {'model': '', 'vector_unit': ''}
+    model = next((line.split(':', 1)[1].strip() for line in text.splitlines()
+                  if line.startswith('model name')), '')
+    flags = set(next((line.split(':', 1)[1].split() for line in text.splitlines()
+                      if line.startswith('flags')), []))
+    unit = 'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else ''
+    return {'model': model, 'vector_unit': unit}
+
+
 def output_hw(in_hw, pads, kernel_hw, strides, dilation=(1, 1)):
     """The spatial size of a convolution's output."""
     return tuple((i + lo + hi - (k - 1) * d - 1) // s + 1
