@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib.util
 import math
 import os
 import re
+import traceback
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import ConfigDict
+
+from jaxcnn import optim
 
 DEFAULT_CONFIG = 'default'
 # configs/ next to the jaxcnn package (a source checkout), or installed inside it as
@@ -74,6 +78,23 @@ def find_config_file(name: str) -> Path:
                    f'(searched {", ".join(str(d) for d in config_dirs())})')
 
 
+@contextlib.contextmanager
+def _config_file_errors(path: Path):
+  """An error in a config file's own code as one line naming the file and line. A ValueError
+  of the config's (e.g. check_arg's) passes as it is."""
+  try:
+    yield
+  except SyntaxError as e:
+    raise ValueError(f'{path}:{e.lineno}: syntax error in the config file: {e.msg}') from None
+  except ValueError:
+    raise
+  except Exception as e:  # noqa: BLE001 (any error of the file's own code)
+    line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                 if f.filename == str(path)), '?')
+    raise ValueError(f'{path}:{line}: the config file failed to load: '
+                     f'{type(e).__name__}: {e}') from None
+
+
 def load_config(spec: str | None) -> tuple[ml_collections.ConfigDict, str]:
   """Loads `NAME[:arg]` and returns (config, run_name), run_name being e.g. 'nfnet_f0_fmnist'."""
   spec = spec or DEFAULT_CONFIG
@@ -81,11 +102,13 @@ def load_config(spec: str | None) -> tuple[ml_collections.ConfigDict, str]:
   path = find_config_file(name)
   module_spec = importlib.util.spec_from_file_location(f'jaxcnn_configs_{path.stem}', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with _config_file_errors(path):
+    module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ValueError(f'Config file {path} has no get_config(arg=None) function; add one returning '
                      f'an ml_collections.ConfigDict.')
-  config = module.get_config(arg) if arg else module.get_config()
+  with _config_file_errors(path):
+    config = module.get_config(arg) if arg else module.get_config()
   if not isinstance(config, ml_collections.ConfigDict):
     raise ValueError(f'{path}: get_config() returned {type(config).__name__}, expected an '
                      f'ml_collections.ConfigDict.')
@@ -190,10 +213,11 @@ def parse_args(argv: Sequence[str], tool: str = 'jaxcnn.train',
   while i < len(args):
     arg = args[i]
     if arg in ('-h', '--help'):
-      raise SystemExit(f'usage: python -m {tool} [--config NAME[:arg] | path.py] '
-                       f'[--config.key=value ...] [--workdir DIR]'
-                       + ''.join(f' [--{k} {v!r}]' for k, v in extra.items())
-                       + f'\nconfigs: {", ".join(available_configs())}')
+      print(f'usage: python -m {tool} [--config NAME[:arg] | path.py] '
+            f'[--config.key=value ...] [--workdir DIR]'
+            + ''.join(f' [--{k} {v!r}]' for k, v in extra.items())
+            + f'\nconfigs: {", ".join(available_configs())}')
+      raise SystemExit(0)
     if not arg.startswith('--'):
       raise ValueError(f'Unexpected argument {arg!r}; flags look like --config NAME or '
                        f'--config.key=value.')
@@ -252,7 +276,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = ''                    # '' -> $JAXCNN_FMNIST_DIR or /usr/share/datasets/fashion-mnist
   c.tfds_data_dir = ''
   c.test_fraction = 0.1              # folder datasets without a test split
-  c.num_classes = 10
+  c.num_classes = None               # None: the dataset's number of classes
   c.image_size = 28                  # train resolution
   c.test_image_size = 28             # eval resolution (crop size of the views)
   c.normalization = 'dataset'        # 'dataset' | 'model' (model_info mean/std)
@@ -289,15 +313,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (image_size, model_kwargs.drop_rate, augment.mixup); a start value < 0 leaves it fixed.
   c.progressive = ConfigDict(dict(
       stages=0, start_image_size=-1, start_drop_rate=-1.0, start_mixup=-1.0))
-  c.optim = ConfigDict(dict(
-      name='sgd', lr=0.1, lr_scaling='none', momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
-      eps=1e-8, rmsprop_decay=0.9, weight_decay=5e-4, decay_exclude='', agc_clip=0.0,
-      agc_eps=1e-3, agc_exclude=r'^head/', grad_clip_norm=0.0, grad_accum_steps=1))
-  c.schedule = ConfigDict(dict(
-      name='cosine', warmup_epochs=0.0, warmup_steps=-1, end_lr_factor=0.0, step_epochs=30,
-      milestones_epochs=(), decay_factor=0.1, sgdr_t0_epochs=10, sgdr_t_mult=2,
-      cyclic_min_lr_factor=0.1, cyclic_half_period_epochs=2, plateau_factor=0.1,
-      plateau_patience=5))
+  c.optim = ConfigDict(dict(optim.OPTIM_DEFAULTS))          # the defaults live in optim.py
+  c.schedule = ConfigDict(dict(optim.SCHEDULE_DEFAULTS))
 
   # Durations: <name>_steps wins when > 0, else <name>_epochs (fractions allowed).
   c.log_every_steps = 50
@@ -331,7 +348,7 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   kept = {k: v for k, v in c.model_kwargs.items() if k in ('drop_rate', 'drop_path_rate')}
   c.model_kwargs = ConfigDict(dict(layers=(1, 1, 1), widths=(8, 16, 32), stem_width=8, **kept))
   c.dataset = 'fmnist'
-  c.num_classes = 10
+  c.num_classes = None
   c.image_size = c.test_image_size = 28
   c.normalization = 'dataset'
   c.train_subset, c.test_subset = 512, 256
@@ -410,6 +427,9 @@ def run_cli(main) -> None:
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # before the training loop, which saves on Ctrl-C itself
+    print('\ninterrupted before training started; nothing to save.', file=sys.stderr)
+    sys.exit(130)
 
 
 def integer_at_least(minimum: int):

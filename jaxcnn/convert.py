@@ -155,6 +155,29 @@ def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
     head_key = ('params', 'head', 'fc', 'kernel')
     if num_classes is None:
         num_classes = converted[head_key][1].shape[0] if head_key in converted else 0
+    fit = _fit(name, converted, num_classes)
+    if fit['missing'] or fit['unexpected'] or fit['mismatched']:
+        raise ValueError(_misfit_message(name, fit, _looks_like(name, table, converted, num_classes)))
+    flat, stacked = fit['flat'], fit['stacked']
+
+    out = {}
+    for k, target_shape in flat.items():
+        if k in stacked:
+            blocks = stacked[k]
+            out[k] = jnp.asarray(np.stack([_convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape[1:])
+                                           for _, (uk, (tk, v)) in sorted(blocks.items())]), dtype)
+        else:
+            tk, v = fit['converted'][k]
+            out[k] = jnp.asarray(_convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape), dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def _fit(name, converted, num_classes) -> dict:
+    """How the converted entries {(collection, *path): (torch key, value)} fit model ``name``:
+    its flat shapes, the entries of its stacked (scanned) leaves, and what is missing, left
+    over or of the wrong shape."""
+    info = model_info(name)
+    converted = dict(converted)
     model = create_model(name, num_classes=num_classes)
     h, w, c = info.input_size
     in_ch = next((v.shape[1] for k, (tk, v) in converted.items() if v.ndim == 4), c)
@@ -168,36 +191,59 @@ def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
         hit = stacked_target(k, flat)
         if hit is not None:
             stacked.setdefault(hit[0], {})[hit[1]] = (k, converted.pop(k))
-    missing, unexpected = [], []
+    missing, unexpected, mismatched = [], [], []
     for k, shape in flat.items():
         if k in stacked:
             missing += [f"{'/'.join(k)}[{i}]" for i in range(shape[0]) if i not in stacked[k]]
             unexpected += [f"{tk} -> {'/'.join(uk)}" for i, (uk, (tk, _)) in stacked[k].items()
                            if not 0 <= i < shape[0]]
+            mismatched += [_mismatch(tk, v, f"{'/'.join(k)}[{i}]", shape[1:])
+                           for i, (uk, (tk, v)) in stacked[k].items() if 0 <= i < shape[0]]
         elif k not in converted:
             missing.append('/'.join(k))
-    unexpected += [f"{converted[k][0]} -> {'/'.join(k)}" for k in converted if k not in flat]
-    missing, unexpected = sorted(missing), sorted(unexpected)
-    if missing or unexpected:
-        raise ValueError(f'state dict does not fit {name}: missing {missing[:8]}'
-                         f'{" ..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}'
-                         f'{" ..." if len(unexpected) > 8 else ""}')
-
-    def convert_one(torch_key, value, k, target_shape):
-        value = _convert_leaf(torch_key.rsplit('.', 1)[-1], value, target_shape)
-        if value.shape != tuple(target_shape):
-            raise ValueError(f'{torch_key}: shape {value.shape} does not fit {"/".join(k)} {tuple(target_shape)}')
-        return value
-
-    out = {}
-    for k, target_shape in flat.items():
-        if k in stacked:
-            blocks = stacked.pop(k)
-            out[k] = jnp.asarray(np.stack([convert_one(tk, v, uk, target_shape[1:])
-                                           for _, (uk, (tk, v)) in sorted(blocks.items())]), dtype)
         else:
-            out[k] = jnp.asarray(convert_one(*converted[k], k, target_shape), dtype)
-    return traverse_util.unflatten_dict(out)
+            mismatched.append(_mismatch(*converted[k], '/'.join(k), shape))
+    unexpected += [f"{converted[k][0]} -> {'/'.join(k)}" for k in converted if k not in flat]
+    return dict(flat=flat, stacked=stacked, converted=converted, missing=sorted(missing),
+                unexpected=sorted(unexpected), mismatched=[m for m in mismatched if m])
+
+
+def _mismatch(torch_key, value, target, target_shape) -> str:
+    """'' where ``value`` converts to ``target_shape``, else what does not fit."""
+    try:
+        got = _convert_leaf(torch_key.rsplit('.', 1)[-1], value, target_shape).shape
+    except Exception:  # noqa: BLE001 (a reshape that cannot be done)
+        got = None
+    if got == tuple(target_shape):
+        return ''
+    return f'{torch_key} {tuple(value.shape)} for {target} {tuple(target_shape)}'
+
+
+def _looks_like(name, table, converted, num_classes) -> Optional[str]:
+    """The registered model, other than ``name``, with the same conversion table, that the
+    state dict fits exactly (None when none does)."""
+    from .registry import list_models
+    for other in list_models():
+        if other == name or RENAMES.get(_TABLE_FOR.get(other, model_info(other).family)) is not table:
+            continue
+        try:
+            fit = _fit(other, converted, num_classes)
+        except Exception:  # noqa: BLE001 (a model the file cannot even build)
+            continue
+        if not (fit['missing'] or fit['unexpected'] or fit['mismatched']):
+            return other
+    return None
+
+
+def _misfit_message(name, fit, other) -> str:
+    def listed(what, items):
+        return f'{len(items)} {what} ({"; ".join(items[:4])}{"; ..." if len(items) > 4 else ""})'
+    parts = [listed(what, fit[key]) for what, key in
+             (('missing', 'missing'), ('unexpected', 'unexpected'), ('of another shape', 'mismatched'))
+             if fit[key]]
+    hint = (f"; it looks like {other}'s weights: convert it with from_torch({other!r}, ...)"
+            if other else '')
+    return f'state dict does not fit {name}: ' + ', '.join(parts) + hint
 
 
 def to_safetensors(state_dict, path: str):

@@ -1,9 +1,9 @@
 """Metric logging: metrics.jsonl (append-only), metrics.csv, TensorBoard, PNG plots.
 
 Every record is `{'step': int, 'kind': 'train'|'eval'|..., <name>: float, ...}`. The JSONL
-file is only ever appended to, so nothing written before a crash is lost; the CSV and the
-plots are rebuilt from it, keeping the last record per (kind, step) so that the steps a
-resumed run repeats replace those of the interrupted run.
+file is appended to, so nothing written before a crash is lost. A resumed run first drops the
+records after its checkpoint's step (it writes those steps again), so no step has two rows;
+the CSV and the plots are rebuilt from the JSONL.
 
 TensorBoard event files are written with tensorboardX (no TensorFlow needed).
 """
@@ -48,7 +48,9 @@ def _to_float(v) -> float:
 class MetricWriter:
   """Writes metrics of one run; only process 0 writes (`enabled=False` elsewhere)."""
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
+    """`resume_step`: the step a resumed run restarts from; records after it are dropped."""
     self.workdir = workdir
     self.enabled = enabled
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
@@ -56,6 +58,12 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None and os.path.exists(self.jsonl_path):
+        kept = [r for r in read_jsonl(self.jsonl_path) if r['step'] <= resume_step]
+        tmp = self.jsonl_path + '.tmp'
+        with open(tmp, 'w') as f:
+          f.writelines(json.dumps(r) + '\n' for r in kept)
+        os.replace(tmp, self.jsonl_path)  # Atomic: a kill here leaves the old file whole.
       self._jsonl = open(self.jsonl_path, 'a')
       if tensorboard:
         try:
@@ -101,11 +109,11 @@ class MetricWriter:
       w.writerows(records)
     os.replace(tmp, self.csv_path)  # Atomic: a reader never sees half a file.
 
-  def plot(self) -> list[str]:
-    """Writes loss.png, accuracy.png and lr.png; returns the paths written."""
+  def plot(self, steps_per_epoch: int | None = None, label_smoothing: float = 0.0) -> list[str]:
+    """Writes loss.png, accuracy.png and lr.png (plot_metrics); returns the paths written."""
     if not self.enabled:
       return []
-    return plot_metrics(self.jsonl_path, self.workdir)
+    return plot_metrics(self.jsonl_path, self.workdir, steps_per_epoch, label_smoothing)
 
   def close(self) -> None:
     if not self.enabled:
@@ -116,40 +124,54 @@ class MetricWriter:
       self._tb.close()
 
 
-def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
+def plot_metrics(jsonl_path: str, out_dir: str, steps_per_epoch: int | None = None,
+                 label_smoothing: float = 0.0) -> list[str]:
+  """loss.png, accuracy.png and lr.png from the run's records: training curves as lines,
+  test evaluations as markers, against epochs when `steps_per_epoch` is known (else steps).
+  The training loss says what it includes (label smoothing), since it is not the test NLL."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   records = latest_records(read_jsonl(jsonl_path))
+  per = float(steps_per_epoch) if steps_per_epoch else 1.0
 
   def series(kind, key):
-    pts = [(r['step'], r[key]) for r in records
+    pts = [(r['step'] / per, r[key]) for r in records
            if r.get('kind') == kind and key in r and math.isfinite(_to_float(r[key]))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
+  def test_label(key, what):
+    return f'test {what}' + (', EMA weights' if key.startswith('ema_') else '')
+
   eval_keys = sorted({k for r in records if r.get('kind') == 'eval' for k in r})
+  train_loss = ('train loss (cross-entropy' + (f', label smoothing {label_smoothing:g}'
+                                              if label_smoothing else '') + ', batch mean)')
   figures = {
-      'loss.png': ('loss', [('train', 'loss', 'train')] +
-                   [('eval', k, f'test {k}') for k in eval_keys if k.endswith('loss')]),
-      'accuracy.png': ('accuracy', [('train', 'accuracy', 'train')] +
-                       [('eval', k, f'test {k}') for k in eval_keys if k.endswith('accuracy')]),
-      'lr.png': ('learning rate', [('train', 'lr', 'lr')]),
+      'loss.png': ('loss', [('train', 'loss', train_loss)] +
+                   [('eval', k, test_label(k, 'loss (cross-entropy, no smoothing)'))
+                    for k in eval_keys if k.endswith('loss')]),
+      'accuracy.png': ('accuracy', [('train', 'accuracy', 'train accuracy (augmented batches)')] +
+                       [('eval', k, test_label(k, 'accuracy')) for k in eval_keys
+                        if k.endswith('accuracy')]),
+      'lr.png': ('learning rate', [('train', 'lr', 'learning rate')]),
   }
   written = []
   for fname, (ylabel, lines) in figures.items():
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = 0
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for kind, key, label in lines:
       xs, ys = series(kind, key)
-      if xs:
-        ax.plot(xs, ys, label=label, marker='o' if kind == 'eval' else None, markersize=3)
-        drawn += 1
-    ax.set_xlabel('step')
+      if not xs:
+        continue
+      if kind == 'eval':   # a few evaluations: points, not a line drawn between them
+        ax.plot(xs, ys, linestyle='none', marker='o', markersize=6, label=label)
+      else:
+        ax.plot(xs, ys, linewidth=1.2, label=label)
+    ax.set_xlabel('epoch' if steps_per_epoch else 'step')
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if drawn > 1:
-      ax.legend()
+    if ax.lines:
+      ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, fname)
     fig.savefig(path, dpi=100)

@@ -61,13 +61,14 @@ OPTIMIZERS = ('sgd', 'rmsprop', 'adam', 'adamw')
 SCHEDULES = ('constant', 'step', 'multistep', 'cosine', 'sgdr', 'cyclic', 'plateau')
 LR_SCALINGS = ('none', 'per_256')
 
-# Defaults mirror the config schema so that older configs missing a key work.
-_OPTIM_DEFAULTS = dict(
+# The one table of optimiser and schedule defaults: config.base_config builds its `optim` and
+# `schedule` sections from these, and a config that lacks a key (an older file) gets them here.
+OPTIM_DEFAULTS = dict(
     name='sgd', lr=0.1, lr_scaling='none', momentum=0.9, nesterov=True,
     b1=0.9, b2=0.999, eps=1e-8, rmsprop_decay=0.9, weight_decay=5e-4,
     decay_exclude='', agc_clip=0.0, agc_eps=1e-3, agc_exclude=r'^head/',
     grad_clip_norm=0.0, grad_accum_steps=1)
-_SCHEDULE_DEFAULTS = dict(
+SCHEDULE_DEFAULTS = dict(
     name='cosine', warmup_epochs=0.0, warmup_steps=-1, end_lr_factor=0.0,
     step_epochs=30, milestones_epochs=(), decay_factor=0.1,
     sgdr_t0_epochs=10, sgdr_t_mult=2, cyclic_min_lr_factor=0.1,
@@ -140,8 +141,8 @@ def base_lr(config, global_batch: int) -> float:
   ``lr_scaling == 'per_256'`` (linear scaling rule, Goyal et al. 2017,
   arXiv:1706.02677)."""
   oc = _section(config, 'optim')
-  lr = float(_get(oc, 'lr', _OPTIM_DEFAULTS))
-  scaling = _check_name('lr_scaling', _get(oc, 'lr_scaling', _OPTIM_DEFAULTS),
+  lr = float(_get(oc, 'lr', OPTIM_DEFAULTS))
+  scaling = _check_name('lr_scaling', _get(oc, 'lr_scaling', OPTIM_DEFAULTS),
                         LR_SCALINGS)
   if lr <= 0:
     raise ValueError(f'config.optim.lr must be > 0, got {lr}.')
@@ -206,7 +207,7 @@ def build_schedule(config, steps_per_epoch: int, total_steps: int,
     ``base_lr``, half period ``cyclic_half_period_epochs`` (Smith 2017).
   """
   sc = _section(config, 'schedule')
-  g = lambda k: _get(sc, k, _SCHEDULE_DEFAULTS)
+  g = lambda k: _get(sc, k, SCHEDULE_DEFAULTS)
   name = _check_name('schedule', g('name'), SCHEDULES)
   spe = int(steps_per_epoch)
   total = int(total_steps)
@@ -334,8 +335,8 @@ def unitwise_agc(clipping: float, eps: float = 1e-3
 
 def _plateau_args(config):
   sc = _section(config, 'schedule')
-  factor = float(_get(sc, 'plateau_factor', _SCHEDULE_DEFAULTS))
-  patience = int(_get(sc, 'plateau_patience', _SCHEDULE_DEFAULTS))
+  factor = float(_get(sc, 'plateau_factor', SCHEDULE_DEFAULTS))
+  patience = int(_get(sc, 'plateau_patience', SCHEDULE_DEFAULTS))
   if not 0.0 < factor < 1.0 or patience < 1:
     raise ValueError(f'schedule.plateau_factor must be in (0, 1) and '
                      f'plateau_patience >= 1, got {factor} and {patience}.')
@@ -420,7 +421,7 @@ def build_optimizer(config, params, steps_per_epoch: int, total_steps: int,
     plateau reduction.
   """
   oc = _section(config, 'optim')
-  g = lambda k: _get(oc, k, _OPTIM_DEFAULTS)
+  g = lambda k: _get(oc, k, OPTIM_DEFAULTS)
   name = _check_name('optimizer', g('name'), OPTIMIZERS)
   accum = int(g('grad_accum_steps'))
   if accum < 1:
@@ -431,7 +432,7 @@ def build_optimizer(config, params, steps_per_epoch: int, total_steps: int,
     raise ValueError(f'optim.weight_decay must be >= 0 and optim.momentum in '
                      f'[0, 1), got {wd} and {momentum}.')
   sched_name = _check_name(
-      'schedule', _get(_section(config, 'schedule'), 'name', _SCHEDULE_DEFAULTS),
+      'schedule', _get(_section(config, 'schedule'), 'name', SCHEDULE_DEFAULTS),
       SCHEDULES)
 
   spe_updates = max(1, int(steps_per_epoch) // accum)

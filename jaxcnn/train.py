@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import shutil
 import signal
 import time
 from typing import Any
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import jaxcnn
 from jaxcnn import checkpoint as ckpt_lib
@@ -54,8 +56,16 @@ class TrainingError(RuntimeError):
 
 
 def log(msg: str) -> None:
+  """A line of the run's log (process 0), written above any progress bar, never on its line."""
   if jax.process_index() == 0:
-    print(msg, flush=True)
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def interactive() -> bool:
+  """Whether progress is drawn as a bar: a terminal that reports its width (some report 0
+  columns, where a bar would stay silent); elsewhere (a file, CI, a cluster log) plain lines."""
+  return sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,9 +379,11 @@ def make_eval_step(config, model, mean, std, test_size, num_classes):
   return eval_step
 
 
-def evaluate(eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh, model_args=()):
+def evaluate(eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh, model_args=(),
+             progress=False):
   """Accuracy and loss over the whole test set; padded rows of the last batch are masked.
-  ``model_args``: extra inputs of the model, passed through eval_step."""
+  ``model_args``: extra inputs of the model, passed through eval_step; ``progress``: a bar of
+  its own (cleared when done)."""
   if test_arrays is not None:
     def batches():
       n = ds.num_test
@@ -383,7 +395,9 @@ def evaluate(eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh, 
   else:
     batches = lambda: ds.eval_iter(batch_size)
   totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
-  for batch in batches():
+  total = -(-ds.num_test // batch_size) if test_arrays is not None else None
+  for batch in tqdm(batches(), total=total, desc='eval', unit='batch', leave=False,
+                    dynamic_ncols=True, disable=not progress):
     out = eval_step(params, batch_stats, test_arrays, sharding.host_to_global(batch, mesh),
                     *model_args)
     for k in totals:
@@ -407,6 +421,7 @@ def first_bad_step(host_metrics):
 
 def main(argv=None) -> int:
   config, run_name, workdir, _ = config_lib.parse_args(sys.argv[1:] if argv is None else argv)
+  ckpt_lib.check_workdir(workdir)
 
   # == Distributed setup and mesh ==============================================================
   sharding.split_host_cpu(config)
@@ -414,7 +429,6 @@ def main(argv=None) -> int:
   mesh = sharding.make_mesh(config.get('num_devices', -1))
   sharding.check_batch_size(config.batch_size, mesh)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   log(f'{run_name}: {mesh.devices.size} device(s) ({jax.devices()[0].platform}), '
       f'{jax.process_count()} process(es), workdir {workdir}')
   if kernels_line := kernels.describe():
@@ -482,8 +496,14 @@ def main(argv=None) -> int:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                keep=config.get('keep_checkpoints', 3))
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+    state = ckpt.restore(state, log=log)
     log(f'Resumed from {ckpt.directory} at step {int(state.step)}.')
+    if int(state.step) >= total_steps and os.path.exists(os.path.join(workdir, 'results.json')):
+      log(f'{workdir} holds a finished run ({int(state.step)} of {total_steps} steps; see its '
+          f'results.json): nothing to do. Raise --config.num_steps or --config.num_epochs to '
+          f'train it further.')
+      ckpt.close()
+      return 0
   elif not config.get('init_from', '') and config.transfer.get('head_steps', 0) > 0:
     log('No --config.init_from given: training from scratch (transfer.head_steps ignored).')
   elif config.get('init_from', ''):
@@ -494,7 +514,10 @@ def main(argv=None) -> int:
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  # a resumed run writes again the metrics after its checkpoint's step: drop the old ones
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=int(state.step))
+  # training seconds of the run's earlier parts, at the checkpoint it resumed from
+  seconds_before = ckpt_lib.train_seconds(workdir, int(state.step))
   ckpt_every = config_lib.duration_steps(config, 'checkpoint_every', steps_per_epoch)
   log_every = max(1, config_lib.duration_steps(config, 'log_every', steps_per_epoch, 50))
   eval_every = config_lib.duration_steps(config, 'eval_every', steps_per_epoch, steps_per_epoch)
@@ -504,13 +527,14 @@ def main(argv=None) -> int:
     for prefix, params in (('', state.params), ('ema_', state.ema_params)):
       if params is None:
         continue
-      r = evaluate(eval_step, params, state.batch_stats, ds, test_arrays, eval_batch, mesh)
+      r = evaluate(eval_step, params, state.batch_stats, ds, test_arrays, eval_batch, mesh,
+                   progress=is_main and config.get('progress', True) and interactive())
       results.update({prefix + k: v for k, v in r.items()})
     writer.write(step, results, kind='eval')
     return results
 
   # == Training loop ===========================================================================
-  stop = ckpt_lib.StopSignal()  # SIGTERM -> save and exit 0.
+  stop = ckpt_lib.StopSignal()  # SIGTERM -> save, exit 0; SIGINT (Ctrl-C) -> save, exit 130.
   step = start_step = int(state.step)
   pending = []  # (step, device metrics) not yet fetched: fetching waits for the device.
   eval_results = {}
@@ -538,11 +562,10 @@ def main(argv=None) -> int:
     mean_m['eta_min'] = (total_steps - step) * sec_per_step / 60
     return mean_m
 
-  from tqdm.auto import tqdm
-  # Redirected to a file (CI, nohup, a cluster log) the bar redraws rarely instead of per step.
-  bar = tqdm(total=total_steps, initial=step, desc='train', dynamic_ncols=True,
-             mininterval=0.1 if sys.stderr.isatty() else 30.0,
-             disable=not is_main or not config.get('progress', True))
+  # Progress: a bar in a terminal (tqdm's rate and ETA); elsewhere a plain line per log step.
+  show_progress = is_main and config.get('progress', True)
+  bar = tqdm(total=total_steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
+             disable=not (show_progress and interactive()))
   try:
     while step < total_steps:
       if step == config.get('simulate_preemption_at_step', -1) and step > start_step:
@@ -568,7 +591,11 @@ def main(argv=None) -> int:
       if step % log_every == 0 or due_ckpt or due_eval:
         m = fetch_metrics()
         bar.set_postfix(loss=f'{m["loss"]:.4f}', acc=f'{m["accuracy"]:.3f}',
-                        img_s=f'{m["img_per_sec"]:.0f}', eta=f'{m["eta_min"]:.1f}m')
+                        img_s=f'{m["img_per_sec"]:.0f}')
+        if show_progress and bar.disable:
+          log(f'step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): loss '
+              f'{m["loss"]:.4f}, accuracy {m["accuracy"]:.3f}, {m["img_per_sec"]:.0f} img/s, '
+              f'{m["eta_min"]:.1f} min left')
       if due_eval:
         eval_results = run_eval(step)
         log(f'step {step}: ' + ', '.join(f'test {k} {v:.4f}' for k, v in eval_results.items()))
@@ -576,28 +603,33 @@ def main(argv=None) -> int:
           state = state.replace(opt_state=plateau_update(state.opt_state, eval_results['loss']))
       if due_ckpt:
         ckpt.save(step, state)
+        ckpt_lib.record_train_seconds(workdir, step, seconds_before + time.time() - t0, is_main)
         writer.flush()
 
-    if step < total_steps:  # Stopped by a signal.
+    if step < total_steps:  # Stopped by a signal (every process stops at this step).
+      interrupted = sharding.any_process(stop.received == 'SIGINT')
       fetch_metrics()
       ckpt.save(step, state)
       ckpt.wait()
+      ckpt_lib.record_train_seconds(workdir, step, seconds_before + time.time() - t0, is_main)
+      writer.flush()
       bar.close()
       log(f'Received {stop.received or "a stop request"}: saved a checkpoint at step {step} in '
           f'{ckpt.directory}; exiting. Run the same command again to resume.')
-      return 0
+      return 130 if interrupted else 0
 
     # == Final report ==========================================================================
     bar.close()
     if not eval_results:  # Resumed a finished run: the loop did not evaluate.
       eval_results = run_eval(step)
     if is_main:
-      summary = {'step': step, 'model': model_name, 'train_seconds': time.time() - t0,
+      summary = {'step': step, 'model': model_name,
+                 'train_seconds': seconds_before + time.time() - t0,
                  **{f'test_{k}': v for k, v in eval_results.items()}}
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump(summary, f, indent=2)
     writer.flush()
-    plots = writer.plot()
+    plots = writer.plot(steps_per_epoch, float(config.get('label_smoothing', 0.0)))
     if 'accuracy' in eval_results:
       log(f'Final test accuracy: {eval_results["accuracy"] * 100:.2f}%'
           + (f' (EMA {eval_results["ema_accuracy"] * 100:.2f}%)'

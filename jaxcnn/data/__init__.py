@@ -87,7 +87,8 @@ def load_dataset(config: Any, mean=None, std=None):
   ``mean``/``std`` only matter for ``tfds:`` datasets, whose host pipeline normalises (pass
   model_info(...).mean/std when config.normalization == 'model'); array datasets are
   normalised on device by the caller with :func:`normalize`.
-  Raises ValueError for an unknown scheme or a config.num_classes smaller than the data needs.
+  An unset config.num_classes (None) is set to the dataset's; a different one is a ValueError, as
+  is an unknown scheme.
   """
   spec = str(_get(config, "dataset", "fmnist")).strip()
   scheme, _, arg = spec.partition(":")
@@ -112,7 +113,10 @@ def load_dataset(config: Any, mean=None, std=None):
   if classes:
     ds = select_classes(ds, classes, spec)
   wanted = _get(config, "num_classes")
-  if wanted is not None and int(wanted) < ds.num_classes:
+  if wanted is None and hasattr(config, "num_classes"):
+    config.num_classes = ds.num_classes      # unset: the head has one output per class of the data
+  elif wanted is not None and int(wanted) != ds.num_classes:
     raise ValueError(f"config.num_classes={wanted} but dataset {spec} has {ds.num_classes} classes; "
-                     f"set --config.num_classes={ds.num_classes}")
+                     f"set --config.num_classes={ds.num_classes}, or leave it unset to take the "
+                     f"dataset's")
   return ds

@@ -138,6 +138,9 @@ def check_image_batch(x, min_size: int = 1, model: str = 'model'):
     if shape is None or len(shape) != 4:
         raise ValueError(f'{model} expects an NHWC image batch (N, H, W, C), got shape {shape}; '
                          'add a batch axis with x[None] or move channels last')
+    if shape[1] <= 4 < shape[3] == shape[2]:   # (N, C, H, W): a few channels, then a square
+        raise ValueError(f'{model} expects channels-last images (N, H, W, C), got shape {shape}, '
+                         f'which looks channels-first (N, C, H, W); pass x.transpose(0, 2, 3, 1)')
     if shape[1] < min_size or shape[2] < min_size:
         raise ValueError(f'{model} needs inputs of at least {min_size}x{min_size}, got '
                          f'{shape[1]}x{shape[2]}; resize or pad the images')
