@@ -221,11 +221,21 @@ def _mismatch(torch_key, value, target, target_shape) -> str:
 
 def _looks_like(name, table, converted, num_classes) -> Optional[str]:
     """The registered model, other than ``name``, with the same conversion table, that the
-    state dict fits exactly (None when none does)."""
+    state dict fits exactly (None when none does). Only models whose reference parameter
+    count is within a factor of 2 of the file's are built, nearest first: building each takes
+    seconds."""
     from .registry import list_models
+    in_file = sum(v.size for k, (_, v) in converted.items() if k[0] == 'params')
+    candidates = []
     for other in list_models():
-        if other == name or RENAMES.get(_TABLE_FOR.get(other, model_info(other).family)) is not table:
+        info = model_info(other)
+        if (other == name or not info.reference_params or not in_file
+                or RENAMES.get(_TABLE_FOR.get(other, info.family)) is not table):
             continue
+        ratio = info.reference_params / in_file
+        if 0.5 <= ratio <= 2:
+            candidates.append((abs(np.log(ratio)), other))
+    for _, other in sorted(candidates):
         try:
             fit = _fit(other, converted, num_classes)
         except Exception:  # noqa: BLE001 (a model the file cannot even build)
