@@ -4,7 +4,8 @@
 
 The record is that of docs/reversible.md's ``python -m jaxcnn.bench memory`` command: each depth
 gets the reversible RevNet, the same RevNet under ordinary autodiff with stored and with
-rematerialised activations, and the ResNet of its depth class, stored and rematerialised.
+rematerialised activations, and the ResNet of its depth class, stored, rematerialised block by
+block, and rematerialised inside a scanned stage.
 """
 import json
 import sys
@@ -20,7 +21,8 @@ SERIES = (('RevNet, reversible', '{rev}', 'tab:green'),
           ('RevNet, stored', '{rev}:plain', 'tab:orange'),
           ('RevNet, remat', '{rev}:plain:remat=True', 'tab:red'),
           ('ResNet, stored', '{res}', 'tab:blue'),
-          ('ResNet, remat', '{res}:remat=True', 'tab:purple'))
+          ('ResNet, remat', '{res}:remat=True', 'tab:purple'),
+          ('ResNet, scanned + remat', '{res}:scan_blocks=True:remat=True', 'tab:gray'))
 
 
 def main(record_path, png_path):

@@ -165,8 +165,10 @@ class Stage(nn.Module):
         units = []
         for b, (cls, fields) in enumerate(blocks[:first]):
             if self.remat:
+                # outside a loop XLA would merge the recomputation with the forward pass (CSE)
+                # and keep every activation: the barrier that prevents it is what remat needs
                 cls = nn.remat(cls, static_argnums=(2,), policy=_remat_policy(self.remat),
-                               prevent_cse=False)
+                               prevent_cse=True)
             units.append(cls(**dict(fields), name=str(b)))
         if inverse:
             if plan:
