@@ -637,7 +637,7 @@ def main(argv=None) -> int:
 
   # written once the settings have passed their checks: a bad override leaves a finished search's
   # workdir as it was
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.check_workdir(workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
 
@@ -706,7 +706,7 @@ def main(argv=None) -> int:
 
   # == Search loop: per epoch, w on its split, then theta on its split ========================
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
-  stop = ckpt_lib.StopSignal()  # SIGTERM: stop, keep the last finished epoch's checkpoint
+  stop = ckpt_lib.StopSignal()  # SIGTERM, Ctrl-C: stop, keep the last finished epoch's checkpoint
   start_step = step = int(weights.step)
   try:
     for epoch in range(start_epoch, num_epochs):
@@ -766,7 +766,7 @@ def main(argv=None) -> int:
     print(f'Received {stop.received}: {ckpt.directory} holds the search after '
           f'{len(history["loss"])} of {num_epochs} epochs (an epoch cut short is run again); '
           f'exiting. Run the same command again to resume.', flush=True)
-    return 0
+    return 130 if stop.received == 'SIGINT' else 0    # the trainer's convention
 
   # == Evaluation of the supernet ===============================================================
   # The trainer's evaluation, with the mixing weights as the model's extra input.
