@@ -8,6 +8,7 @@ numeric suffix dropped (``transpose_copy_fusion.29`` counts as ``transpose_copy_
 XLA:CPU's convolutions run on Eigen's thread pool and their trace events cover only the
 dispatch, so the convolutions' own time is the step time less what is listed.
 """
+
 import argparse
 import collections
 import glob
@@ -43,8 +44,11 @@ def main():
     parser.add_argument('--size', type=int, default=112)
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--devices', type=int, default=1)
-    parser.add_argument('--no-residual-boundary', action='store_true',
-                        help="trace without the kernel policy's block boundary (A/B timing)")
+    parser.add_argument(
+        '--no-residual-boundary',
+        action='store_true',
+        help="trace without the kernel policy's block boundary (A/B timing)",
+    )
     parser.add_argument('--out', default='')
     args = parser.parse_args()
     with kernels.use(block_boundary=not args.no_residual_boundary):
@@ -58,19 +62,31 @@ def main():
         for _ in range(args.steps):
             jax.block_until_ready(step(*step_args))
         jax.profiler.stop_trace()
-        trace_file, = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
+        (trace_file,) = glob.glob(
+            os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True
+        )
         per_kind = op_times(trace_file, args.steps)
     listed = sum(per_kind.values())
-    command = ('python benchmarks/cpu_step_profile.py'
-               f' --model {args.model} --batch {args.batch} --size {args.size}'
-               + (f' --devices {args.devices}' if args.devices != 1 else '')
-               + (' --no-residual-boundary' if args.no_residual_boundary else '')
-               + (f' --out {args.out}' if args.out else ''))
-    record = {'command': command, **bench.environment(), 'xla_options': options,
-              'model': args.model, 'batch': args.batch, 'size': args.size, 'devices': args.devices,
-              'residual_boundary': not args.no_residual_boundary,
-              'ms_per_step': ms_per_step, 'ms_listed_operations': listed,
-              'ms_per_operation_kind': dict(per_kind.most_common())}
+    command = (
+        'python benchmarks/cpu_step_profile.py'
+        f' --model {args.model} --batch {args.batch} --size {args.size}'
+        + (f' --devices {args.devices}' if args.devices != 1 else '')
+        + (' --no-residual-boundary' if args.no_residual_boundary else '')
+        + (f' --out {args.out}' if args.out else '')
+    )
+    record = {
+        'command': command,
+        **bench.environment(),
+        'xla_options': options,
+        'model': args.model,
+        'batch': args.batch,
+        'size': args.size,
+        'devices': args.devices,
+        'residual_boundary': not args.no_residual_boundary,
+        'ms_per_step': ms_per_step,
+        'ms_listed_operations': listed,
+        'ms_per_operation_kind': dict(per_kind.most_common()),
+    }
     print(f'{args.model}: {ms_per_step:.1f} ms per step; listed operations {listed:.1f} ms')
     for kind, ms in per_kind.most_common(12):
         print(f'{ms:9.1f} ms  {kind}')

@@ -13,6 +13,7 @@ some case (BENCHMARKS.md, "Kernel forms on the CPU"). ``--only NAME[,NAME]`` run
 model spec starts with a NAME; ``--rounds``/``--steps`` set the timing; ``--no-plain`` leaves out the
 plain policy, whose grouped depthwise convolutions take seconds per step on XLA:CPU.
 """
+
 import argparse
 import dataclasses
 import sys
@@ -25,14 +26,19 @@ from jaxcnn import bench, kernels
 
 # (model spec, batch, size, the policy fields to turn off one at a time)
 CASES = [
-    ('resnet20:layers=(2,2,2)', 128, 28, ('onednn', 'block_boundary', 'xla_options')),  # default recipe
-    ('resnet18', 32, 112, ('onednn', 'block_boundary', 'xla_options')),       # against PyTorch
-    ('resnet18', 32, 64, ('onednn', 'small_map_products')),                   # maps of 2x2
+    (
+        'resnet20:layers=(2,2,2)',
+        128,
+        28,
+        ('onednn', 'block_boundary', 'xla_options'),
+    ),  # default recipe
+    ('resnet18', 32, 112, ('onednn', 'block_boundary', 'xla_options')),  # against PyTorch
+    ('resnet18', 32, 64, ('onednn', 'small_map_products')),  # maps of 2x2
     ('resnet50', 16, 112, ('onednn', 'block_boundary')),
-    ('revnet38', 32, 32, ('onednn', 'loop_gradients')),                       # revnet38_cifar
-    ('mobilenetv2_100', 32, 112, ('depthwise_taps', 'onednn')),               # against timm
-    ('convnext_tiny', 16, 112, ('depthwise_taps', 'onednn')),                 # against timm
-    ('nfnet_f0', 8, 64, ('loop_gradients', 'xla_options')),                   # nfnet_f0, grouped
+    ('revnet38', 32, 32, ('onednn', 'loop_gradients')),  # revnet38_cifar
+    ('mobilenetv2_100', 32, 112, ('depthwise_taps', 'onednn')),  # against timm
+    ('convnext_tiny', 16, 112, ('depthwise_taps', 'onednn')),  # against timm
+    ('nfnet_f0', 8, 64, ('loop_gradients', 'xla_options')),  # nfnet_f0, grouped
 ]
 # A field's "off": False, except the XLA options, whose alternative is XLA's defaults (YNNPACK's
 # convolutions wherever oneDNN's do not run)
@@ -48,14 +54,29 @@ def variants(off, with_plain=True):
     states it) with XLA's defaults and with its oneDNN rewrite."""
     cpu = kernels.CPU
     out = [('cpu policy', cpu, {})]
-    out += [(f'without {field}', dataclasses.replace(cpu, **{field: OFF.get(field, False)}), {})
-            for field in off]
+    out += [
+        (f'without {field}', dataclasses.replace(cpu, **{field: OFF.get(field, False)}), {})
+        for field in off
+    ]
     if 'onednn' in off:
-        out += [('without onednn, xla_cpu_use_onednn', dataclasses.replace(cpu, onednn=False), XLA_ONEDNN),
-                ('without onednn, XLA defaults', dataclasses.replace(cpu, onednn=False, xla_options='defaults'), {})]
+        out += [
+            (
+                'without onednn, xla_cpu_use_onednn',
+                dataclasses.replace(cpu, onednn=False),
+                XLA_ONEDNN,
+            ),
+            (
+                'without onednn, XLA defaults',
+                dataclasses.replace(cpu, onednn=False, xla_options='defaults'),
+                {},
+            ),
+        ]
     if with_plain:
         plain = dataclasses.replace(kernels.PLAIN, xla_options='defaults')
-        out += [('plain, XLA defaults', plain, {}), ('plain, xla_cpu_use_onednn', plain, XLA_ONEDNN)]
+        out += [
+            ('plain, XLA defaults', plain, {}),
+            ('plain, xla_cpu_use_onednn', plain, XLA_ONEDNN),
+        ]
     return out
 
 
@@ -77,8 +98,11 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--steps', type=int, default=2)
     parser.add_argument('--only', default='')
-    parser.add_argument('--no-plain', action='store_true',
-                        help='leave out the plain policy (minutes per step for depthwise networks)')
+    parser.add_argument(
+        '--no-plain',
+        action='store_true',
+        help='leave out the plain policy (minutes per step for depthwise networks)',
+    )
     parser.add_argument('--out', default='')
     args = parser.parse_args(argv)
     results = []
@@ -94,20 +118,48 @@ def main(argv=None):
                 print(f'{spec}: {label}: this XLA does not take {options[label]}', flush=True)
                 continue
             compiled[label] = step
-        times = bench.time_alternating(compiled, step_args, rounds=args.rounds, steps=args.steps,
-                                       update_args=bench.common.next_state)
+        times = bench.time_alternating(
+            compiled,
+            step_args,
+            rounds=args.rounds,
+            steps=args.steps,
+            update_args=bench.common.next_state,
+        )
         best = {label: min(t) for label, t in times.items()}
         median = {label: float(np.median(t)) for label, t in times.items()}
         base = best['cpu policy']
-        print(f'{spec} b{batch} {size}px: ' + ', '.join(
-            f'{label} {ms:.1f} ms ({ms / base:.2f}x)' for label, ms in best.items()), flush=True)
-        results.append(dict(model=spec, batch=batch, size=size, ms_per_step=best,
-                            median_ms=median, all_ms=times,
-                            slowdown_over_cpu_policy={k: v / base for k, v in best.items()},
-                            xla_options=options, compile_s=compile_s))
-        command = 'python benchmarks/kernel_forms.py' + ''.join(
-            f' --{k} {v}' for k, v in (('rounds', args.rounds), ('steps', args.steps), ('only', args.only),
-                                       ('out', args.out)) if v) + (' --no-plain' if args.no_plain else '')
+        print(
+            f'{spec} b{batch} {size}px: '
+            + ', '.join(f'{label} {ms:.1f} ms ({ms / base:.2f}x)' for label, ms in best.items()),
+            flush=True,
+        )
+        results.append(
+            dict(
+                model=spec,
+                batch=batch,
+                size=size,
+                ms_per_step=best,
+                median_ms=median,
+                all_ms=times,
+                slowdown_over_cpu_policy={k: v / base for k, v in best.items()},
+                xla_options=options,
+                compile_s=compile_s,
+            )
+        )
+        command = (
+            'python benchmarks/kernel_forms.py'
+            + ''.join(
+                f' --{k} {v}'
+                for k, v in (
+                    ('rounds', args.rounds),
+                    ('steps', args.steps),
+                    ('only', args.only),
+                    ('out', args.out),
+                )
+                if v
+            )
+            + (' --no-plain' if args.no_plain else '')
+        )
         bench.write(args.out, {'command': command, **bench.environment(), 'results': results})
     return 0
 

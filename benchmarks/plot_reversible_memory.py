@@ -7,6 +7,7 @@ gets the reversible RevNet, the same RevNet under ordinary autodiff with stored 
 rematerialised activations, and the ResNet of its depth class, stored, rematerialised block by
 block, and rematerialised inside a scanned stage.
 """
+
 import json
 import sys
 
@@ -15,14 +16,19 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-GROUPS = (('depth 38 / 32', 'revnet38', 'resnet32'), ('depth 110', 'revnet110', 'resnet110'),
-          ('depth 164', 'revnet164', 'resnet164'))
-SERIES = (('RevNet, reversible', '{rev}', 'tab:green'),
-          ('RevNet, stored', '{rev}:plain', 'tab:orange'),
-          ('RevNet, remat', '{rev}:plain:remat=True', 'tab:red'),
-          ('ResNet, stored', '{res}', 'tab:blue'),
-          ('ResNet, remat', '{res}:remat=True', 'tab:purple'),
-          ('ResNet, scanned + remat', '{res}:scan_blocks=True:remat=True', 'tab:gray'))
+GROUPS = (
+    ('depth 38 / 32', 'revnet38', 'resnet32'),
+    ('depth 110', 'revnet110', 'resnet110'),
+    ('depth 164', 'revnet164', 'resnet164'),
+)
+SERIES = (
+    ('RevNet, reversible', '{rev}', 'tab:green'),
+    ('RevNet, stored', '{rev}:plain', 'tab:orange'),
+    ('RevNet, remat', '{rev}:plain:remat=True', 'tab:red'),
+    ('ResNet, stored', '{res}', 'tab:blue'),
+    ('ResNet, remat', '{res}:remat=True', 'tab:purple'),
+    ('ResNet, scanned + remat', '{res}:scan_blocks=True:remat=True', 'tab:gray'),
+)
 
 
 def main(record_path, png_path):
@@ -36,7 +42,9 @@ def main(record_path, png_path):
         offset = (i - (len(SERIES) - 1) / 2) * width
         ax.bar([g + offset for g in range(len(GROUPS))], heights, width, label=label, color=color)
     ax.set_xticks(range(len(GROUPS)), [name for name, _, _ in GROUPS])
-    ax.set(ylabel='peak MiB, one training step', title='CIFAR, batch 128, fp32 (XLA memory analysis)')
+    ax.set(
+        ylabel='peak MiB, one training step', title='CIFAR, batch 128, fp32 (XLA memory analysis)'
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

@@ -21,6 +21,7 @@ Arguments (`--config fbnet_search_fmnist:ARG`):
                      --config.model_kwargs.arch=PATH)
   train_smoke        the same for a few steps on a subset
 """
+
 from ml_collections import ConfigDict
 
 from jaxcnn.config import base_config, check_arg
@@ -29,65 +30,79 @@ ARCH_FILE = 'workdirs/fbnet_search_fmnist/architecture.json'
 
 
 def get_config(arg=None):
-  check_arg('fbnet_search_fmnist', arg, ('smoke', 'runlocal', 'train', 'train_smoke'))
-  c = base_config()
-  c.dataset = 'fmnist'
-  c.num_classes = 10
-  c.image_size = c.test_image_size = 28
-  c.batch_size = 128
-  c.augment.update(dict(crop_padding=0, flip=True))
-  c.label_smoothing = 0.1
-  c.optim.update(dict(name='sgd', lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4))
-  c.schedule.update(dict(name='cosine', warmup_epochs=0.0))
+    check_arg('fbnet_search_fmnist', arg, ('smoke', 'runlocal', 'train', 'train_smoke'))
+    c = base_config()
+    c.dataset = 'fmnist'
+    c.num_classes = 10
+    c.image_size = c.test_image_size = 28
+    c.batch_size = 128
+    c.augment.update(dict(crop_padding=0, flip=True))
+    c.label_smoothing = 0.1
+    c.optim.update(dict(name='sgd', lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4))
+    c.schedule.update(dict(name='cosine', warmup_epochs=0.0))
 
-  if arg in ('train', 'train_smoke'):
-    c.model = 'fbnet_searched'
-    c.model_kwargs = ConfigDict(dict(arch=ARCH_FILE, drop_rate=0.1))
-    c.num_epochs = 3.0
-    c.optim.update(dict(lr=0.2, nesterov=True, weight_decay=5e-5))
-    c.schedule.warmup_epochs = 0.3
-    c.checkpoint_every_epochs = 1.0
-    c.checkpoint_every_steps = -1
-    if arg == 'train_smoke':
-      c.train_subset, c.test_subset = 512, 256
-      c.batch_size, c.eval_batch_size = 32, 128
-      c.num_steps = 4
-      c.schedule.warmup_epochs = 0.0
-      c.log_every_steps = 1
-      c.eval_every_steps = 4
-      c.checkpoint_every_steps = 4
-      c.checkpoint_every_epochs = -1.0
-      c.progress = False
+    if arg in ('train', 'train_smoke'):
+        c.model = 'fbnet_searched'
+        c.model_kwargs = ConfigDict(dict(arch=ARCH_FILE, drop_rate=0.1))
+        c.num_epochs = 3.0
+        c.optim.update(dict(lr=0.2, nesterov=True, weight_decay=5e-5))
+        c.schedule.warmup_epochs = 0.3
+        c.checkpoint_every_epochs = 1.0
+        c.checkpoint_every_steps = -1
+        if arg == 'train_smoke':
+            c.train_subset, c.test_subset = 512, 256
+            c.batch_size, c.eval_batch_size = 32, 128
+            c.num_steps = 4
+            c.schedule.warmup_epochs = 0.0
+            c.log_every_steps = 1
+            c.eval_every_steps = 4
+            c.checkpoint_every_steps = 4
+            c.checkpoint_every_epochs = -1.0
+            c.progress = False
+        return c
+
+    # The search. num_epochs counts all epochs, warm-up included; each trains the weights on
+    # 80 % of train_subset, then (after the warm-up) the architecture on the other 20 %.
+    # The paper's 90 epochs (10 warm-up) are compressed into 6 (1 warm-up): the temperature
+    # keeps its end points (5.0 -> 5.0 * 0.956^90 = 0.09, so each epoch here anneals as 15 of
+    # the paper's), and theta's Adam rate is 0.1 for the paper's 0.01, as theta gets 60 updates
+    # here instead of ~10,000.
+    c.model = 'fbnet_searched'  # what the search produces
+    c.train_subset = 4000
+    c.test_subset = 2000
+    c.batch_size = 64
+    c.num_epochs = 6.0
+    c.search = ConfigDict(
+        dict(
+            macro='',  # 'fbnet': the ImageNet space of Table 1 instead
+            stages=((24, 2, 2), (32, 2, 2), (64, 2, 1)),  # (out, layers, first stride)
+            stem_width=16,
+            num_features=256,
+            act='relu',
+            candidates=('k3_e1', 'k3_e3', 'k3_e6', 'k5_e1', 'k5_e3', 'k5_e6', 'skip'),
+            cost='flops',
+            cost_unit=1e3,
+            latency_batch=32,
+            alpha=0.2,
+            beta=0.6,  # eq. 2, the paper's values
+            tau0=5.0,
+            tau_decay=0.956**15,
+            warmup_epochs=1,
+            theta_lr=0.1,
+            theta_weight_decay=5e-4,
+            arch_fraction=0.2,
+            num_samples=3,
+            eval_batch_size=1000,
+        )
+    )
+    if arg in ('smoke', 'runlocal'):
+        c.train_subset, c.test_subset = 1024, 128
+        c.batch_size = 32
+        c.num_epochs = 2.0
+        c.num_steps = 3  # the search reads it as a cap on steps per phase
+        c.search.update(
+            dict(
+                stages=((16, 1, 1), (24, 1, 2)), num_features=32, num_samples=1, eval_batch_size=128
+            )
+        )
     return c
-
-  # The search. num_epochs counts all epochs, warm-up included; each trains the weights on
-  # 80 % of train_subset, then (after the warm-up) the architecture on the other 20 %.
-  # The paper's 90 epochs (10 warm-up) are compressed into 6 (1 warm-up): the temperature
-  # keeps its end points (5.0 -> 5.0 * 0.956^90 = 0.09, so each epoch here anneals as 15 of
-  # the paper's), and theta's Adam rate is 0.1 for the paper's 0.01, as theta gets 60 updates
-  # here instead of ~10,000.
-  c.model = 'fbnet_searched'               # what the search produces
-  c.train_subset = 4000
-  c.test_subset = 2000
-  c.batch_size = 64
-  c.num_epochs = 6.0
-  c.search = ConfigDict(dict(
-      macro='',                            # 'fbnet': the ImageNet space of Table 1 instead
-      stages=((24, 2, 2), (32, 2, 2), (64, 2, 1)),   # (out, layers, first stride)
-      stem_width=16, num_features=256, act='relu',
-      candidates=('k3_e1', 'k3_e3', 'k3_e6', 'k5_e1', 'k5_e3', 'k5_e6', 'skip'),
-      cost='flops', cost_unit=1e3, latency_batch=32,
-      alpha=0.2, beta=0.6,                 # eq. 2, the paper's values
-      tau0=5.0, tau_decay=0.956 ** 15,
-      warmup_epochs=1,
-      theta_lr=0.1, theta_weight_decay=5e-4,
-      arch_fraction=0.2,
-      num_samples=3, eval_batch_size=1000))
-  if arg in ('smoke', 'runlocal'):
-    c.train_subset, c.test_subset = 1024, 128
-    c.batch_size = 32
-    c.num_epochs = 2.0
-    c.num_steps = 3                        # the search reads it as a cap on steps per phase
-    c.search.update(dict(stages=((16, 1, 1), (24, 1, 2)), num_features=32,
-                                      num_samples=1, eval_batch_size=128))
-  return c

@@ -11,15 +11,22 @@ dropout: in 40 steps the paper's regularisation keeps the loss near chance -- ea
 trains another subnetwork, often a single column -- so the smoke run checks that the network
 learns; drop-path is tested in tests/test_fractalnet.py).
 """
+
 from jaxcnn.config import zoo_fmnist_config
 
 
 def get_config(arg=None):
-  return zoo_fmnist_config(
-      'fractalnet_fmnist', arg, 'fractalnet20', image_size=32, num_epochs=20.0, batch_size=100,
-      optim=dict(lr=0.02),
-      model_kwargs=dict(drop_path_rate=0.15, global_drop_ratio=0.5,
-                        block_dropout=(0.0, 0.1, 0.2, 0.3, 0.4)),
-      smoke_model_kwargs=dict(widths=(16, 32, 32, 64, 64), drop_path_rate=0.0,
-                              block_dropout=0.0),
-      smoke_lr=0.05)
+    return zoo_fmnist_config(
+        'fractalnet_fmnist',
+        arg,
+        'fractalnet20',
+        image_size=32,
+        num_epochs=20.0,
+        batch_size=100,
+        optim=dict(lr=0.02),
+        model_kwargs=dict(
+            drop_path_rate=0.15, global_drop_ratio=0.5, block_dropout=(0.0, 0.1, 0.2, 0.3, 0.4)
+        ),
+        smoke_model_kwargs=dict(widths=(16, 32, 32, 64, 64), drop_path_rate=0.0, block_dropout=0.0),
+        smoke_lr=0.05,
+    )

@@ -6,10 +6,17 @@ The auxiliary head on Mixed_6e adds its cross-entropy with weight 0.3 in trainin
 299 px its pooled map is padded for the 5x5 convolution (see ``InceptionV3Aux``).
 Argument: smoke | runlocal (every width an eighth).
 """
+
 from jaxcnn.config import zoo_fmnist_config
 
 
 def get_config(arg=None):
-  return zoo_fmnist_config(
-      'inception_v3_fmnist', arg, 'inception_v3', image_size=139, num_epochs=10.0,
-      optim=dict(lr=0.1, weight_decay=5e-4), smoke_model_kwargs=dict(width=0.125, drop_rate=0.0))
+    return zoo_fmnist_config(
+        'inception_v3_fmnist',
+        arg,
+        'inception_v3',
+        image_size=139,
+        num_epochs=10.0,
+        optim=dict(lr=0.1, weight_decay=5e-4),
+        smoke_model_kwargs=dict(width=0.125, drop_rate=0.0),
+    )

@@ -6,6 +6,7 @@ normalisation, sits at chance for the first thousand-odd steps (its logits barel
 the image at initialisation), which a 10-epoch budget cannot afford.
 Argument: smoke | runlocal (narrow mlpconv blocks).
 """
+
 from jaxcnn.config import zoo_fmnist_config
 
 # (width, kernel, 1x1 widths, pool after): the CIFAR table at a quarter of the width
@@ -13,6 +14,14 @@ _NARROW = ((48, 5, (40, 24), 'max'), (48, 5, (48, 48), 'avg'), (48, 3, (48,), No
 
 
 def get_config(arg=None):
-  return zoo_fmnist_config('nin_fmnist', arg, 'nin_cifar', image_size=32, num_epochs=10.0,
-                           optim=dict(lr=0.1, weight_decay=1e-4), model_kwargs=dict(use_bn=True),
-                           smoke_model_kwargs=dict(blocks=_NARROW, drop_rate=0.0), smoke_lr=0.2)
+    return zoo_fmnist_config(
+        'nin_fmnist',
+        arg,
+        'nin_cifar',
+        image_size=32,
+        num_epochs=10.0,
+        optim=dict(lr=0.1, weight_decay=1e-4),
+        model_kwargs=dict(use_bn=True),
+        smoke_model_kwargs=dict(blocks=_NARROW, drop_rate=0.0),
+        smoke_lr=0.2,
+    )

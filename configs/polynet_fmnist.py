@@ -6,15 +6,25 @@ rate 0.1 (the paper drops PolyInception paths during training), 20 epochs with a
 Argument: smoke | runlocal (the same stage table with one module per stage, each kind once:
 a third of the graph to compile).
 """
+
 from jaxcnn.config import zoo_fmnist_config
 from jaxcnn.models.polynet import REDUCTION_A, REDUCTION_B, UNIT_A, UNIT_B, UNIT_C
 
 
 def get_config(arg=None):
-  return zoo_fmnist_config(
-      'polynet_fmnist', arg, 'polynet_small_cifar', num_epochs=20.0,
-      optim=dict(lr=0.1, weight_decay=5e-4), model_kwargs=dict(drop_path_rate=0.1),
-      smoke_model_kwargs=dict(stages=((64, UNIT_A, ('poly2',), REDUCTION_A),
-                                      (128, UNIT_B, ('mpoly2',), REDUCTION_B),
-                                      (256, UNIT_C, ('2way',), None))),
-      smoke_lr=0.1)
+    return zoo_fmnist_config(
+        'polynet_fmnist',
+        arg,
+        'polynet_small_cifar',
+        num_epochs=20.0,
+        optim=dict(lr=0.1, weight_decay=5e-4),
+        model_kwargs=dict(drop_path_rate=0.1),
+        smoke_model_kwargs=dict(
+            stages=(
+                (64, UNIT_A, ('poly2',), REDUCTION_A),
+                (128, UNIT_B, ('mpoly2',), REDUCTION_B),
+                (256, UNIT_C, ('2way',), None),
+            )
+        ),
+        smoke_lr=0.1,
+    )

@@ -7,13 +7,19 @@ left every class map at zero, loss ln 10, within a few steps), so the recipe is 
 with the paper's weight decay (2e-4) and dropout (0.5 before conv10). It also starts slowly:
 the smoke run (smoke | runlocal: the same network) takes 120 steps instead of 40.
 """
+
 from jaxcnn.config import zoo_fmnist_config
 
 
 def get_config(arg=None):
-  c = zoo_fmnist_config(
-      'squeezenet_fmnist', arg, 'squeezenet1_0', image_size=64, num_epochs=10.0,
-      optim=dict(name='adam', lr=3e-4, weight_decay=2e-4))
-  if arg in ('smoke', 'runlocal'):
-    c.num_steps = c.eval_every_steps = c.checkpoint_every_steps = 120
-  return c
+    c = zoo_fmnist_config(
+        'squeezenet_fmnist',
+        arg,
+        'squeezenet1_0',
+        image_size=64,
+        num_epochs=10.0,
+        optim=dict(name='adam', lr=3e-4, weight_decay=2e-4),
+    )
+    if arg in ('smoke', 'runlocal'):
+        c.num_steps = c.eval_every_steps = c.checkpoint_every_steps = 120
+    return c

@@ -1,4 +1,5 @@
 """jaxcnn: convolutional networks in JAX/Flax, each verified against its reference."""
+
 from .registry import ModelInfo, count_params, create_model, list_models, model_info
 
 
@@ -10,14 +11,31 @@ def forward_features(model, variables, x, train: bool = False, **kwargs):
 # The documented submodules, imported on first use (``jaxcnn.convert.from_torch(...)`` after a
 # bare ``import jaxcnn``): the package stays quick to import, and none of them imports
 # TensorFlow or PyTorch until a function that needs one runs.
-SUBMODULES = ('bench', 'checkpoint', 'config', 'convert', 'data', 'kernels', 'layers', 'lr_find',
-              'metrics', 'models', 'optim', 'search', 'sharding', 'signal_prop', 'summary',
-              'train', 'transfer')
+SUBMODULES = (
+    'bench',
+    'checkpoint',
+    'config',
+    'convert',
+    'data',
+    'kernels',
+    'layers',
+    'lr_find',
+    'metrics',
+    'models',
+    'optim',
+    'search',
+    'sharding',
+    'signal_prop',
+    'summary',
+    'train',
+    'transfer',
+)
 
 
 def __getattr__(name):
     if name in SUBMODULES:
         import importlib
+
         return importlib.import_module(f'{__name__}.{name}')
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
@@ -26,6 +44,12 @@ def __dir__():
     return sorted([*globals(), *SUBMODULES])
 
 
-__all__ = ['create_model', 'list_models', 'model_info', 'count_params', 'forward_features',
-           'ModelInfo']
+__all__ = [
+    'create_model',
+    'list_models',
+    'model_info',
+    'count_params',
+    'forward_features',
+    'ModelInfo',
+]
 __version__ = '0.1.0'

@@ -17,9 +17,10 @@ What changes between the two worlds, and nothing else:
 Torch is imported only to read ``.pth`` files; ``.safetensors`` files and dicts of arrays need
 neither torch nor tensorflow.
 """
+
 import os
 import re
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ _TABLE_FOR = {'resnetv2_50': 'resnetv2', 'resnetv2_101': 'resnetv2'}
 
 _SKIP = re.compile(r'(num_batches_tracked)$')
 
+
 def register_renames(family: str, table: list):
     """Let a model family add its rename table (used by families outside this file)."""
     RENAMES[family] = table
@@ -68,27 +70,38 @@ def load_state_dict(source) -> Dict[str, np.ndarray]:
             try:
                 return dict(load_file(path))
             except Exception as e:  # corrupt file
-                raise ValueError(f'cannot read {path!r} as safetensors ({e}); is the file complete?') from None
+                raise ValueError(
+                    f'cannot read {path!r} as safetensors ({e}); is the file complete?'
+                ) from None
         try:
             import torch
         except ImportError:
-            raise ImportError(f"reading {path!r} needs torch: pip install 'jaxcnn[torch]' "
-                              "(or convert it to .safetensors)") from None
+            raise ImportError(
+                f"reading {path!r} needs torch: pip install 'jaxcnn[torch]' "
+                "(or convert it to .safetensors)"
+            ) from None
         try:
             obj = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise ValueError(f'cannot read {path!r} as a PyTorch checkpoint ({e}); '
-                             'is the file complete?') from None
+            raise ValueError(
+                f'cannot read {path!r} as a PyTorch checkpoint ({e}); is the file complete?'
+            ) from None
         for key in ('state_dict', 'model', 'model_state_dict'):
             if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
         source = obj
     if not isinstance(source, Mapping):
-        raise TypeError(f'expected a state dict, a .pth or a .safetensors path, got {type(source).__name__}')
+        raise TypeError(
+            f'expected a state dict, a .pth or a .safetensors path, got {type(source).__name__}'
+        )
     out = {}
     for k, v in source.items():
         if hasattr(v, 'detach'):  # torch tensor
-            v = v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            v = (
+                v.detach().cpu().float().numpy()
+                if v.is_floating_point()
+                else v.detach().cpu().numpy()
+            )
         out[k[7:] if k.startswith('module.') else k] = np.asarray(v)
     return out
 
@@ -113,11 +126,12 @@ def _convert_leaf(leaf: str, value: np.ndarray, target_shape) -> np.ndarray:
             return condconv_kernel_from_timm(value, o, i, (kh, kw))
     if leaf == 'weight':
         if value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)          # OIHW -> HWIO
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         elif value.ndim == 2:
-            value = value.T                               # (out, in) -> (in, out)
-    if value.shape != tuple(target_shape) and \
-            [d for d in value.shape if d != 1] == [d for d in target_shape if d != 1]:
+            value = value.T  # (out, in) -> (in, out)
+    if value.shape != tuple(target_shape) and [d for d in value.shape if d != 1] == [
+        d for d in target_shape if d != 1
+    ]:
         # only singleton axes differ: a 1x1-conv classifier -> dense kernel, or a per-channel
         # (O, 1, 1, 1) gain (timm's ScaledStdConv2d) -> (O,)
         value = value.reshape(target_shape)
@@ -130,8 +144,14 @@ def _flax_leaf_name(leaf: str, ndim: int) -> str:
     return leaf
 
 
-def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
-               renames: Optional[list] = None, dtype=jnp.float32) -> dict:
+def from_torch(
+    name: str,
+    state_dict,
+    num_classes: Optional[int] = None,
+    *,
+    renames: Optional[list] = None,
+    dtype=jnp.float32,
+) -> dict:
     """Convert a timm/torchvision state dict for model ``name`` into jaxcnn variables.
 
     ``num_classes`` is read from the classifier weights when not given. Every parameter and
@@ -142,8 +162,10 @@ def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
     info = model_info(name)
     table = renames if renames is not None else RENAMES.get(_TABLE_FOR.get(name, info.family))
     if table is None:
-        raise ValueError(f'no PyTorch conversion for {name!r} (family {info.family!r}); '
-                         f'supported families: {", ".join(sorted(RENAMES))}')
+        raise ValueError(
+            f'no PyTorch conversion for {name!r} (family {info.family!r}); '
+            f'supported families: {", ".join(sorted(RENAMES))}'
+        )
     converted = {}
     for key, value in sd.items():
         if _SKIP.search(key):
@@ -157,15 +179,24 @@ def from_torch(name: str, state_dict, num_classes: Optional[int] = None, *,
         num_classes = converted[head_key][1].shape[0] if head_key in converted else 0
     fit = _fit(name, converted, num_classes)
     if fit['missing'] or fit['unexpected'] or fit['mismatched']:
-        raise ValueError(_misfit_message(name, fit, _looks_like(name, table, converted, num_classes)))
+        raise ValueError(
+            _misfit_message(name, fit, _looks_like(name, table, converted, num_classes))
+        )
     flat, stacked = fit['flat'], fit['stacked']
 
     out = {}
     for k, target_shape in flat.items():
         if k in stacked:
             blocks = stacked[k]
-            out[k] = jnp.asarray(np.stack([_convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape[1:])
-                                           for _, (uk, (tk, v)) in sorted(blocks.items())]), dtype)
+            out[k] = jnp.asarray(
+                np.stack(
+                    [
+                        _convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape[1:])
+                        for _, (uk, (tk, v)) in sorted(blocks.items())
+                    ]
+                ),
+                dtype,
+            )
         else:
             tk, v = fit['converted'][k]
             out[k] = jnp.asarray(_convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape), dtype)
@@ -183,8 +214,9 @@ def _fit(name, converted, num_classes) -> dict:
     in_ch = next((v.shape[1] for k, (tk, v) in converted.items() if v.ndim == 4), c)
     x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda s: s.shape, shapes,
-                                                   is_leaf=lambda s: hasattr(s, 'shape')))
+    flat = traverse_util.flatten_dict(
+        jax.tree.map(lambda s: s.shape, shapes, is_leaf=lambda s: hasattr(s, 'shape'))
+    )
     # weights of blocks the model runs through nn.scan: target key -> {index: (key, value)}
     stacked: Dict[tuple, dict] = {}
     for k in [k for k in converted if k not in flat]:
@@ -195,17 +227,29 @@ def _fit(name, converted, num_classes) -> dict:
     for k, shape in flat.items():
         if k in stacked:
             missing += [f"{'/'.join(k)}[{i}]" for i in range(shape[0]) if i not in stacked[k]]
-            unexpected += [f"{tk} -> {'/'.join(uk)}" for i, (uk, (tk, _)) in stacked[k].items()
-                           if not 0 <= i < shape[0]]
-            mismatched += [_mismatch(tk, v, f"{'/'.join(k)}[{i}]", shape[1:])
-                           for i, (uk, (tk, v)) in stacked[k].items() if 0 <= i < shape[0]]
+            unexpected += [
+                f"{tk} -> {'/'.join(uk)}"
+                for i, (uk, (tk, _)) in stacked[k].items()
+                if not 0 <= i < shape[0]
+            ]
+            mismatched += [
+                _mismatch(tk, v, f"{'/'.join(k)}[{i}]", shape[1:])
+                for i, (uk, (tk, v)) in stacked[k].items()
+                if 0 <= i < shape[0]
+            ]
         elif k not in converted:
             missing.append('/'.join(k))
         else:
             mismatched.append(_mismatch(*converted[k], '/'.join(k), shape))
     unexpected += [f"{converted[k][0]} -> {'/'.join(k)}" for k in converted if k not in flat]
-    return dict(flat=flat, stacked=stacked, converted=converted, missing=sorted(missing),
-                unexpected=sorted(unexpected), mismatched=[m for m in mismatched if m])
+    return dict(
+        flat=flat,
+        stacked=stacked,
+        converted=converted,
+        missing=sorted(missing),
+        unexpected=sorted(unexpected),
+        mismatched=[m for m in mismatched if m],
+    )
 
 
 def _mismatch(torch_key, value, target, target_shape) -> str:
@@ -225,12 +269,17 @@ def _looks_like(name, table, converted, num_classes) -> Optional[str]:
     count is within a factor of 2 of the file's are built, nearest first: building each takes
     seconds."""
     from .registry import list_models
+
     in_file = sum(v.size for k, (_, v) in converted.items() if k[0] == 'params')
     candidates = []
     for other in list_models():
         info = model_info(other)
-        if (other == name or not info.reference_params or not in_file
-                or RENAMES.get(_TABLE_FOR.get(other, info.family)) is not table):
+        if (
+            other == name
+            or not info.reference_params
+            or not in_file
+            or RENAMES.get(_TABLE_FOR.get(other, info.family)) is not table
+        ):
             continue
         ratio = info.reference_params / in_file
         if 0.5 <= ratio <= 2:
@@ -248,15 +297,26 @@ def _looks_like(name, table, converted, num_classes) -> Optional[str]:
 def _misfit_message(name, fit, other) -> str:
     def listed(what, items):
         return f'{len(items)} {what} ({"; ".join(items[:4])}{"; ..." if len(items) > 4 else ""})'
-    parts = [listed(what, fit[key]) for what, key in
-             (('missing', 'missing'), ('unexpected', 'unexpected'), ('of another shape', 'mismatched'))
-             if fit[key]]
-    hint = (f"; it looks like {other}'s weights: convert it with from_torch({other!r}, ...)"
-            if other else '')
+
+    parts = [
+        listed(what, fit[key])
+        for what, key in (
+            ('missing', 'missing'),
+            ('unexpected', 'unexpected'),
+            ('of another shape', 'mismatched'),
+        )
+        if fit[key]
+    ]
+    hint = (
+        f"; it looks like {other}'s weights: convert it with from_torch({other!r}, ...)"
+        if other
+        else ''
+    )
     return f'state dict does not fit {name}: ' + ', '.join(parts) + hint
 
 
 def to_safetensors(state_dict, path: str):
     """Save a state dict (e.g. from torch) as .safetensors, readable here without torch."""
     from safetensors.numpy import save_file
+
     save_file({k: np.ascontiguousarray(v) for k, v in load_state_dict(state_dict).items()}, path)

@@ -1,4 +1,5 @@
 """The model registry: every architecture is a row (module class, its arguments, metadata)."""
+
 import dataclasses
 import difflib
 import fnmatch
@@ -23,6 +24,7 @@ class ModelInfo:
     torch_name: the timm/torchvision model with identical layout, if any ('timm:...' / 'tv:...');
       weights convert from it with :func:`jaxcnn.convert.from_torch`.
     """
+
     name: str
     family: str
     input_size: Tuple[int, int, int] = (224, 224, 3)
@@ -31,9 +33,9 @@ class ModelInfo:
     num_classes: int = 1000
     reference: str = ''
     reference_params: Optional[float] = None
-    params_rounding: Optional[float] = None   # e.g. 1e4 for a paper's "0.27M"
+    params_rounding: Optional[float] = None  # e.g. 1e4 for a paper's "0.27M"
     torch_name: Optional[str] = None
-    min_input: int = 32                        # smallest square input the model accepts
+    min_input: int = 32  # smallest square input the model accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +95,10 @@ def create_model(name: str, num_classes: Optional[int] = None, **overrides):
     fields = _module_fields(entry.module_cls)
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise TypeError(f'{name} got unknown argument(s) {", ".join(unknown)}; '
-                        f'accepted: {", ".join(sorted(fields))}')
+        raise TypeError(
+            f'{name} got unknown argument(s) {", ".join(unknown)}; '
+            f'accepted: {", ".join(sorted(fields))}'
+        )
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
         raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}')
     kwargs = {**entry.kwargs, **overrides}

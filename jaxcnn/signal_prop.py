@@ -17,11 +17,11 @@ Zero-initialised branch gains (NFNet ``skip_gain``, NF-ResNet last-conv ``gain``
 BatchNorm ``scale``) are set to one first, otherwise every block starts as the identity and
 the curves are flat; ``--keep-zero-init`` plots the model exactly as initialised.
 """
+
 import argparse
 import re
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,21 +36,32 @@ _ZERO_INIT_LEAVES = ('gain', 'skip_gain', 'scale')
 
 def _unzero(params):
     """Set all-zero gain/scale leaves to ones (undo SkipInit-style zero initialisation)."""
+
     def fix(path, x):
         leaf = getattr(path[-1], 'key', str(path[-1]))
         if leaf in _ZERO_INIT_LEAVES and not np.any(np.asarray(x)):
             return jnp.ones_like(x)
         return x
+
     return jax.tree_util.tree_map_with_path(fix, params)
 
 
-def block_statistics(name: str, size=None, batch: int = 8, seed: int = 0, pattern: str = BLOCK_PATTERN,
-                     keep_zero_init: bool = False):
+def block_statistics(
+    name: str,
+    size=None,
+    batch: int = 8,
+    seed: int = 0,
+    pattern: str = BLOCK_PATTERN,
+    keep_zero_init: bool = False,
+):
     """[(block name, avg squared channel mean, avg channel variance)] for model ``name`` at init."""
     info = registry.model_info(name)
     entry_fields = registry._module_fields(registry._lookup(name).module_cls)
-    overrides = {k: v for k, v in dict(drop_rate=0.0, drop_path_rate=0.0, scan_blocks=False).items()
-                 if k in entry_fields}
+    overrides = {
+        k: v
+        for k, v in dict(drop_rate=0.0, drop_path_rate=0.0, scan_blocks=False).items()
+        if k in entry_fields
+    }
     model = registry.create_model(name, **overrides)
     h = size or info.input_size[0]
     x = jax.random.normal(jax.random.key(seed + 1), (batch, h, h, info.input_size[2]), jnp.float32)
@@ -60,22 +71,33 @@ def block_statistics(name: str, size=None, batch: int = 8, seed: int = 0, patter
     regex = re.compile(pattern)
 
     def is_block(mdl, method):
-        path = mdl.scope.path          # a direct submodule, or block b of a stage: (stage, 'b')
-        return (method == '__call__' and regex.search(type(mdl).__name__) is not None
-                and (len(path) == 1 or (len(path) == 2 and path[1].isdigit())))
+        path = mdl.scope.path  # a direct submodule, or block b of a stage: (stage, 'b')
+        return (
+            method == '__call__'
+            and regex.search(type(mdl).__name__) is not None
+            and (len(path) == 1 or (len(path) == 2 and path[1].isdigit()))
+        )
 
     @jax.jit
     def run(variables, x):
-        _, state = model.apply(variables, x, train=True, capture_intermediates=is_block,
-                               mutable=['intermediates', 'batch_stats'],
-                               rngs={'dropout': jax.random.key(0)})
+        _, state = model.apply(
+            variables,
+            x,
+            train=True,
+            capture_intermediates=is_block,
+            mutable=['intermediates', 'batch_stats'],
+            rngs={'dropout': jax.random.key(0)},
+        )
         stats = {}
         for k, v in traverse_util.flatten_dict(state['intermediates'], sep='/').items():
             if not k.endswith('/__call__'):
                 continue
             y = v[0].astype(jnp.float32)
             mean = jnp.mean(y, axis=(0, 1, 2))
-            stats[k[:-len('/__call__')]] = (jnp.mean(mean ** 2), jnp.mean(jnp.var(y, axis=(0, 1, 2))))
+            stats[k[: -len('/__call__')]] = (
+                jnp.mean(mean**2),
+                jnp.mean(jnp.var(y, axis=(0, 1, 2))),
+            )
         return stats
 
     stats = run(variables, x)
@@ -84,14 +106,17 @@ def block_statistics(name: str, size=None, batch: int = 8, seed: int = 0, patter
 
     def order(k):  # natural order: layer2_10 after layer2_9
         return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', k)]
+
     return [(k, float(stats[k][0]), float(stats[k][1])) for k in sorted(stats, key=order)]
 
 
 def plot(results, out: str, title: str = ''):
     """results: {model name: block_statistics(...)}; writes a two-panel PNG."""
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in results.items():
         idx = np.arange(1, len(rows) + 1)
@@ -111,10 +136,13 @@ def plot(results, out: str, title: str = ''):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='python -m jaxcnn.signal_prop', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(
+        prog='python -m jaxcnn.signal_prop', description=__doc__.split('\n')[0]
+    )
     p.add_argument('models', nargs='+', help='registered model names')
-    p.add_argument('--size', type=integer_at_least(1), default=None,
-                   help="input size (default: the model's)")
+    p.add_argument(
+        '--size', type=integer_at_least(1), default=None, help="input size (default: the model's)"
+    )
     p.add_argument('--batch', type=integer_at_least(1), default=8)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--pattern', default=BLOCK_PATTERN, help='regex on block class names')
@@ -136,4 +164,5 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
     from jaxcnn.config import run_cli
+
     run_cli(main)

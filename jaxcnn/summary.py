@@ -25,11 +25,11 @@ checks this on LeNet-5. They differ in two ways: XLA does not count the taps of 
 that fall on zero padding (AlexNet at 224: XLA's figure is 0.92 x 2 x the MACs here), and it
 counts element-wise work this table leaves out (see :func:`xla_flops`).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import List, Optional
 
 import jax
@@ -45,7 +45,7 @@ from jaxcnn import kernels
 @dataclasses.dataclass
 class LayerCost:
     layer: str
-    kind: str                        # conv | fc | product | maxpool | avgpool | gap
+    kind: str  # conv | fc | product | maxpool | avgpool | gap
     input_chw: tuple
     output_chw: tuple
     filters: Optional[int] = None
@@ -84,8 +84,9 @@ def _sub_jaxprs(eqn):
     return out
 
 
-def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
-                num_classes: Optional[int] = None) -> List[LayerCost]:
+def layer_costs(
+    name_or_model, input_size: int = 224, channels: int = 3, num_classes: Optional[int] = None
+) -> List[LayerCost]:
     """Rows of the per-layer table for one image of ``input_size`` x ``input_size``."""
     if isinstance(name_or_model, str):
         kwargs = {} if num_classes is None else {'num_classes': num_classes}
@@ -108,9 +109,16 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
 
     def module_path(eqn):
         stack = str(eqn.source_info.name_stack)
-        parts = [p for p in stack.split('/') if p and '->' not in p   # einsum specs
-                 and '.' not in p                                     # a method's frame
-                 and not p.startswith(('jit(', 'vmap(', 'scan', 'remat', 'checkpoint', 'transpose', 'jvp'))]
+        parts = [
+            p
+            for p in stack.split('/')
+            if p
+            and '->' not in p  # einsum specs
+            and '.' not in p  # a method's frame
+            and not p.startswith(
+                ('jit(', 'vmap(', 'scan', 'remat', 'checkpoint', 'transpose', 'jvp')
+            )
+        ]
         if parts and parts[0] == root:
             parts = parts[1:]
         return '/'.join(parts)
@@ -131,21 +139,21 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
         for eqn in jaxpr.eqns:
             prim = eqn.primitive.name
             subs = _sub_jaxprs(eqn)
-            if prim == 'scan':              # one pass of the body per scanned block
+            if prim == 'scan':  # one pass of the body per scanned block
                 length = int(eqn.params['length'])
                 # a scan body's name stack starts at the scanned module: prefix its parents
                 inner = '/'.join(p for p in (prefix, module_path(eqn)) if p)
                 for _ in range(length):
                     walk(subs[0][0], repeat * length, inner)
                 continue
-            if subs:                        # pjit, remat, custom_jvp, ...: the primal body once
+            if subs:  # pjit, remat, custom_jvp, ...: the primal body once
                 walk(subs[0][0], repeat, prefix)
                 continue
             in_shape = tuple(eqn.invars[0].aval.shape) if eqn.invars else ()
             out_shape = tuple(eqn.outvars[0].aval.shape)
             path = '/'.join(p for p in (prefix, module_path(eqn)) if p)
             if prim == 'conv_general_dilated':
-                kshape = tuple(eqn.invars[1].aval.shape)            # HWIO
+                kshape = tuple(eqn.invars[1].aval.shape)  # HWIO
                 groups = int(eqn.params['feature_group_count'])
                 stride = tuple(eqn.params['window_strides'])
                 pad = tuple(tuple(p) for p in eqn.params['padding'])
@@ -153,10 +161,22 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
                 macs = int(np.prod(out_shape[1:])) * kshape[2] * kh * kw
                 rf += (kh - 1) * jump
                 jump *= stride[0]
-                rows.append(LayerCost(path or 'conv', 'conv', _chw(in_shape), _chw(out_shape),
-                                      filters=kshape[3], kernel=(kh, kw), stride=stride,
-                                      pad=tuple(p[0] for p in pad), groups=groups,
-                                      params=params_of(path, repeat), macs=macs, receptive_field=rf))
+                rows.append(
+                    LayerCost(
+                        path or 'conv',
+                        'conv',
+                        _chw(in_shape),
+                        _chw(out_shape),
+                        filters=kshape[3],
+                        kernel=(kh, kw),
+                        stride=stride,
+                        pad=tuple(p[0] for p in pad),
+                        groups=groups,
+                        params=params_of(path, repeat),
+                        macs=macs,
+                        receptive_field=rf,
+                    )
+                )
             elif prim == 'dot_general':
                 # a product with one of the module's own parameters: a fully connected layer
                 # (2-D kernel, applied at every position), or another product such as
@@ -164,24 +184,41 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
                 operands = [tuple(v.aval.shape) for v in eqn.invars[:2]]
                 own = [s for k, s in shapes_by_path.items() if k.rsplit('/', 1)[0] == path]
 
-                def is_own(shape):        # scanned modules hold their weights stacked in front
-                    return any(len(o) >= len(shape) and o[len(o) - len(shape):] == shape
-                               for o in own)
+                def is_own(shape):  # scanned modules hold their weights stacked in front
+                    return any(
+                        len(o) >= len(shape) and o[len(o) - len(shape) :] == shape for o in own
+                    )
+
                 if not any(is_own(o) for o in operands):
                     continue
                 (contracted, w_contracted), _ = eqn.params['dimension_numbers']
                 depth = int(np.prod([operands[0][d] for d in contracted]))
-                macs = int(np.prod(out_shape)) * depth            # the batch is one image
+                macs = int(np.prod(out_shape)) * depth  # the batch is one image
                 if len(operands[1]) == 2 and is_own(operands[1]) and tuple(w_contracted) == (0,):
-                    rows.append(LayerCost(path or 'fc', 'fc', _chw(in_shape), _chw(out_shape),
-                                          filters=operands[1][1], params=params_of(path, repeat),
-                                          macs=macs, receptive_field=rf))
-                else:                     # its parameters are counted on the layer they feed
+                    rows.append(
+                        LayerCost(
+                            path or 'fc',
+                            'fc',
+                            _chw(in_shape),
+                            _chw(out_shape),
+                            filters=operands[1][1],
+                            params=params_of(path, repeat),
+                            macs=macs,
+                            receptive_field=rf,
+                        )
+                    )
+                else:  # its parameters are counted on the layer they feed
                     batched = not all(is_own(o) for o in operands)
-                    rows.append(LayerCost(
-                        f'{path}/product' if path else 'product', 'product',
-                        operands[0][1:] if batched and not is_own(operands[0]) else operands[0],
-                        out_shape[1:] if batched else out_shape, macs=macs, receptive_field=rf))
+                    rows.append(
+                        LayerCost(
+                            f'{path}/product' if path else 'product',
+                            'product',
+                            operands[0][1:] if batched and not is_own(operands[0]) else operands[0],
+                            out_shape[1:] if batched else out_shape,
+                            macs=macs,
+                            receptive_field=rf,
+                        )
+                    )
             elif prim in ('reduce_window_max', 'reduce_window_sum', 'reduce_window'):
                 window = tuple(eqn.params['window_dimensions'])[1:3]
                 stride = tuple(eqn.params['window_strides'])[1:3]
@@ -191,14 +228,33 @@ def layer_costs(name_or_model, input_size: int = 224, channels: int = 3,
                 rf += (window[0] - 1) * jump
                 jump *= stride[0]
                 kind = 'maxpool' if prim == 'reduce_window_max' else 'avgpool'
-                rows.append(LayerCost(f'{path}/{kind}' if path else kind, kind, _chw(in_shape),
-                                      _chw(out_shape), kernel=window, stride=stride, pad=pad,
-                                      macs=int(np.prod(out_shape[1:])) * window[0] * window[1],
-                                      receptive_field=rf))
-            elif prim == 'reduce_sum' and len(in_shape) == 4 and tuple(eqn.params['axes']) == (1, 2):
-                rows.append(LayerCost(f'{path}/global_pool' if path else 'global_pool', 'gap',
-                                      _chw(in_shape), (in_shape[-1],),
-                                      macs=int(np.prod(in_shape[1:])), receptive_field=rf))
+                rows.append(
+                    LayerCost(
+                        f'{path}/{kind}' if path else kind,
+                        kind,
+                        _chw(in_shape),
+                        _chw(out_shape),
+                        kernel=window,
+                        stride=stride,
+                        pad=pad,
+                        macs=int(np.prod(out_shape[1:])) * window[0] * window[1],
+                        receptive_field=rf,
+                    )
+                )
+            elif (
+                prim == 'reduce_sum' and len(in_shape) == 4 and tuple(eqn.params['axes']) == (1, 2)
+            ):
+                rows.append(
+                    LayerCost(
+                        f'{path}/global_pool' if path else 'global_pool',
+                        'gap',
+                        _chw(in_shape),
+                        (in_shape[-1],),
+                        macs=int(np.prod(in_shape[1:])),
+                        receptive_field=rf,
+                    )
+                )
+
     walk(closed.jaxpr, 1)
     return rows
 
@@ -219,57 +275,129 @@ def xla_flops(name: str, input_size: int = 224, channels: int = 3) -> float:
 
 def format_table(rows: List[LayerCost], total_params: Optional[int] = None) -> str:
     fmt_chw = lambda t: 'x'.join(str(v) for v in t)
-    fmt_t = lambda t: '' if t is None else (str(t[0]) if len(set(t)) == 1 else 'x'.join(map(str, t)))
-    header = ('layer', 'input C/H/W', 'filters', 'kernel', 'stride', 'pad', 'output C/H/W',
-              'memory KB', 'params', 'MACs', 'RF')
-    body = [(r.layer + (f' (g={r.groups})' if r.groups > 1 else ''), fmt_chw(r.input_chw),
-             '' if r.filters is None else str(r.filters), fmt_t(r.kernel), fmt_t(r.stride),
-             fmt_t(r.pad), fmt_chw(r.output_chw), f'{r.memory_kb:,.1f}', f'{r.params:,}',
-             f'{r.macs:,}', str(r.receptive_field)) for r in rows]
+    fmt_t = lambda t: (
+        '' if t is None else (str(t[0]) if len(set(t)) == 1 else 'x'.join(map(str, t)))
+    )
+    header = (
+        'layer',
+        'input C/H/W',
+        'filters',
+        'kernel',
+        'stride',
+        'pad',
+        'output C/H/W',
+        'memory KB',
+        'params',
+        'MACs',
+        'RF',
+    )
+    body = [
+        (
+            r.layer + (f' (g={r.groups})' if r.groups > 1 else ''),
+            fmt_chw(r.input_chw),
+            '' if r.filters is None else str(r.filters),
+            fmt_t(r.kernel),
+            fmt_t(r.stride),
+            fmt_t(r.pad),
+            fmt_chw(r.output_chw),
+            f'{r.memory_kb:,.1f}',
+            f'{r.params:,}',
+            f'{r.macs:,}',
+            str(r.receptive_field),
+        )
+        for r in rows
+    ]
     layer_params = sum(r.params for r in rows)
-    totals = ('total', '', '', '', '', '', '', f'{sum(r.memory_kb for r in rows):,.1f}',
-              f'{layer_params:,}', f'{sum(r.macs for r in rows):,}', '')
+    totals = (
+        'total',
+        '',
+        '',
+        '',
+        '',
+        '',
+        '',
+        f'{sum(r.memory_kb for r in rows):,.1f}',
+        f'{layer_params:,}',
+        f'{sum(r.macs for r in rows):,}',
+        '',
+    )
     lines = [header] + body + [totals]
     if total_params is not None and total_params != layer_params:
-        lines.append(('(norms, scales, other)', '', '', '', '', '', '', '',
-                      f'{total_params - layer_params:,}', '', ''))
+        lines.append(
+            (
+                '(norms, scales, other)',
+                '',
+                '',
+                '',
+                '',
+                '',
+                '',
+                '',
+                f'{total_params - layer_params:,}',
+                '',
+                '',
+            )
+        )
         lines.append(('model total', '', '', '', '', '', '', '', f'{total_params:,}', '', ''))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for i, line in enumerate(lines):
-        out.append('  '.join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        out.append(
+            '  '.join(
+                c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))
+            )
+        )
         if i == 0 or i == len(body):
             out.append('-' * len(out[-1]))
     return '\n'.join(out)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m jaxcnn.summary', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='python -m jaxcnn.summary',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument('model', help='a registered model name (see jaxcnn.list_models())')
-    parser.add_argument('--input', type=integer_at_least(1), default=0, help='square input size (default: the model\'s)')
-    parser.add_argument('--channels', type=integer_at_least(1), default=0,
-                        help="input channels (default: the model's)")
+    parser.add_argument(
+        '--input',
+        type=integer_at_least(1),
+        default=0,
+        help='square input size (default: the model\'s)',
+    )
+    parser.add_argument(
+        '--channels',
+        type=integer_at_least(1),
+        default=0,
+        help="input channels (default: the model's)",
+    )
     parser.add_argument('--xla', action='store_true', help="also print XLA's FLOP count")
     args = parser.parse_args(argv)
     info = jaxcnn.model_info(args.model)
     size = args.input or info.input_size[0]
     channels = args.channels or info.input_size[2]
     if size < info.min_input:
-        raise ValueError(f'{args.model} needs inputs of at least {info.min_input} px; got --input {size}')
+        raise ValueError(
+            f'{args.model} needs inputs of at least {info.min_input} px; got --input {size}'
+        )
     rows = layer_costs(args.model, size, channels)
     model = jaxcnn.create_model(args.model)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False))
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False)
+    )
     print(f'{args.model} at {channels}x{size}x{size} (per image)')
     print(format_table(rows, jaxcnn.count_params(shapes['params'])))
     if args.xla:
         macs = sum(r.macs for r in rows)
         flops = xla_flops(args.model, size, channels)
-        print(f'XLA cost analysis: {flops:,.0f} FLOPs = {flops / (2 * macs):.3f} x 2 x MACs above '
-              '(XLA skips taps on zero padding and adds element-wise work)')
+        print(
+            f'XLA cost analysis: {flops:,.0f} FLOPs = {flops / (2 * macs):.3f} x 2 x MACs above '
+            '(XLA skips taps on zero padding and adds element-wise work)'
+        )
     return 0
 
 
 if __name__ == '__main__':
     from jaxcnn.config import run_cli
+
     run_cli(main)

@@ -1,4 +1,5 @@
 """Small utilities shared by the tests."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,11 @@ def jit_once(fun, **kwargs):
 def abstract_variables(model, input_shape):
     """Shapes of a model's variables without running (or compiling) its initialiser."""
     x = jnp.zeros(input_shape, jnp.float32)
-    return jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
-                                             x, train=False))
+    return jax.eval_shape(
+        lambda: model.init(
+            {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, train=False
+        )
+    )
 
 
 def random_variables(model, input_shape, seed=0):
@@ -39,6 +43,7 @@ def random_variables(model, input_shape, seed=0):
         values = rng.standard_normal(s.shape, dtype=np.float32)
         values *= np.float32(1 / np.sqrt(max(fan_in, 1)))
         return jnp.asarray(values, s.dtype)
+
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -52,6 +57,7 @@ def tfds_or_skip():
     """tensorflow_datasets, imported the way jaxcnn imports it (Triton first, where installed:
     after TensorFlow it crashes the process), or a skip naming the install line."""
     from jaxcnn.data.tfds_input import import_tfds
+
     try:
         return import_tfds()[1]
     except ImportError as e:

@@ -1,4 +1,5 @@
 """Converted timm/torchvision weights give the reference's logits, and bad files say why."""
+
 import numpy as np
 import pytest
 import torch
@@ -35,9 +36,22 @@ def build_reference(torch_name, seed=0):
 
 
 def test_every_resnet_family_twin_is_covered():
-    assert {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
-            'wide_resnet101_2', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d',
-            'seresnet50', 'seresnext50_32x4d', 'resnetv2_50', 'resnetv2_101'} <= set(TWINS)
+    assert {
+        'resnet18',
+        'resnet34',
+        'resnet50',
+        'resnet101',
+        'resnet152',
+        'wide_resnet50_2',
+        'wide_resnet101_2',
+        'resnext50_32x4d',
+        'resnext101_32x8d',
+        'resnext101_64x4d',
+        'seresnet50',
+        'seresnext50_32x4d',
+        'resnetv2_50',
+        'resnetv2_101',
+    } <= set(TWINS)
 
 
 @pytest.mark.parametrize('name', TWINS)
@@ -49,12 +63,15 @@ def test_converted_logits_match_reference(name):
     variables = convert.from_torch(name, ref.state_dict())
     model = jaxcnn.create_model(name)
     assert jaxcnn.count_params(variables['params']) == info.reference_params
-    size = max(64, info.min_input)      # Inception-v3 needs 75 px
+    size = max(64, info.min_input)  # Inception-v3 needs 75 px
     x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
-    got = np.asarray(jit_once(lambda v, x: model.apply(v, x, train=False))(
-        variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(
+        jit_once(lambda v, x: model.apply(v, x, train=False))(
+            variables, jnp.asarray(x.transpose(0, 2, 3, 1))
+        )
+    )
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
@@ -64,13 +81,17 @@ def resnet18_ref():
 
 
 def _logits(name, variables, x_nchw):
-    model = jaxcnn.create_model(name, num_classes=variables['params']['head']['fc']['kernel'].shape[1])
-    return np.asarray(model.apply(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), train=False))
+    model = jaxcnn.create_model(
+        name, num_classes=variables['params']['head']['fc']['kernel'].shape[1]
+    )
+    return np.asarray(
+        model.apply(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), train=False)
+    )
 
 
 def test_from_pth_and_safetensors_files(tmp_path, resnet18_ref):
     sd = resnet18_ref.state_dict()
-    torch.save({'state_dict': sd}, tmp_path / 'r18.pth')        # a training checkpoint wrapper
+    torch.save({'state_dict': sd}, tmp_path / 'r18.pth')  # a training checkpoint wrapper
     convert.to_safetensors(sd, str(tmp_path / 'r18.safetensors'))
     a = convert.from_torch('resnet18', tmp_path / 'r18.pth')
     b = convert.from_torch('resnet18', str(tmp_path / 'r18.safetensors'))
@@ -79,7 +100,9 @@ def test_from_pth_and_safetensors_files(tmp_path, resnet18_ref):
     x = np.random.RandomState(0).randn(1, 3, 64, 64).astype(np.float32)
     with torch.no_grad():
         expected = resnet18_ref(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_logits('resnet18', b, x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        _logits('resnet18', b, x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
 
 
 def test_new_head_size_is_read_from_the_weights(resnet18_ref):
@@ -92,8 +115,11 @@ def test_new_head_size_is_read_from_the_weights(resnet18_ref):
 
 
 def test_mismatched_state_dict_names_the_keys(resnet18_ref):
-    with pytest.raises(ValueError, match=r"does not fit resnet34: \d+ missing \(.*layer1/2.*"
-                                         r"looks like resnet18's weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit resnet34: \d+ missing \(.*layer1/2.*"
+        r"looks like resnet18's weights",
+    ):
         convert.from_torch('resnet34', resnet18_ref.state_dict())
 
 
@@ -103,14 +129,19 @@ def test_scanned_stages_are_stacked_and_misfits_named():
     reported by name."""
     sd = {k: v.numpy() for k, v in build_reference('timm:nf_resnet50').state_dict().items()}
     v = convert.from_torch('nf_resnet50', sd)
-    np.testing.assert_array_equal(v['params']['stages_2']['stacked']['block']['conv1']['kernel'][3],
-                                  sd['stages.2.4.conv1.weight'].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        v['params']['stages_2']['stacked']['block']['conv1']['kernel'][3],
+        sd['stages.2.4.conv1.weight'].transpose(2, 3, 1, 0),
+    )
     assert sorted(v['params']['stages_2']) == ['0', 'stacked']
     short = {k: a for k, a in sd.items() if k != 'stages.2.4.conv1.weight'}
     with pytest.raises(ValueError, match=r'missing .*stages_2/stacked/block/conv1/kernel\[3\]'):
         convert.from_torch('nf_resnet50', short)
     extra = {**sd, 'stages.2.6.conv1.weight': sd['stages.2.5.conv1.weight']}
-    with pytest.raises(ValueError, match=r'unexpected .*stages\.2\.6\.conv1\.weight -> params/stages_2/6/conv1/kernel'):
+    with pytest.raises(
+        ValueError,
+        match=r'unexpected .*stages\.2\.6\.conv1\.weight -> params/stages_2/6/conv1/kernel',
+    ):
         convert.from_torch('nf_resnet50', extra)
 
 

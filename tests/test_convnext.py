@@ -1,5 +1,6 @@
 """ConvNeXt: the stage table's shapes, the block's definition, scanned = unrolled, and the
 converted model against timm with layer scales that actually matter."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,10 @@ def test_stage_shapes_follow_the_table():
         if s:
             assert params[f'stages_{s}_down_conv']['kernel'].shape == (2, 2, c // 2, c)
     assert params['head']['fc']['kernel'].shape == (768, 1000)
-    feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 96, 64, 3)), features_only=True),
-                           abstract_variables(model, (1, 64, 64, 3)))
+    feats = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros((2, 96, 64, 3)), features_only=True),
+        abstract_variables(model, (1, 64, 64, 3)),
+    )
     assert feats.shape == (2, 3, 2, 768)
     # the layer scale starts at the paper's 1e-6
     gamma = LayerScale().init(jax.random.key(0), jnp.zeros((1, 5)))['params']['gamma']
@@ -45,19 +48,26 @@ def test_block_is_dwconv_ln_mlp_gamma_residual():
     block = ConvNeXtBlock(dim)
     x = np.random.RandomState(0).randn(2, 9, 9, dim).astype(np.float32)
     p = random_variables(block, x.shape)['params']
-    p = jax.tree.map(lambda a: a + 0.3 * np.random.RandomState(1).randn(*a.shape).astype(np.float32), p)
+    p = jax.tree.map(
+        lambda a: a + 0.3 * np.random.RandomState(1).randn(*a.shape).astype(np.float32), p
+    )
     got = np.asarray(block.apply({'params': p}, jnp.asarray(x)))
 
     t = lambda a: torch.from_numpy(np.array(a))
     h = torch.from_numpy(x).permute(0, 3, 1, 2)
-    h = F.conv2d(h, t(p['conv_dw']['kernel']).permute(3, 2, 0, 1).reshape(dim, 1, 7, 7),
-                 t(p['conv_dw']['bias']), padding=3, groups=dim)                   # dwconv 7x7
+    h = F.conv2d(
+        h,
+        t(p['conv_dw']['kernel']).permute(3, 2, 0, 1).reshape(dim, 1, 7, 7),
+        t(p['conv_dw']['bias']),
+        padding=3,
+        groups=dim,
+    )  # dwconv 7x7
     h = h.permute(0, 2, 3, 1)
     h = F.layer_norm(h, (dim,), t(p['norm']['scale']), t(p['norm']['bias']), eps=1e-6)
-    h = F.gelu(h @ t(p['fc1']['kernel']) + t(p['fc1']['bias']))                    # 1x1 -> 4C
+    h = F.gelu(h @ t(p['fc1']['kernel']) + t(p['fc1']['bias']))  # 1x1 -> 4C
     assert h.shape[-1] == 4 * dim
-    h = h @ t(p['fc2']['kernel']) + t(p['fc2']['bias'])                            # 1x1 -> C
-    expected = (torch.from_numpy(x) + t(p['layer_scale']['gamma']) * h).numpy()   # gamma, residual
+    h = h @ t(p['fc2']['kernel']) + t(p['fc2']['bias'])  # 1x1 -> C
+    expected = (torch.from_numpy(x) + t(p['layer_scale']['gamma']) * h).numpy()  # gamma, residual
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -70,15 +80,19 @@ def test_scanned_stages_equal_unrolled_blocks():
     for s, depth in enumerate(SMALL['depths']):
         stacked = p.pop(f'stages_{s}')['stacked']['block']
         p[f'stages_{s}'] = {str(b): jax.tree.map(lambda a: a[b], stacked) for b in range(depth)}
-    assert jax.tree.structure(p) == jax.tree.structure(random_variables(unrolled, x.shape)['params'])
-    np.testing.assert_allclose(scanned.apply(v, x), unrolled.apply({'params': p}, x), rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(p) == jax.tree.structure(
+        random_variables(unrolled, x.shape)['params']
+    )
+    np.testing.assert_allclose(
+        scanned.apply(v, x), unrolled.apply({'params': p}, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_stochastic_depth_inside_scanned_stages():
     x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
     model = jaxcnn.create_model('convnext_tiny', drop_path_rate=0.5, **SMALL)
     v = random_variables(model, x.shape)
-    v = jax.tree.map(lambda a: a + 1.0, v)           # gammas 1: the blocks count
+    v = jax.tree.map(lambda a: a + 1.0, v)  # gammas 1: the blocks count
     run = jit_once(lambda k: model.apply(v, x, train=True, rngs={'dropout': k}))
     assert not np.allclose(run(jax.random.key(0)), run(jax.random.key(1)))
 
@@ -106,9 +120,14 @@ def test_converted_twin_matches_with_random_layer_scales():
                 blk.gamma.zero_()
         without_blocks = ref(torch.from_numpy(x)).numpy()
     assert np.abs(expected - without_blocks).max() > 0.1 * np.abs(expected).max()
-    got = np.asarray(jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(
+        jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    )
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
-    assert variables['params']['stages_2']['stacked']['block']['layer_scale']['gamma'].shape == (9, 384)
+    assert variables['params']['stages_2']['stacked']['block']['layer_scale']['gamma'].shape == (
+        9,
+        384,
+    )
 
 
 def test_pooled_features_and_bad_input():

@@ -1,5 +1,6 @@
 """DenseNet: counts from the paper's layer formulas, channel widths after every block and
 transition, real concatenation, torchvision's keys, the memory-efficient variant and bad input."""
+
 import re
 
 import flax.linen as nn
@@ -16,18 +17,19 @@ from jaxcnn.models.densenet import DenseBlock, cifar_depths
 
 
 def bn(c):
-    return 2 * c                       # scale and bias (running statistics are not parameters)
+    return 2 * c  # scale and bias (running statistics are not parameters)
 
 
-def densenet_hand_count(k, blocks, stem_width, stem_kernel, bottleneck=True, theta=0.5,
-                        bn_size=4, num_classes=10):
+def densenet_hand_count(
+    k, blocks, stem_width, stem_kernel, bottleneck=True, theta=0.5, bn_size=4, num_classes=10
+):
     """Parameters of a DenseNet(-B)(-C) from §3 of Huang et al.: each layer of a block sees
     c_0 + (l - 1) k channels and is BN-ReLU-conv1x1(bn_size k)-BN-ReLU-conv3x3(k) (or just
     BN-ReLU-conv3x3(k) without the bottleneck); a transition is BN-ReLU-conv1x1(floor(theta m));
     then the final BN and the classifier. Convolutions have no biases."""
     total = stem_kernel * stem_kernel * 3 * stem_width
     if stem_kernel == 7:
-        total += bn(stem_width)        # the ImageNet stem is conv-BN-ReLU-pool
+        total += bn(stem_width)  # the ImageNet stem is conv-BN-ReLU-pool
     c = stem_width
     for b, n in enumerate(blocks):
         for l in range(n):
@@ -54,15 +56,20 @@ def test_densenet_bc_100_hand_count_rounds_to_the_papers_figure():
     assert (100 - 4) % 6 == 0 and (100 - 4) // 6 == 16
     expected = densenet_hand_count(12, (16, 16, 16), 24, 3)
     assert n_params('densenet_bc_100_k12') == expected == 769_162
-    assert round(expected / 1e5) * 1e5 == 0.8e6        # Table 2: 0.8M
+    assert round(expected / 1e5) * 1e5 == 0.8e6  # Table 2: 0.8M
     info = jaxcnn.model_info('densenet_bc_100_k12')
     assert (info.reference_params, info.params_rounding) == (0.8e6, 1e5)
 
 
-@pytest.mark.parametrize('name,k,blocks,stem', [('densenet121', 32, (6, 12, 24, 16), 64),
-                                                 ('densenet169', 32, (6, 12, 32, 32), 64),
-                                                 ('densenet201', 32, (6, 12, 48, 32), 64),
-                                                 ('densenet161', 48, (6, 12, 36, 24), 96)])
+@pytest.mark.parametrize(
+    'name,k,blocks,stem',
+    [
+        ('densenet121', 32, (6, 12, 24, 16), 64),
+        ('densenet169', 32, (6, 12, 32, 32), 64),
+        ('densenet201', 32, (6, 12, 48, 32), 64),
+        ('densenet161', 48, (6, 12, 36, 24), 96),
+    ],
+)
 def test_imagenet_counts_are_the_same_formula(name, k, blocks, stem):
     # Table 1's rows through the same formula give torchvision's exact counts
     expected = densenet_hand_count(k, blocks, stem, 7, num_classes=1000)
@@ -70,16 +77,25 @@ def test_imagenet_counts_are_the_same_formula(name, k, blocks, stem):
     assert n_params(name, 64) == expected
 
 
-@pytest.mark.parametrize('depth,k,bottleneck,paper_m', [(40, 12, False, 1.0), (100, 24, False, 27.2),
-                                                         (190, 40, True, 25.6)])
+@pytest.mark.parametrize(
+    'depth,k,bottleneck,paper_m',
+    [(40, 12, False, 1.0), (100, 24, False, 27.2), (190, 40, True, 25.6)],
+)
 def test_every_table_2_row_is_data(depth, k, bottleneck, paper_m):
     """Other Table 2 networks are the same class with other data: plain DenseNet (no
     bottleneck, no compression, 16-channel stem) and DenseNet-BC (2k stem, theta = 0.5).
     (L = 100, k = 12: 7.0M and BC L = 250, k = 24: 15.3M also match; left out for time.)"""
-    kw = dict(growth_rate=k, depths=cifar_depths(depth, bottleneck), stem_width=2 * k if bottleneck else 16,
-              bn_size=4 if bottleneck else None, compression=0.5 if bottleneck else 1.0)
+    kw = dict(
+        growth_rate=k,
+        depths=cifar_depths(depth, bottleneck),
+        stem_width=2 * k if bottleneck else 16,
+        bn_size=4 if bottleneck else None,
+        compression=0.5 if bottleneck else 1.0,
+    )
     got = n_params('densenet_bc_100_k12', 32, **kw)
-    assert got == densenet_hand_count(k, kw['depths'], kw['stem_width'], 3, bottleneck, kw['compression'])
+    assert got == densenet_hand_count(
+        k, kw['depths'], kw['stem_width'], 3, bottleneck, kw['compression']
+    )
     assert round(got / 1e5) / 10 == paper_m, got
 
 
@@ -95,19 +111,25 @@ def _widths(name, size):
     model = jaxcnn.create_model(name)
     x = jnp.zeros((1, size, size, 3))
     keep = lambda m, _: (m.name or '').startswith(('conv0', 'denseblock', 'transition'))
-    _, state = jax.eval_shape(lambda: model.init_with_output(
-        jax.random.key(0), x, capture_intermediates=keep, mutable=True))
+    _, state = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0), x, capture_intermediates=keep, mutable=True
+        )
+    )
     inter = state['intermediates']
     order = ['conv0'] + [n for i in range(1, 5) for n in (f'denseblock{i}', f'transition{i}')]
     return [(n, inter[n]['__call__'][0].shape) for n in order if n in inter]
 
 
-@pytest.mark.parametrize('name,channels', [
-    ('densenet121', [64, 256, 128, 512, 256, 1024, 512, 1024]),
-    ('densenet169', [64, 256, 128, 512, 256, 1280, 640, 1664]),
-    ('densenet201', [64, 256, 128, 512, 256, 1792, 896, 1920]),
-    ('densenet161', [96, 384, 192, 768, 384, 2112, 1056, 2208]),
-])
+@pytest.mark.parametrize(
+    'name,channels',
+    [
+        ('densenet121', [64, 256, 128, 512, 256, 1024, 512, 1024]),
+        ('densenet169', [64, 256, 128, 512, 256, 1280, 640, 1664]),
+        ('densenet201', [64, 256, 128, 512, 256, 1792, 896, 1920]),
+        ('densenet161', [96, 384, 192, 768, 384, 2112, 1056, 2208]),
+    ],
+)
 def test_channels_after_each_block_and_transition(name, channels):
     """A block adds (layers x k) channels, a transition halves them and the map: 224 px gives
     56 after the stem, then 28, 14 and 7 (Table 1's output sizes)."""
@@ -115,7 +137,7 @@ def test_channels_after_each_block_and_transition(name, channels):
     assert [s[-1] for _, s in got] == channels
     sizes = [s[1] for n, s in got if n != 'conv0']
     assert sizes == [56, 28, 28, 14, 14, 7, 7]
-    assert got[0][1][1] == 112                          # 7x7/2 conv, then the 3x3/2 max-pool
+    assert got[0][1][1] == 112  # 7x7/2 conv, then the 3x3/2 max-pool
     # the classifier reads the last block's width (torchvision's classifier.in_features)
     p = abstract_variables(jaxcnn.create_model(name), (1, 64, 64, 3))['params']
     assert p['head']['fc']['kernel'].shape == (channels[-1], 1000)
@@ -146,7 +168,7 @@ def test_dense_connectivity_concatenates():
         out = next_fun(*args, **kwargs)
         mod = context.module
         if context.method_name == '__call__' and mod.name == 'norm1':
-            seen[mod.parent.name] = args[0]               # what H_l's first BN reads
+            seen[mod.parent.name] = args[0]  # what H_l's first BN reads
         if context.method_name == '__call__' and (mod.name or '').startswith('denselayer'):
             outputs[mod.name] = out
         return out
@@ -159,9 +181,11 @@ def test_dense_connectivity_concatenates():
         inp = seen[f'denselayer{l}']
         assert inp.shape[-1] == c0 + (l - 1) * k
         np.testing.assert_array_equal(inp[..., :c0], x)
-        np.testing.assert_array_equal(inp, y[..., :c0 + (l - 1) * k])
+        np.testing.assert_array_equal(inp, y[..., : c0 + (l - 1) * k])
         assert outputs[f'denselayer{l}'].shape[-1] == k
-        np.testing.assert_array_equal(y[..., c0 + (l - 1) * k:c0 + l * k], outputs[f'denselayer{l}'])
+        np.testing.assert_array_equal(
+            y[..., c0 + (l - 1) * k : c0 + l * k], outputs[f'denselayer{l}']
+        )
 
 
 def test_dense_block_input_passes_through_in_the_full_model():
@@ -172,7 +196,9 @@ def test_dense_block_input_passes_through_in_the_full_model():
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == '__call__' and (context.module.name or '').startswith('denseblock'):
+        if context.method_name == '__call__' and (context.module.name or '').startswith(
+            'denseblock'
+        ):
             io[context.module.name] = (args[0], out)
         return out
 
@@ -181,7 +207,7 @@ def test_dense_block_input_passes_through_in_the_full_model():
     assert sorted(io) == ['denseblock1', 'denseblock2', 'denseblock3']
     for inp, out in io.values():
         assert out.shape[-1] == inp.shape[-1] + 3 * 12
-        np.testing.assert_array_equal(out[..., :inp.shape[-1]], inp)
+        np.testing.assert_array_equal(out[..., : inp.shape[-1]], inp)
 
 
 def test_torchvision_keys_convert_by_name():
@@ -189,15 +215,23 @@ def test_torchvision_keys_convert_by_name():
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     v = convert.from_torch('densenet121', sd)
     p, s = v['params'], v['batch_stats']
-    np.testing.assert_array_equal(p['denseblock1']['denselayer1']['norm1']['scale'],
-                                  sd['features.denseblock1.denselayer1.norm1.weight'])
-    np.testing.assert_array_equal(p['denseblock3']['denselayer24']['conv2']['kernel'],
-                                  sd['features.denseblock3.denselayer24.conv2.weight'].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(p['transition1']['conv']['kernel'],
-                                  sd['features.transition1.conv.weight'].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        p['denseblock1']['denselayer1']['norm1']['scale'],
+        sd['features.denseblock1.denselayer1.norm1.weight'],
+    )
+    np.testing.assert_array_equal(
+        p['denseblock3']['denselayer24']['conv2']['kernel'],
+        sd['features.denseblock3.denselayer24.conv2.weight'].transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        p['transition1']['conv']['kernel'],
+        sd['features.transition1.conv.weight'].transpose(2, 3, 1, 0),
+    )
     np.testing.assert_array_equal(s['norm5']['var'], sd['features.norm5.running_var'])
     np.testing.assert_array_equal(p['head']['fc']['kernel'], sd['classifier.weight'].T)
-    np.testing.assert_array_equal(p['conv0']['kernel'], sd['features.conv0.weight'].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        p['conv0']['kernel'], sd['features.conv0.weight'].transpose(2, 3, 1, 0)
+    )
     # torchvision's released checkpoints still name them 'denselayerN.norm.1', 'conv.2', ...
     legacy = {}
     for key, value in sd.items():
@@ -220,8 +254,13 @@ def test_memory_efficient_gives_identical_outputs_and_gradients():
     assert jax.tree.structure(abstract_variables(lean, x.shape)) == jax.tree.structure(v)
 
     def loss(model, params):
-        out, state = model.apply({**v, 'params': params}, x, train=True,
-                                 rngs={'dropout': jax.random.key(3)}, mutable=['batch_stats'])
+        out, state = model.apply(
+            {**v, 'params': params},
+            x,
+            train=True,
+            rngs={'dropout': jax.random.key(3)},
+            mutable=['batch_stats'],
+        )
         return jnp.sum(out * jnp.arange(10.0)), (out, state)
 
     @jit_once
@@ -235,14 +274,19 @@ def test_memory_efficient_gives_identical_outputs_and_gradients():
     # BatchNorm statistics inside the rematerialised part are updated too
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sa), jax.tree.leaves(sb)):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-    assert not np.allclose(sa['batch_stats']['denseblock1']['denselayer3']['norm1']['mean'],
-                           v['batch_stats']['denseblock1']['denselayer3']['norm1']['mean'])
+    assert not np.allclose(
+        sa['batch_stats']['denseblock1']['denselayer3']['norm1']['mean'],
+        v['batch_stats']['denseblock1']['denselayer3']['norm1']['mean'],
+    )
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=jax.tree_util.keystr(path)
+        )
     # and the bottleneck really is rematerialised: one checkpointed region per dense layer
     jaxpr = str(jax.make_jaxpr(lambda p: jax.grad(lambda q: loss(lean, q)[0])(p))(v['params']))
-    regions = len(re.findall(r'\b(?:checkpoint|remat\d*)\[', jaxpr))   # the name varies by JAX version
+    regions = len(
+        re.findall(r'\b(?:checkpoint|remat\d*)\[', jaxpr)
+    )  # the name varies by JAX version
     assert regions == 5, regions
 
 
@@ -253,33 +297,47 @@ def test_layer_dropout_only_in_training():
 
     @jit_once
     def run():
-        train = [model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
-                             mutable=['batch_stats'])[0] for k in (0, 1)]
-        return train, model.apply(v, x, rngs={'dropout': jax.random.key(0)}), \
-            model.apply(v, x, rngs={'dropout': jax.random.key(1)})
+        train = [
+            model.apply(
+                v, x, train=True, rngs={'dropout': jax.random.key(k)}, mutable=['batch_stats']
+            )[0]
+            for k in (0, 1)
+        ]
+        return (
+            train,
+            model.apply(v, x, rngs={'dropout': jax.random.key(0)}),
+            model.apply(v, x, rngs={'dropout': jax.random.key(1)}),
+        )
+
     (a, b), e0, e1 = run()
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(e0, e1)
 
 
-@pytest.mark.parametrize('name,shape,match', [
-    ('densenet121', (224, 224, 3), 'NHWC image batch'),
-    ('densenet121', (1, 16, 16, 3), 'at least 32x32'),
-    ('densenet_bc_100_k12', (1, 2, 2, 3), 'at least 4x4'),
-])
+@pytest.mark.parametrize(
+    'name,shape,match',
+    [
+        ('densenet121', (224, 224, 3), 'NHWC image batch'),
+        ('densenet121', (1, 16, 16, 3), 'at least 32x32'),
+        ('densenet_bc_100_k12', (1, 2, 2, 3), 'at least 4x4'),
+    ],
+)
 def test_bad_input_shapes(name, shape, match):
     model = jaxcnn.create_model(name)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
 
 
-@pytest.mark.parametrize('overrides,match', [
-    (dict(stem='resnet'), "stem must be 'imagenet' or 'cifar'"),
-    (dict(depths=()), 'depths must be positive'),
-    (dict(depths=(4, 0, 4)), 'depths must be positive'),
-    (dict(compression=0.0), r'compression must be in \(0, 1\]'),
-    (dict(growth_rate=0), 'growth_rate must be positive'),
-])
+@pytest.mark.parametrize(
+    'overrides,match',
+    [
+        (dict(stem='resnet'), "stem must be 'imagenet' or 'cifar'"),
+        (dict(depths=()), 'depths must be positive'),
+        (dict(depths=(4, 0, 4)), 'depths must be positive'),
+        (dict(compression=0.0), r'compression must be in \(0, 1\]'),
+        (dict(growth_rate=0), 'growth_rate must be positive'),
+    ],
+)
 def test_bad_configuration(overrides, match):
     model = jaxcnn.create_model('densenet_bc_100_k12', **overrides)
     with pytest.raises(ValueError, match=match):
@@ -287,5 +345,7 @@ def test_bad_configuration(overrides, match):
 
 
 def test_unknown_argument_names_the_fields():
-    with pytest.raises(TypeError, match='block_config.*accepted:.*depths.*growth_rate.*memory_efficient'):
+    with pytest.raises(
+        TypeError, match='block_config.*accepted:.*depths.*growth_rate.*memory_efficient'
+    ):
         jaxcnn.create_model('densenet121', block_config=(6, 12, 24, 16))

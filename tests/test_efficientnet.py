@@ -1,6 +1,7 @@
 """EfficientNet B0-B7 and V2: compound scaling of the B0 table against the released models,
 the scanned stages, EfficientNetV2's conversion from timm on well-conditioned weights, and the
 CondConv B0s' stage table and blocks against timm's."""
+
 import math
 
 import jax
@@ -13,9 +14,17 @@ import torch
 import jaxcnn
 from jaxcnn import convert
 from jaxcnn.layers.mbconv import MBConv
-from jaxcnn.models.efficientnet import (EFFICIENTNET_B0, EFFICIENTNET_CC_B0, EFFICIENTNET_COEFFS,
-                                        MBConvNet, Row, compound_coefficients, expand_blocks,
-                                        round_channels, scale_depth, scale_stages)
+from jaxcnn.models.efficientnet import (
+    EFFICIENTNET_B0,
+    EFFICIENTNET_CC_B0,
+    EFFICIENTNET_COEFFS,
+    MBConvNet,
+    compound_coefficients,
+    expand_blocks,
+    round_channels,
+    scale_depth,
+    scale_stages,
+)
 from helpers import abstract_variables, random_variables, jit_once
 from test_convert import build_reference
 
@@ -38,7 +47,9 @@ def test_scaling_b0_table_reproduces_released_b1_to_b7(phi):
     ref = timm.create_model(f'efficientnet_b{phi}')
     scaled = scale_stages(EFFICIENTNET_B0, width, depth)
     assert [(sum(r.repeats for r in s), s[-1].out) for s in scaled] == _timm_stage_table(ref)
-    assert [math.ceil(s[0].repeats * depth) for s in EFFICIENTNET_B0] == [s[0].repeats for s in scaled]
+    assert [math.ceil(s[0].repeats * depth) for s in EFFICIENTNET_B0] == [
+        s[0].repeats for s in scaled
+    ]
     assert round_channels(32, width) == ref.conv_stem.out_channels
     assert round_channels(1280, width) == ref.conv_head.out_channels
     info = jaxcnn.model_info(f'efficientnet_b{phi}')
@@ -53,7 +64,7 @@ def test_compound_rule_and_its_distance_from_the_released_coefficients():
     assert compound_coefficients(0) == (1.0, 1.0, 224)
     w, d, r = compound_coefficients(1)
     assert (w, d, r) == pytest.approx((1.1, 1.2, 256))
-    assert 1.2 * 1.1 ** 2 * 1.15 ** 2 == pytest.approx(2.0, abs=0.1)
+    assert 1.2 * 1.1**2 * 1.15**2 == pytest.approx(2.0, abs=0.1)
     assert EFFICIENTNET_COEFFS[1][:2] == (1.0, 1.1)
     for phi in range(1, 8):
         w, d, r = compound_coefficients(phi)
@@ -65,6 +76,7 @@ def test_compound_rule_and_its_distance_from_the_released_coefficients():
 def test_any_phi_and_any_table_scale():
     """The rule's coefficients for a non-integer phi applied to another base table (MobileNetV2's)."""
     from jaxcnn.models.mobilenet import mobilenetv2_stages
+
     w, d, _ = compound_coefficients(2.5)
     scaled = scale_stages(mobilenetv2_stages(), w, d)
     assert [s[0].out for s in scaled] == [24, 32, 40, 80, 120, 200, 408]
@@ -76,9 +88,9 @@ def test_any_phi_and_any_table_scale():
 
 def test_depth_scaling_is_shared_over_a_stage_from_the_last_row():
     assert scale_depth([4], 3.1) == (13,)
-    assert scale_depth([1, 2], 2.0) == (2, 4)           # total 3 -> 6, last row first
+    assert scale_depth([1, 2], 2.0) == (2, 4)  # total 3 -> 6, last row first
     assert scale_depth([1, 1, 1, 1], 1.0) == (1, 1, 1, 1)
-    assert scale_depth([1, 3], 0.5) == (1, 2)          # at least one block per row
+    assert scale_depth([1, 3], 0.5) == (1, 2)  # at least one block per row
 
 
 def _unstack(tree):
@@ -105,7 +117,9 @@ def test_scanned_stages_equal_unrolled_blocks():
     v_unrolled = {c: _unstack(t) for c, t in v.items()}
     assert jaxcnn.count_params(v_unrolled['params']) == jaxcnn.count_params(v['params'])
     fwd = lambda m: jit_once(lambda v, x: m.apply(v, x))
-    np.testing.assert_allclose(fwd(scanned)(v, x), fwd(unrolled)(v_unrolled, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fwd(scanned)(v, x), fwd(unrolled)(v_unrolled, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_fused_mbconv_has_no_depthwise_conv():
@@ -117,7 +131,12 @@ def test_fused_mbconv_has_no_depthwise_conv():
     assert set(p) == {'conv_exp', 'bn1', 'conv_pwl', 'bn2'}
     assert p['conv_exp']['kernel'].shape == (3, 3, 24, 96)
     assert p['conv_pwl']['kernel'].shape == (1, 1, 96, 48)
-    assert jax.eval_shape(lambda: block.apply(block.init(jax.random.key(0), x), x)).shape == (1, 8, 8, 48)
+    assert jax.eval_shape(lambda: block.apply(block.init(jax.random.key(0), x), x)).shape == (
+        1,
+        8,
+        8,
+        48,
+    )
 
 
 def test_efficientnet_se_is_a_quarter_of_the_block_input():
@@ -159,7 +178,9 @@ def test_efficientnetv2_converts_from_timm(name):
     variables = convert.from_torch(name, ref.state_dict())
     assert jaxcnn.count_params(variables['params']) == info.reference_params
     model = jaxcnn.create_model(name)
-    got = np.asarray(jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    got = np.asarray(
+        jit_once(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    )
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
@@ -186,10 +207,12 @@ def test_bad_input_is_one_line_error():
 # ---------------------------------------------------------------------------------------------
 # EfficientNet-B0 with CondConv (Yang et al. 2019): timm's efficientnet_cc_b0_4e and tf_ twin
 
+
 def test_condconv_b0_stage_table_matches_timm():
     """CondConv blocks exactly where timm's arch def puts 'cc4' (the last three stages), with
     4 experts and the routing Linear on the block input; everything else is B0."""
     from timm.models._efficientnet_blocks import CondConvResidual
+
     ref = timm.create_model('efficientnet_cc_b0_4e')
     stages = expand_blocks(EFFICIENTNET_CC_B0)
     assert [(len(s), s[-1].out) for s in stages] == _timm_stage_table(ref)
@@ -199,18 +222,22 @@ def test_condconv_b0_stage_table_matches_timm():
             if row.experts:
                 assert blk.conv_pw.num_experts == row.experts == 4
                 assert blk.routing_fn.in_features == blk.conv_pw.in_channels
-    assert [r._replace(experts=0) for s in EFFICIENTNET_CC_B0 for r in s] == \
-        [r for s in EFFICIENTNET_B0 for r in s]
+    assert [r._replace(experts=0) for s in EFFICIENTNET_CC_B0 for r in s] == [
+        r for s in EFFICIENTNET_B0 for r in s
+    ]
     with pytest.raises(ValueError, match="experts need kind 'ir'"):
         MBConv('ds', 16, num_experts=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)))
 
 
-@pytest.mark.parametrize('name,stage,index,in_size', [
-    # TF 'same' padding, BN eps 1e-3: stride-2 k5 block on an even map (pads bottom/right only)
-    ('tf_efficientnet_cc_b0_4e', 5, 0, 10),
-    # PyTorch padding: a block of a scanned stage (stacked under blocks_4/stacked), with residual
-    ('efficientnet_cc_b0_4e', 4, 1, 7),
-])
+@pytest.mark.parametrize(
+    'name,stage,index,in_size',
+    [
+        # TF 'same' padding, BN eps 1e-3: stride-2 k5 block on an even map (pads bottom/right only)
+        ('tf_efficientnet_cc_b0_4e', 5, 0, 10),
+        # PyTorch padding: a block of a scanned stage (stacked under blocks_4/stacked), with residual
+        ('efficientnet_cc_b0_4e', 4, 1, 7),
+    ],
+)
 def test_condconv_block_converts_from_timm(name, stage, index, in_size):
     """One CondConv block, converted by jaxcnn.convert.from_torch with the whole model, against
     timm's CondConvResidual in inference mode: the routing Linear, the flattened expert kernels
@@ -221,21 +248,37 @@ def test_condconv_block_converts_from_timm(name, stage, index, in_size):
     if index == 0:
         block_vars = {c: t[f'blocks_{stage}']['0'] for c, t in variables.items()}
     else:
-        block_vars = {c: jax.tree.map(lambda a: a[index - 1],
-                                      t[f'blocks_{stage}']['stacked']['block'])
-                      for c, t in variables.items()}
+        block_vars = {
+            c: jax.tree.map(lambda a: a[index - 1], t[f'blocks_{stage}']['stacked']['block'])
+            for c, t in variables.items()
+        }
     assert block_vars['params']['conv_pw']['kernel'].shape[:2] == (4, 1)
-    np.testing.assert_array_equal(block_vars['params']['routing_fn']['fc']['kernel'],
-                                  blk.routing_fn.weight.detach().numpy().T)
+    np.testing.assert_array_equal(
+        block_vars['params']['routing_fn']['fc']['kernel'], blk.routing_fn.weight.detach().numpy().T
+    )
     model = jaxcnn.create_model(name)
     row = expand_blocks(EFFICIENTNET_CC_B0)[stage][index]
-    block = MBConv(row.kind, row.out, row.kernel, row.stride, row.exp, row.se, act='swish',
-                   padding=model.padding, bn_eps=model.bn_eps, num_experts=row.experts)
-    x = np.random.RandomState(0).randn(3, blk.conv_pw.in_channels, in_size, in_size).astype(np.float32)
+    block = MBConv(
+        row.kind,
+        row.out,
+        row.kernel,
+        row.stride,
+        row.exp,
+        row.se,
+        act='swish',
+        padding=model.padding,
+        bn_eps=model.bn_eps,
+        num_experts=row.experts,
+    )
+    x = (
+        np.random.RandomState(0)
+        .randn(3, blk.conv_pw.in_channels, in_size, in_size)
+        .astype(np.float32)
+    )
     with torch.no_grad():
         expected = blk(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
         routing = torch.sigmoid(blk.routing_fn(torch.from_numpy(x).mean((2, 3)))).numpy()
-    assert np.abs(routing[0] - routing[1]).max() > 1e-3        # per-sample kernels differ
+    assert np.abs(routing[0] - routing[1]).max() > 1e-3  # per-sample kernels differ
     got = np.asarray(block.apply(block_vars, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False))
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

@@ -1,5 +1,6 @@
 """FractalNet (Larsson et al. 2017): the expansion rule, join-by-mean, drop-path (local and
 global sampling) and the single-column switch, on narrow networks; the registered count by hand."""
+
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
@@ -9,8 +10,15 @@ import pytest
 import jaxcnn
 from jaxcnn import kernels
 from helpers import abstract_variables, random_variables, jit_once
-from jaxcnn.models.fractalnet import (ConvBNReLU, FractalBlock, FractalNet, fractal_depth, global_drop_mask,
-                                      join, local_drop_mask)
+from jaxcnn.models.fractalnet import (
+    ConvBNReLU,
+    FractalBlock,
+    FractalNet,
+    fractal_depth,
+    global_drop_mask,
+    join,
+    local_drop_mask,
+)
 
 X = jnp.asarray(np.random.RandomState(0).randn(4, 8, 8, 3), jnp.float32)
 
@@ -25,7 +33,8 @@ def conv_apply(variables, name, x, train=False):
     sub = {'params': variables['params'][name], 'batch_stats': variables['batch_stats'][name]}
     if train:
         return ConvBNReLU(variables['params'][name]['conv']['kernel'].shape[-1]).apply(
-            sub, x, True, mutable=['batch_stats'])[0]
+            sub, x, True, mutable=['batch_stats']
+        )[0]
     return ConvBNReLU(variables['params'][name]['conv']['kernel'].shape[-1]).apply(sub, x)
 
 
@@ -38,7 +47,7 @@ def longest_conv_path(jaxpr, in_depths):
         subs = [p for p in eqn.params.values() if isinstance(p, (jcore.Jaxpr, jcore.ClosedJaxpr))]
         if subs:
             sub = subs[0].jaxpr if isinstance(subs[0], jcore.ClosedJaxpr) else subs[0]
-            outs = longest_conv_path(sub, ins[len(ins) - len(sub.invars):])
+            outs = longest_conv_path(sub, ins[len(ins) - len(sub.invars) :])
         else:
             d = max(ins, default=0) + (eqn.primitive.name == 'conv_general_dilated')
             outs = [d] * len(eqn.outvars)
@@ -52,10 +61,12 @@ def test_expansion_rule_depth_and_columns(columns):
     # column j holds 2^j convolutions: 2^C - 1 in all
     names = sorted(v['params'])
     for j in range(columns):
-        assert [n for n in names if n.startswith(f'col{j}_')] == [f'col{j}_conv{i}' for i in range(2 ** j)]
-    assert len(names) == 2 ** columns - 1
+        assert [n for n in names if n.startswith(f'col{j}_')] == [
+            f'col{j}_conv{i}' for i in range(2**j)
+        ]
+    assert len(names) == 2**columns - 1
     # the longest input->output path through the traced block has 2^(C-1) convolutions
-    with kernels.use(kernels.PLAIN):                            # convolutions as lax's primitive
+    with kernels.use(kernels.PLAIN):  # convolutions as lax's primitive
         jaxpr = jax.make_jaxpr(lambda x: block.apply(v, x))(X).jaxpr
     assert longest_conv_path(jaxpr, [0] * len(jaxpr.invars)) == [2 ** (columns - 1)]
     assert fractal_depth(5, columns) == 5 * 2 ** (columns - 1)
@@ -72,13 +83,17 @@ def test_join_is_the_mean_of_its_branches():
     block, v = block_variables(3)
     c = lambda name, x: conv_apply(v, name, x)
     inner = (c('col2_conv1', c('col2_conv0', X)) + c('col1_conv0', X)) / 2
-    expected = (c('col2_conv3', c('col2_conv2', inner)) + c('col1_conv1', inner) + c('col0_conv0', X)) / 3
+    expected = (
+        c('col2_conv3', c('col2_conv2', inner)) + c('col1_conv1', inner) + c('col0_conv0', X)
+    ) / 3
     np.testing.assert_allclose(block.apply(v, X), expected, rtol=1e-5, atol=1e-5)
     # the same in train mode (batch statistics), where no drop plan means no drop-path
     out, _ = block.apply(v, X, True, mutable=['batch_stats'])
     ct = lambda name, x: conv_apply(v, name, x, train=True)
     inner = (ct('col2_conv1', ct('col2_conv0', X)) + ct('col1_conv0', X)) / 2
-    expected = (ct('col2_conv3', ct('col2_conv2', inner)) + ct('col1_conv1', inner) + ct('col0_conv0', X)) / 3
+    expected = (
+        ct('col2_conv3', ct('col2_conv2', inner)) + ct('col1_conv1', inner) + ct('col0_conv0', X)
+    ) / 3
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -95,10 +110,10 @@ def test_local_drop_path_keeps_at_least_one_input():
         masks = np.asarray(jax.vmap(lambda k: local_drop_mask(k, 3, rate))(keys))
         assert masks.any(axis=1).all(), rate
         if rate == 1.0:
-            assert (masks.sum(axis=1) == 1).all()              # exactly the one forced survivor
-            assert set(np.argmax(masks, 1)) == {0, 1, 2}       # chosen uniformly among the inputs
+            assert (masks.sum(axis=1) == 1).all()  # exactly the one forced survivor
+            assert set(np.argmax(masks, 1)) == {0, 1, 2}  # chosen uniformly among the inputs
         if rate == 0.15:
-            assert abs(masks.mean() - 0.85) < 0.02             # otherwise independent Bernoulli keeps
+            assert abs(masks.mean() - 0.85) < 0.02  # otherwise independent Bernoulli keeps
 
 
 def test_local_drop_path_in_a_block_leaves_one_branch_at_rate_one():
@@ -107,8 +122,14 @@ def test_local_drop_path_in_a_block_leaves_one_branch_at_rate_one():
     c = lambda name, x: conv_apply(v, name, x, train=True)
     branches = [c('col1_conv1', c('col1_conv0', X)), c('col0_conv0', X)]
     for seed in range(6):
-        out, _ = block.apply(v, X, True, (jnp.array(False), jnp.array(0), 1.0),
-                             rngs={'dropout': jax.random.key(seed)}, mutable=['batch_stats'])
+        out, _ = block.apply(
+            v,
+            X,
+            True,
+            (jnp.array(False), jnp.array(0), 1.0),
+            rngs={'dropout': jax.random.key(seed)},
+            mutable=['batch_stats'],
+        )
         matches = [np.allclose(out, b, rtol=1e-4, atol=1e-4) for b in branches]
         assert sum(matches) == 1
 
@@ -131,21 +152,25 @@ def test_global_sampling_computes_exactly_one_column():
     v = random_variables(model, XS.shape)
     columns = [model.apply(v, XS, True, column=k, mutable=['batch_stats'])[0] for k in range(3)]
     assert not np.allclose(columns[0], columns[1]) and not np.allclose(columns[1], columns[2])
-    run = jit_once(lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0])
+    run = jit_once(
+        lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0]
+    )
     chosen = []
     for seed in range(12):
         out = run(jax.random.key(seed))
         matches = [k for k in range(3) if np.allclose(out, columns[k], rtol=1e-4, atol=1e-5)]
         assert len(matches) == 1, (seed, matches)
         chosen += matches
-    assert set(chosen) == {0, 1, 2}                            # every column gets sampled
+    assert set(chosen) == {0, 1, 2}  # every column gets sampled
 
 
 def test_local_and_global_sampling_alternate_by_batch():
-    model = small_fractalnet(drop_path_rate=0.15)           # global_drop_ratio 0.5
+    model = small_fractalnet(drop_path_rate=0.15)  # global_drop_ratio 0.5
     v = random_variables(model, XS.shape)
     columns = [model.apply(v, XS, True, column=k, mutable=['batch_stats'])[0] for k in range(3)]
-    run = jit_once(lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0])
+    run = jit_once(
+        lambda key: model.apply(v, XS, True, rngs={'dropout': key}, mutable=['batch_stats'])[0]
+    )
     kinds = []
     for seed in range(40):
         out = run(jax.random.key(seed))
@@ -162,13 +187,15 @@ def test_single_column_switch_is_the_plain_column():
         x = XS
         for b in range(3):
             blk = {'params': p[f'block{b + 1}'], 'batch_stats': s[f'block{b + 1}']}
-            for i in range(2 ** k):
+            for i in range(2**k):
                 x = conv_apply(blk, f'col{k}_conv{i}', x)
             x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
         expected = x.mean((1, 2)) @ p['head']['fc']['kernel'] + p['head']['fc']['bias']
         np.testing.assert_allclose(model.apply(v, XS, column=k), expected, rtol=1e-4, atol=1e-5)
         # the field and the call argument are the same switch
-        np.testing.assert_allclose(small_fractalnet(column=k).apply(v, XS), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            small_fractalnet(column=k).apply(v, XS), expected, rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(ValueError, match='column'):
         model.apply(v, XS, column=3)
 
@@ -179,7 +206,8 @@ def test_without_drop_path_training_needs_no_rng_and_every_conv_learns():
 
     def loss(params):
         out, _ = model.apply({**v, 'params': params}, XS, True, mutable=['batch_stats'])
-        return jnp.sum(out ** 2)
+        return jnp.sum(out**2)
+
     grads = jit_once(jax.grad(loss))(v['params'])
     for b in range(3):
         for name, g in grads[f'block{b + 1}'].items():
@@ -191,7 +219,7 @@ def fractal_hand_count(widths, columns, in_channels=3, num_classes=10):
     read c channels; 3x3 kernels without bias, BN scale + shift; a linear classifier."""
     total, c_in = 0, in_channels
     for c in widths:
-        convs = 2 ** columns - 1
+        convs = 2**columns - 1
         total += columns * 9 * c_in * c + (convs - columns) * 9 * c * c + convs * 2 * c
         c_in = c
     return total + c_in * num_classes + num_classes
@@ -203,10 +231,13 @@ def test_fractalnet20_hand_count():
     assert n == fractal_hand_count((64, 128, 256, 512, 512), 3) == 33_724_618
     assert n == jaxcnn.model_info('fractalnet20').reference_params
     # the convolution weights alone: 33.7M, not Table 1's 38.6M (see the module docstring)
-    weights = sum(3 * 9 * ci * c + 4 * 9 * c * c for ci, c in zip((3, 64, 128, 256, 512),
-                                                                    (64, 128, 256, 512, 512)))
+    weights = sum(
+        3 * 9 * ci * c + 4 * 9 * c * c
+        for ci, c in zip((3, 64, 128, 256, 512), (64, 128, 256, 512, 512))
+    )
     assert weights == 33_698_880
     # the same rule at C = 4 (40 layers)
     model4 = jaxcnn.create_model('fractalnet20', columns=4)
-    assert (jaxcnn.count_params(abstract_variables(model4, (1, 32, 32, 3))['params'])
-            == fractal_hand_count((64, 128, 256, 512, 512), 4))
+    assert jaxcnn.count_params(
+        abstract_variables(model4, (1, 32, 32, 3))['params']
+    ) == fractal_hand_count((64, 128, 256, 512, 512), 4)

@@ -4,6 +4,7 @@ differentiation (reverse, jax.jvp, jax.linearize, forward-over-reverse Hessian-v
 checked against finite differences, under the library's default kernel policy; in bf16, the
 jitted pass for one model of each kind and bf16 compute reaching every convolution and product
 (traced)."""
+
 import dataclasses
 
 import jax
@@ -30,7 +31,10 @@ def test_param_count_matches_reference(name):
         assert n == info.reference_params, (n, info.reference_params)
     else:
         # a paper's rounded figure: the count must round to it
-        assert abs(n - info.reference_params) <= info.params_rounding / 2, (n, info.reference_params)
+        assert abs(n - info.reference_params) <= info.params_rounding / 2, (
+            n,
+            info.reference_params,
+        )
 
 
 # Depth-only reductions for the jit test. PyramidNet's units all differ in width, so XLA:CPU
@@ -89,10 +93,15 @@ def _one_per_kind(names):
     groups = {}
     for name in names:
         model = jaxcnn.create_model(name)
-        kinds = tuple((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
-                      if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool)))
+        kinds = tuple(
+            (f.name, getattr(model, f.name))
+            for f in dataclasses.fields(model)
+            if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool))
+        )
         groups.setdefault((jaxcnn.model_info(name).family, type(model), kinds), []).append(name)
-    return sorted(min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values())
+    return sorted(
+        min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values()
+    )
 
 
 # The bf16 and fp32 passes are compiled for one model of each kind; every model's passes are
@@ -106,16 +115,17 @@ BF16_COMPILED = _one_per_kind(CLASSIFIERS)
 # and the odd outputs, each kind once. Every other model traces the same probe, so every rule it
 # reaches runs on its shapes.
 FINITE_DIFFERENCES = {
-    'resnet20': {},                                 # oneDNN's dense forms, the block boundary
-    'resnet18': {},                                 # at 32 px: maps smaller than the kernel
-    'revnet38': {},                                 # reversible couplings in a scan (loop forms)
-    'mobilenetv3_small_050': {},                    # depthwise taps, SE, hard-swish
-    'convnext_tiny': {'depths': (1, 2, 1, 1)},      # 7x7 depthwise taps in a scan, layer scale
-    'shufflenet_g1': {},                            # grouped convolutions
-    'dynconv_cifar': {},                            # kernels computed from the input
-    'googlenet': {},                                # auxiliary heads in the loss
-    'unet_small': {},                               # per-pixel logits, transposed convolutions
+    'resnet20': {},  # oneDNN's dense forms, the block boundary
+    'resnet18': {},  # at 32 px: maps smaller than the kernel
+    'revnet38': {},  # reversible couplings in a scan (loop forms)
+    'mobilenetv3_small_050': {},  # depthwise taps, SE, hard-swish
+    'convnext_tiny': {'depths': (1, 2, 1, 1)},  # 7x7 depthwise taps in a scan, layer scale
+    'shufflenet_g1': {},  # grouped convolutions
+    'dynconv_cifar': {},  # kernels computed from the input
+    'googlenet': {},  # auxiliary heads in the loss
+    'unet_small': {},  # per-pixel logits, transposed convolutions
 }
+
 
 def _check_outputs(variables, train_logits, state, eval_logits, dtype):
     """Logits of the right shape and dtype, finite; running statistics moved by train mode."""
@@ -149,20 +159,37 @@ def _model_and_loss(name, dtype, **overrides):
     auxiliary heads of GoogLeNet and Inception-v3 add with weight 0.3; U-Net's pixels take their
     image's label). Returns (loss, (logits, updated variables))."""
     size = input_size(name)
-    model = jaxcnn.create_model(name, num_classes=7, dtype=dtype, drop_rate=0.1, drop_path_rate=0.1,
-                                **(overrides or jit_test_overrides(name)))
+    model = jaxcnn.create_model(
+        name,
+        num_classes=7,
+        dtype=dtype,
+        drop_rate=0.1,
+        drop_path_rate=0.1,
+        **(overrides or jit_test_overrides(name)),
+    )
     variables = random_variables(model, (2, size, size, 3))
     if dtype == jnp.float64:
         variables = jax.tree.map(lambda t: jnp.asarray(t, jnp.float64), variables)
-    x = jnp.asarray(np.random.RandomState(1).randn(2, size, size, 3), dtype if dtype == jnp.float64 else jnp.float32)
+    x = jnp.asarray(
+        np.random.RandomState(1).randn(2, size, size, 3),
+        dtype if dtype == jnp.float64 else jnp.float32,
+    )
     labels = jnp.array([1, 5])
 
     def loss_fn(params, train=True):
-        outputs, state = model.apply({**variables, 'params': params}, x, train=train,
-                                     rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
+        outputs, state = model.apply(
+            {**variables, 'params': params},
+            x,
+            train=train,
+            rngs={'dropout': jax.random.key(0)},
+            mutable=['batch_stats'],
+        )
         logits = split_outputs(outputs)[0]
-        targets = labels.reshape(-1, *[1] * (logits.ndim - 2)) * jnp.ones(logits.shape[:-1], jnp.int32)
+        targets = labels.reshape(-1, *[1] * (logits.ndim - 2)) * jnp.ones(
+            logits.shape[:-1], jnp.int32
+        )
         return classification_loss(outputs, targets, 7), (logits, state)
+
     return model, variables, loss_fn
 
 
@@ -173,6 +200,7 @@ def _direction(params, seed):
     def leaf(p):
         scale = max(float(jnp.sqrt(jnp.mean(jnp.square(p)))), 1e-2)
         return jnp.asarray(rng.standard_normal(p.shape) * scale, p.dtype)
+
     return jax.tree.map(leaf, params)
 
 
@@ -190,15 +218,24 @@ def _differentiation_probe(loss_fn):
         u = {**jax.tree.map(jnp.zeros_like, params), 'head': u_head}
         p = jax.tree.map(lambda x, dv, du: x + a * dv + b * du, params, v, u)
         ((loss, (logits, _)), grads), (_, hvp) = jax.jvp(
-            jax.value_and_grad(eval_loss, has_aux=True), (p,), (u,))
+            jax.value_and_grad(eval_loss, has_aux=True), (p,), (u,)
+        )
         jvp, (logits_jvp, _) = jax.jvp(eval_loss, (p,), (v,))[1]
         linearized = jax.linearize(lambda q: eval_loss(q)[0], p)[1](v)
         grad_v = per_leaf(jnp.vdot, grads, v)
-        return dict(loss=loss, logits=logits, jvp=jvp, logits_jvp=logits_jvp,
-                    linearized=linearized, dot=jnp.sum(grad_v), grad_v=grad_v,
-                    grad_v_abs=per_leaf(lambda g, d: jnp.vdot(jnp.abs(g), jnp.abs(d)), grads, v),
-                    hvp_v=per_leaf(jnp.vdot, hvp, v),
-                    hvp_bound=per_leaf(lambda h, d: jnp.linalg.norm(h) * jnp.linalg.norm(d), hvp, v))
+        return dict(
+            loss=loss,
+            logits=logits,
+            jvp=jvp,
+            logits_jvp=logits_jvp,
+            linearized=linearized,
+            dot=jnp.sum(grad_v),
+            grad_v=grad_v,
+            grad_v_abs=per_leaf(lambda g, d: jnp.vdot(jnp.abs(g), jnp.abs(d)), grads, v),
+            hvp_v=per_leaf(jnp.vdot, hvp, v),
+            hvp_bound=per_leaf(lambda h, d: jnp.linalg.norm(h) * jnp.linalg.norm(d), hvp, v),
+        )
+
     return probe
 
 
@@ -222,14 +259,17 @@ def test_every_mode_of_differentiation_matches_finite_differences(name):
         model, variables, loss_fn = _model_and_loss(name, jnp.float64, **FINITE_DIFFERENCES[name])
         # a generic point: the initialiser's zero biases and unit scales put the ReLU inputs of a
         # dead channel exactly on the kink, where differences average the two slopes
-        params = jax.tree.map(lambda p, d: p + 0.1 * d, variables['params'],
-                              _direction(variables['params'], 3))
+        params = jax.tree.map(
+            lambda p, d: p + 0.1 * d, variables['params'], _direction(variables['params'], 3)
+        )
         assert all(p.dtype == jnp.float64 for p in jax.tree.leaves(params))
         v, u_head = _direction(params, 1), _direction(params['head'], 2)
         probe = jit_once(_differentiation_probe(loss_fn))
         at = lambda a, b: jax.device_get(probe(params, v, u_head, a, b))
         out = at(0.0, 0.0)
-        logits_fd = [(at(eps, 0.0)['logits'] - at(-eps, 0.0)['logits']) / (2 * eps) for eps in (1e-7, 1e-8)]
+        logits_fd = [
+            (at(eps, 0.0)['logits'] - at(-eps, 0.0)['logits']) / (2 * eps) for eps in (1e-7, 1e-8)
+        ]
         plus_u, minus_u = at(0.0, 1e-5), at(0.0, -1e-5)
     assert out['logits'].dtype == np.float64 and np.isfinite(out['logits']).all()
     jvp = float(out['jvp'])
@@ -269,16 +309,25 @@ def test_jit_forward_backward(name):
     def step(params):
         grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(params)
         return grads, train_logits, state, loss_fn(params, train=False)[1][0]
+
     if name in COMPILED:
         _check_pass(model, variables, *jit_once(step)(variables['params']), jnp.float32)
     else:
         grads, train_logits, state, eval_logits = jax.eval_shape(step, variables['params'])
         assert eval_logits.dtype == train_logits.dtype == jnp.float32
         assert eval_logits.shape == train_logits.shape
-        assert all(g.dtype == p.dtype == jnp.float32 for g, p in
-                   zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params'])))
-    shapes = jax.eval_shape(_differentiation_probe(loss_fn), variables['params'], variables['params'],
-                            variables['params']['head'], 0.0, 0.0)
+        assert all(
+            g.dtype == p.dtype == jnp.float32
+            for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params']))
+        )
+    shapes = jax.eval_shape(
+        _differentiation_probe(loss_fn),
+        variables['params'],
+        variables['params'],
+        variables['params']['head'],
+        0.0,
+        0.0,
+    )
     assert shapes['jvp'].shape == shapes['linearized'].shape == ()
     assert shapes['logits_jvp'].shape == shapes['logits'].shape
     assert shapes['hvp_v'].shape == (len(jax.tree.leaves(variables['params'])),)
@@ -292,20 +341,29 @@ def test_jit_forward_backward_in_bf16(name):
     def step(params):
         grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(params)
         return grads, train_logits, state, loss_fn(params, train=False)[1][0]
+
     _check_pass(model, variables, *step(variables['params']), jnp.bfloat16)
 
 
 # Products that stay float32 in a bfloat16 model by design, as (file, qualified function): the adaptive
 # average pool's bin matrices (PyTorch's bins exactly, at HIGHEST precision) and HyperNetworks'
 # kernel generator (a kernel made in the parameter dtype, then cast for its convolution).
-_FLOAT32_BY_DESIGN = {('layers/conv.py', 'adaptive_avg_pool'), ('layers/dynamic.py', 'HyperConv.generate')}
+_FLOAT32_BY_DESIGN = {
+    ('layers/conv.py', 'adaptive_avg_pool'),
+    ('layers/dynamic.py', 'HyperConv.generate'),
+}
 
 
 def _convolutions_and_products(jaxpr):
     """Every convolution (the kernel policy's forms too), matrix product and foreign call of a
     jaxpr, nested bodies included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ('conv_general_dilated', 'dot_general', 'ffi_call', 'jaxcnn_bilinear'):
+        if eqn.primitive.name in (
+            'conv_general_dilated',
+            'dot_general',
+            'ffi_call',
+            'jaxcnn_bilinear',
+        ):
             yield eqn
         for sub in _sub_jaxprs(eqn.params.values()):
             yield from _convolutions_and_products(sub)
@@ -316,22 +374,38 @@ def test_bf16_reaches_every_convolution_and_product(name):
     """A bfloat16 model computes every layer in bfloat16: the forward passes (train and
     inference) traced, not compiled, take no float32 operand into a convolution or product."""
     size = input_size(name)
-    model = jaxcnn.create_model(name, num_classes=7, dtype=jnp.bfloat16, drop_rate=0.1,
-                                drop_path_rate=0.1, **jit_test_overrides(name))
+    model = jaxcnn.create_model(
+        name,
+        num_classes=7,
+        dtype=jnp.bfloat16,
+        drop_rate=0.1,
+        drop_path_rate=0.1,
+        **jit_test_overrides(name),
+    )
     variables = abstract_variables(model, (2, size, size, 3))
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     rngs = {'dropout': jax.random.key(0)}
     for train in (True, False):
-        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=train, rngs=rngs,
-                                                        mutable=['batch_stats']))(variables, x)
+        jaxpr = jax.make_jaxpr(
+            lambda v, x: model.apply(v, x, train=train, rngs=rngs, mutable=['batch_stats'])
+        )(variables, x)
         ops = list(_convolutions_and_products(jaxpr.jaxpr))
         assert ops
-        float32 = [e for e in ops if any(v.aval.dtype == jnp.float32 for v in e.invars)
-                   and not any((f.file_name.endswith(path) and f.function_name == fn)
-                               for f in e.source_info.traceback.frames
-                               for path, fn in _FLOAT32_BY_DESIGN)]
-        assert not float32, (name, train, [(e.primitive.name, [str(v.aval) for v in e.invars])
-                                           for e in float32[:3]])
+        float32 = [
+            e
+            for e in ops
+            if any(v.aval.dtype == jnp.float32 for v in e.invars)
+            and not any(
+                (f.file_name.endswith(path) and f.function_name == fn)
+                for f in e.source_info.traceback.frames
+                for path, fn in _FLOAT32_BY_DESIGN
+            )
+        ]
+        assert not float32, (
+            name,
+            train,
+            [(e.primitive.name, [str(v.aval) for v in e.invars]) for e in float32[:3]],
+        )
 
 
 def pyramidnet_closed_form(depth, alpha, bottleneck, num_classes=10):
@@ -341,7 +415,7 @@ def pyramidnet_closed_form(depth, alpha, bottleneck, num_classes=10):
     total = 3 * 3 * 3 * 16 + bn(16)
     c_in = 16
     for k in range(1, n + 1):
-        d = (16 * n + alpha * k) // n       # eq. 2's floor, in integers
+        d = (16 * n + alpha * k) // n  # eq. 2's floor, in integers
         if bottleneck:
             c_out = 4 * d
             total += bn(c_in) + c_in * d + bn(d) + 9 * d * d + bn(d) + d * c_out + bn(c_out)
@@ -352,10 +426,15 @@ def pyramidnet_closed_form(depth, alpha, bottleneck, num_classes=10):
     return total + bn(c_in) + c_in * num_classes + num_classes
 
 
-@pytest.mark.parametrize('name,overrides', [(n, {}) for n in jaxcnn.list_models('pyramidnet*')] + [
-    # Table 4's alpha-270 rows, built by override (not registered: 0.7-0.8 % above the table)
-    ('pyramidnet110_a48', {'alpha': 270}),
-    ('pyramidnet272_a200_bottleneck', {'alpha': 270, 'depth': 164})])
+@pytest.mark.parametrize(
+    'name,overrides',
+    [(n, {}) for n in jaxcnn.list_models('pyramidnet*')]
+    + [
+        # Table 4's alpha-270 rows, built by override (not registered: 0.7-0.8 % above the table)
+        ('pyramidnet110_a48', {'alpha': 270}),
+        ('pyramidnet272_a200_bottleneck', {'alpha': 270, 'depth': 164}),
+    ],
+)
 def test_pyramidnet_count_equals_hand_count(name, overrides):
     model = jaxcnn.create_model(name, **overrides)
     n = jaxcnn.count_params(abstract_variables(model, (1, 32, 32, 3))['params'])
@@ -369,8 +448,10 @@ def test_cifar_resnet_count_equals_hand_count():
     """ResNet-6n+2 with option A: 3x3 convs 16/32/64 wide, BN after each, no shortcut weights."""
     for depth in (20, 56, 110):
         n = (depth - 2) // 6
-        convs = 9 * 3 * 16 + sum(9 * (c_in * c + c * c) + 9 * (n - 1) * 2 * c * c
-                                 for c_in, c in [(16, 16), (16, 32), (32, 64)])
+        convs = 9 * 3 * 16 + sum(
+            9 * (c_in * c + c * c) + 9 * (n - 1) * 2 * c * c
+            for c_in, c in [(16, 16), (16, 32), (32, 64)]
+        )
         bns = 2 * 16 + 2 * 2 * n * (16 + 32 + 64)
         model = jaxcnn.create_model(f'resnet{depth}')
         got = jaxcnn.count_params(abstract_variables(model, (1, 32, 32, 3))['params'])
@@ -380,7 +461,8 @@ def test_cifar_resnet_count_equals_hand_count():
 def test_shortcut_options_a_b_c():
     """B projects only where the shape changes, C on every block, A never (zero-padding)."""
     count = lambda **kw: jaxcnn.count_params(
-        abstract_variables(jaxcnn.create_model('resnet18', **kw), (1, 64, 64, 3))['params'])
+        abstract_variables(jaxcnn.create_model('resnet18', **kw), (1, 64, 64, 3))['params']
+    )
     b = count(shortcut='B')
     assert b == 11_689_512
     # blocks that keep their shape: two in layer1 (64 ch), the second of layers 2-4
@@ -390,9 +472,15 @@ def test_shortcut_options_a_b_c():
     assert count(shortcut='A') == b - sum(ci * co + 2 * co for ci, co in projections)
 
 
-@pytest.mark.parametrize('name,overrides', [('resnet20', {}), ('resnetv2_50', {}),
-                                            ('wrn_16_8', {'block_dropout': 0.0}),
-                                            ('pyramidnet110_a48', {'depth': 20})])
+@pytest.mark.parametrize(
+    'name,overrides',
+    [
+        ('resnet20', {}),
+        ('resnetv2_50', {}),
+        ('wrn_16_8', {'block_dropout': 0.0}),
+        ('pyramidnet110_a48', {'depth': 20}),
+    ],
+)
 def test_stochastic_depth_on_every_residual_family(name, overrides):
     size = input_size(name)
     x = jnp.asarray(np.random.RandomState(0).randn(4, size, size, 3), jnp.float32)
@@ -400,10 +488,12 @@ def test_stochastic_depth_on_every_residual_family(name, overrides):
     def outputs(rate):
         model = jaxcnn.create_model(name, drop_path_rate=rate, **overrides)
         v = random_variables(model, x.shape)
-        run = lambda k: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(k)},
-                                    mutable=['batch_stats'])[0]
+        run = lambda k: model.apply(
+            v, x, train=True, rngs={'dropout': jax.random.key(k)}, mutable=['batch_stats']
+        )[0]
         return run(0), run(1)
+
     a, b = outputs(0.0)
-    np.testing.assert_allclose(a, b, rtol=1e-6)        # nothing random without drop-path
+    np.testing.assert_allclose(a, b, rtol=1e-6)  # nothing random without drop-path
     a, b = outputs(0.5)
-    assert not np.allclose(a, b)                        # blocks are dropped per sample
+    assert not np.allclose(a, b)  # blocks are dropped per sample

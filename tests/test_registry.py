@@ -1,4 +1,5 @@
 """The public API: names, overrides, metadata, features, and the errors users see."""
+
 import subprocess
 import sys
 
@@ -14,12 +15,24 @@ from helpers import random_variables
 def test_list_models_patterns():
     res = jaxcnn.list_models('res*')
     assert res == sorted(res)
-    for name in ['resnet18', 'resnet50', 'resnet152', 'resnet20', 'resnet1202', 'resnet164',
-                 'resnext50_32x4d', 'resnetv2_50']:
+    for name in [
+        'resnet18',
+        'resnet50',
+        'resnet152',
+        'resnet20',
+        'resnet1202',
+        'resnet164',
+        'resnext50_32x4d',
+        'resnetv2_50',
+    ]:
         assert name in res
     assert 'wrn_28_10' in jaxcnn.list_models('wrn_*')
     assert jaxcnn.list_models('nothing_like_this*') == []
-    assert set(jaxcnn.list_models('*resnet*')) >= {'seresnet50', 'wide_resnet50_2', 'preact_resnet110'}
+    assert set(jaxcnn.list_models('*resnet*')) >= {
+        'seresnet50',
+        'wide_resnet50_2',
+        'preact_resnet110',
+    }
 
 
 def test_unknown_name_lists_closest():
@@ -30,7 +43,9 @@ def test_unknown_name_lists_closest():
 
 
 def test_unknown_override_names_accepted_ones():
-    with pytest.raises(TypeError, match=r'unknown argument\(s\) dropout_rate.*accepted:.*drop_rate'):
+    with pytest.raises(
+        TypeError, match=r'unknown argument\(s\) dropout_rate.*accepted:.*drop_rate'
+    ):
         jaxcnn.create_model('resnet18', dropout_rate=0.1)
 
 
@@ -57,13 +72,22 @@ def test_default_num_classes_follow_the_model():
 
 
 def test_count_params_on_arrays_and_shapes():
-    tree = {'a': jnp.zeros((3, 4)), 'b': {'c': np.zeros(5)}, 'd': jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+    tree = {
+        'a': jnp.zeros((3, 4)),
+        'b': {'c': np.zeros(5)},
+        'd': jax.ShapeDtypeStruct((2, 2), jnp.float32),
+    }
     assert jaxcnn.count_params(tree) == 12 + 5 + 4
 
 
-@pytest.mark.parametrize('name,size,feat', [('resnet18', 64, (2, 2, 512)),
-                                             ('resnetv2_50', 64, (2, 2, 2048)),
-                                             ('resnet20', 32, (8, 8, 64))])
+@pytest.mark.parametrize(
+    'name,size,feat',
+    [
+        ('resnet18', 64, (2, 2, 512)),
+        ('resnetv2_50', 64, (2, 2, 2048)),
+        ('resnet20', 32, (8, 8, 64)),
+    ],
+)
 def test_features_and_pooled_features(name, size, feat):
     model = jaxcnn.create_model(name)
     variables = random_variables(model, (2, size, size, 3))
@@ -83,8 +107,9 @@ def test_dropout_and_drop_path_use_the_dropout_stream():
     model = jaxcnn.create_model('resnet20', drop_rate=0.5, drop_path_rate=0.5)
     variables = random_variables(model, (4, 32, 32, 3))
     x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
-    run = lambda k: model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(k)},
-                                mutable=['batch_stats'])[0]
+    run = lambda k: model.apply(
+        variables, x, train=True, rngs={'dropout': jax.random.key(k)}, mutable=['batch_stats']
+    )[0]
     assert not np.allclose(run(0), run(1))
     np.testing.assert_array_equal(run(3), run(3))
     # inference is deterministic and needs no rng
@@ -92,9 +117,11 @@ def test_dropout_and_drop_path_use_the_dropout_stream():
 
 
 def test_import_does_not_pull_torch_or_tensorflow():
-    code = ('import sys, jaxcnn; jaxcnn.list_models(); import jaxcnn.convert; '
-            'bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "timm")]; '
-            'print(bad); sys.exit(1 if bad else 0)')
+    code = (
+        'import sys, jaxcnn; jaxcnn.list_models(); import jaxcnn.convert; '
+        'bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "timm")]; '
+        'print(bad); sys.exit(1 if bad else 0)'
+    )
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -4,9 +4,9 @@ Every comparison is against the same couplings run with ordinary autodiff, which
 activations (``Stage(reversible=True, recompute=False)``: the same scan and random keys); the
 reversible path must give the same gradients and statistics.
 """
+
 import math
 import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -25,11 +25,12 @@ from jaxcnn.models.revnet import IRevNet, RevNet
 
 class Branch(nn.Module):
     """A small F/G: BN-ReLU-conv3x3-dropout (randomness and batch statistics both exercised)."""
+
     channels: int
     dropout: float = 0.0
     dtype: object = None
     param_dtype: object = jnp.float32
-    gain: float = 2.0     # He init; the inversion tests use a smaller gain (see there)
+    gain: float = 2.0  # He init; the inversion tests use a smaller gain (see there)
 
     @nn.compact
     def __call__(self, x, train=False):
@@ -42,29 +43,51 @@ class Branch(nn.Module):
 
 class Sequence(nn.Module):
     """``n`` couplings of two Branch instances as a reversible stage, called (x1, x2)."""
+
     stage: Stage
 
     def __call__(self, x1, x2, train=False, inverse=False):
         return self.stage((x1, x2), train, inverse)
 
 
-def sequence(channels, n, reversible, dropout=0.0, drop_path=0.0, dtype=None,
-             param_dtype=jnp.float32, gain=2.0, unroll=1):
-    branch = dict(channels=channels, dropout=dropout, dtype=dtype, param_dtype=param_dtype, gain=gain)
+def sequence(
+    channels,
+    n,
+    reversible,
+    dropout=0.0,
+    drop_path=0.0,
+    dtype=None,
+    param_dtype=jnp.float32,
+    gain=2.0,
+    unroll=1,
+):
+    branch = dict(
+        channels=channels, dropout=dropout, dtype=dtype, param_dtype=param_dtype, gain=gain
+    )
     rates = [drop_path * (i + 1) / n for i in range(n)]
-    blocks = stage_blocks(Coupling, [dict(branch=Branch, branch_fields=tuple(sorted(branch.items())),
-                                          drop_path=r) for r in rates])
+    blocks = stage_blocks(
+        Coupling,
+        [
+            dict(branch=Branch, branch_fields=tuple(sorted(branch.items())), drop_path=r)
+            for r in rates
+        ],
+    )
     return Sequence(Stage(blocks, unrolled=0, reversible=True, recompute=reversible, unroll=unroll))
 
 
 def randomise_stats(variables, seed):
     """Non-trivial running statistics, so eval-mode BN is not the identity."""
     rng = np.random.RandomState(seed)
+
     def fill(path, x):
         if path[-1].key == 'var':
             return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
         return jnp.asarray(rng.randn(*x.shape) * 0.3, x.dtype)
-    return {**variables, 'batch_stats': jax.tree_util.tree_map_with_path(fill, variables['batch_stats'])}
+
+    return {
+        **variables,
+        'batch_stats': jax.tree_util.tree_map_with_path(fill, variables['batch_stats']),
+    }
 
 
 def halves(seed, shape, dtype=jnp.float32):
@@ -96,10 +119,14 @@ def _inversion_error(dtype):
     inv = jit_once(lambda v, a, b: seq.apply(v, a, b, False, inverse=True))
     y1, y2 = fwd(variables, x1, x2)
     r1, r2 = inv(variables, y1, y2)
-    err = max(float(jnp.max(jnp.abs(r1.astype(jnp.float32) - x1.astype(jnp.float32)))),
-              float(jnp.max(jnp.abs(r2.astype(jnp.float32) - x2.astype(jnp.float32)))))
-    scale = max(float(jnp.max(jnp.abs(y1.astype(jnp.float32)))),
-                float(jnp.max(jnp.abs(y2.astype(jnp.float32)))))
+    err = max(
+        float(jnp.max(jnp.abs(r1.astype(jnp.float32) - x1.astype(jnp.float32)))),
+        float(jnp.max(jnp.abs(r2.astype(jnp.float32) - x2.astype(jnp.float32)))),
+    )
+    scale = max(
+        float(jnp.max(jnp.abs(y1.astype(jnp.float32)))),
+        float(jnp.max(jnp.abs(y2.astype(jnp.float32)))),
+    )
     return err, scale
 
 
@@ -108,7 +135,7 @@ def test_inversion_error_fp32_deep_stack():
     one rounding of the running sum, so the error grows at most ~ depth * eps * max|y|.
     Bound: 2 * depth * 2^-23 * max|y| (about 8e-6 relative)."""
     err, scale = _inversion_error(jnp.float32)
-    bound = 2 * DEPTH * 2.0 ** -23 * scale
+    bound = 2 * DEPTH * 2.0**-23 * scale
     assert err <= bound, (err, bound, scale)
 
 
@@ -117,9 +144,11 @@ def test_inversion_error_bf16_is_measured():
     and rounding of F's output in bf16 adds as much again per block, so we only assert
     4 * depth * 2^-8 * max|y| (the loose worst case); the measured value is printed."""
     err, scale = _inversion_error(jnp.bfloat16)
-    print(f'bf16 inversion error over {DEPTH} couplings: {err:.3g} (max|y| = {scale:.3g}, '
-          f'relative {err / scale:.3g})')
-    assert err <= 4 * DEPTH * 2.0 ** -8 * scale, (err, scale)
+    print(
+        f'bf16 inversion error over {DEPTH} couplings: {err:.3g} (max|y| = {scale:.3g}, '
+        f'relative {err / scale:.3g})'
+    )
+    assert err <= 4 * DEPTH * 2.0**-8 * scale, (err, scale)
 
 
 def test_space_to_depth_is_a_bijection():
@@ -132,12 +161,20 @@ def test_space_to_depth_is_a_bijection():
 # ---------------------------------------------------------------------------------------------
 # Gradients: custom VJP == ordinary autodiff
 
+
 def _grads(seq, variables, x1, x2, key):
     def loss(params, a, b):
-        (y1, y2), state = seq.apply({**variables, 'params': params}, a, b, True,
-                                    rngs={'dropout': key}, mutable=['batch_stats'])
+        (y1, y2), state = seq.apply(
+            {**variables, 'params': params},
+            a,
+            b,
+            True,
+            rngs={'dropout': key},
+            mutable=['batch_stats'],
+        )
         # a loss that mixes both halves non-linearly, so every path carries gradient
-        return jnp.sum(jnp.tanh(y1) * y2) + jnp.sum(y2 ** 2) * 0.01, state
+        return jnp.sum(jnp.tanh(y1) * y2) + jnp.sum(y2**2) * 0.01, state
+
     return jit_once(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(variables['params'], x1, x2)
 
 
@@ -171,18 +208,27 @@ def test_reversible_pass_passes_check_grads_in_every_mode():
     to second order (forward over reverse among them), through BN in training mode, dropout and
     stochastic depth (masks fixed by the key)."""
     with jax.enable_x64(True):
-        seq = sequence(2, 2, True, dropout=0.2, drop_path=0.3, dtype=jnp.float64,
-                       param_dtype=jnp.float64)
+        seq = sequence(
+            2, 2, True, dropout=0.2, drop_path=0.3, dtype=jnp.float64, param_dtype=jnp.float64
+        )
         x1, x2 = halves(3, (3, 4, 4, 2), jnp.float64)
         variables = seq.init(jax.random.key(0), x1, x2)
         stats = variables['batch_stats']
 
         def f(params, a, b):
-            (y1, y2), _ = seq.apply({'params': params, 'batch_stats': stats}, a, b, True,
-                                    rngs={'dropout': jax.random.key(7)}, mutable=['batch_stats'])
+            (y1, y2), _ = seq.apply(
+                {'params': params, 'batch_stats': stats},
+                a,
+                b,
+                True,
+                rngs={'dropout': jax.random.key(7)},
+                mutable=['batch_stats'],
+            )
             return y1, y2
 
-        check_grads(f, (variables['params'], x1, x2), order=2, modes=['fwd', 'rev'], atol=1e-5, rtol=1e-5)
+        check_grads(
+            f, (variables['params'], x1, x2), order=2, modes=['fwd', 'rev'], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_batch_stats_updated_once_like_autodiff():
@@ -198,8 +244,11 @@ def test_batch_stats_updated_once_like_autodiff():
     old = f_stats(variables['batch_stats'])[0]
     expected = 0.9 * old + 0.1 * jnp.mean(x2, axis=(0, 1, 2))
     np.testing.assert_allclose(f_stats(state['batch_stats'])[0], expected, rtol=1e-5, atol=1e-6)
-    for a, b, before in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state),
-                            jax.tree.leaves(variables['batch_stats'])):
+    for a, b, before in zip(
+        jax.tree.leaves(state),
+        jax.tree.leaves(ref_state),
+        jax.tree.leaves(variables['batch_stats']),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert not np.allclose(a, before)
 
@@ -216,15 +265,26 @@ def test_revnet_model_gradients_equal_autodiff():
 
     def grads(model):
         def loss(params):
-            logits, state = model.apply({**variables, 'params': params}, x, train=True,
-                                        rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
+            logits, state = model.apply(
+                {**variables, 'params': params},
+                x,
+                train=True,
+                rngs={'dropout': jax.random.key(2)},
+                mutable=['batch_stats'],
+            )
             return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), state
+
         return jit_once(jax.grad(loss, has_aux=True))(variables['params'])
 
     (g, s), (r, rs) = grads(rev), grads(plain)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(r)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 + 1e-4 * float(jnp.max(jnp.abs(b))),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            a,
+            b,
+            rtol=1e-3,
+            atol=1e-5 + 1e-4 * float(jnp.max(jnp.abs(b))),
+            err_msg=jax.tree_util.keystr(path),
+        )
         if float(jnp.max(jnp.abs(b))) > 0:
             assert angle_deg(a, b) < 1.0, jax.tree_util.keystr(path)
     for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(rs)):
@@ -234,6 +294,7 @@ def test_revnet_model_gradients_equal_autodiff():
 # ---------------------------------------------------------------------------------------------
 # i-RevNet
 
+
 def test_irevnet_inverse_reconstructs_input():
     """Odd and even stage lengths (half-couplings unrolled and paired), BN with running stats."""
     # each stage's width is 4x the previous half: the 2x2 squeeze quadruples channels
@@ -241,7 +302,7 @@ def test_irevnet_inverse_reconstructs_input():
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     variables = randomise_stats(jit_once(model.init)(jax.random.key(1), x), 4)
     z = jit_once(lambda v, x: model.apply(v, x, features_only=True))(variables, x)
-    assert z.size == x.size                     # bijective: nothing added, nothing dropped
+    assert z.size == x.size  # bijective: nothing added, nothing dropped
     back = jit_once(lambda v, z: model.apply(v, z, method=IRevNet.inverse))(variables, z)
     np.testing.assert_allclose(back, x, atol=2e-4 * float(jnp.max(jnp.abs(z))))
     logits = model.apply(variables, x)
@@ -253,7 +314,7 @@ def test_irevnet_injective_padding_is_undone():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     variables = jit_once(model.init)(jax.random.key(1), x)
     z = model.apply(variables, x, features_only=True)
-    assert z.size == x.size + 2 * 4 * 4 * 20     # 20 zero channels after the 2x2 squeeze
+    assert z.size == x.size + 2 * 4 * 4 * 20  # 20 zero channels after the 2x2 squeeze
     back = model.apply(variables, z, method=IRevNet.inverse)
     np.testing.assert_allclose(back, x, atol=1e-4)
 
@@ -261,7 +322,7 @@ def test_irevnet_injective_padding_is_undone():
 def irevnet_closed_form(blocks, channels, init_ds=2, in_channels=3, num_classes=1000):
     """i-RevNet parameters by hand: per half-block F = [BN] conv3x3 c_in->c/4, BN, conv3x3
     c/4->c/4, BN, conv3x3 c/4->c (no biases); final BN on 2c and the linear classifier."""
-    half = in_channels * init_ds ** 2 // 2
+    half = in_channels * init_ds**2 // 2
     total = 0
     for s, (n, c) in enumerate(zip(blocks, channels)):
         mid = c // 4
@@ -283,7 +344,8 @@ def test_irevnet_count_equals_hand_count():
 def test_revnet38_se_count_is_revnet38_plus_se():
     """SE on c channels: two 1x1 convs with bias through rd = max(8, c/16 rounded to 8)."""
     count = lambda name: jaxcnn.count_params(
-        abstract_variables(jaxcnn.create_model(name), (1, 32, 32, 3))['params'])
+        abstract_variables(jaxcnn.create_model(name), (1, 32, 32, 3))['params']
+    )
     se = lambda c: 2 * c * 8 + 8 + c
     # 2 reversible units per stage, an SE in each of F and G; half widths 16, 32, 56
     assert count('revnet38_se') - count('revnet38') == 4 * (se(16) + se(32) + se(56))
@@ -299,8 +361,19 @@ FMNIST = os.environ.get('JAXCNN_FMNIST_DIR', '/usr/share/datasets/fashion-mnist'
 def test_revnet38_fmnist_smoke_trains(tmp_path):
     import json
     from jaxcnn import train
-    assert train.main(['--config', 'revnet38_fmnist:smoke', '--workdir', str(tmp_path),
-                       '--config.num_steps=16']) == 0
+
+    assert (
+        train.main(
+            [
+                '--config',
+                'revnet38_fmnist:smoke',
+                '--workdir',
+                str(tmp_path),
+                '--config.num_steps=16',
+            ]
+        )
+        == 0
+    )
     records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
     losses = [r['loss'] for r in records if r['kind'] == 'train']
     config = json.load(open(tmp_path / 'config.json'))

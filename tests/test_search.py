@@ -1,5 +1,6 @@
 """FBNet's architecture search (jaxcnn/search.py): the supernet's mixing, the cost table and
 loss, the export to a stage table and a registered model, and a tiny search end to end."""
+
 import json
 import os
 import tempfile
@@ -22,23 +23,29 @@ from jaxcnn.models.mnasnet import FBNET_C
 from helpers import jit_once
 
 FMNIST = os.environ.get('JAXCNN_FMNIST_DIR', '/usr/share/datasets/fashion-mnist')
-jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(tempfile.gettempdir(), 'jaxcnn_test_xla_cache'))
+jax.config.update(
+    'jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'jaxcnn_test_xla_cache')
+)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 CANDS = search.DEFAULT_CANDIDATES
-SMALL_MACRO = (search.MacroStage(16, 1, 1), search.MacroStage(24, 2, 2),
-               search.MacroStage(32, 1, 2))
+SMALL_MACRO = (
+    search.MacroStage(16, 1, 1),
+    search.MacroStage(24, 2, 2),
+    search.MacroStage(32, 1, 2),
+)
 
 # FBNet-C's block per searchable layer of Table 1 (the fbnetc_100 table, 21 blocks), with the
 # one skip of its 24-channel stage last: an identity layer's position does not change the net.
-FBNET_C_CHOICES = (['k3_e1']
-                   + ['k3_e6', 'k3_e1', 'k3_e1', 'skip']
-                   + ['k5_e6', 'k5_e3', 'k5_e6', 'k3_e6']
-                   + ['k5_e6', 'k5_e3', 'k5_e6', 'k5_e6']
-                   + ['k5_e6', 'k5_e6', 'k5_e6', 'k5_e3']
-                   + ['k5_e6'] * 4
-                   + ['k3_e6'])
+FBNET_C_CHOICES = (
+    ['k3_e1']
+    + ['k3_e6', 'k3_e1', 'k3_e1', 'skip']
+    + ['k5_e6', 'k5_e3', 'k5_e6', 'k3_e6']
+    + ['k5_e6', 'k5_e3', 'k5_e6', 'k5_e6']
+    + ['k5_e6', 'k5_e6', 'k5_e6', 'k5_e3']
+    + ['k5_e6'] * 4
+    + ['k3_e6']
+)
 
 
 def _random(rng, shape):
@@ -56,8 +63,13 @@ def test_mixed_layer_with_one_hot_weights_is_that_candidate_alone():
             alone = x
         else:
             block = MBConv('ir', 16, cand.kernel, 1, cand.exp)
-            alone = block.apply({'params': variables['params'][name],
-                                 'batch_stats': variables['batch_stats'][name]}, x)
+            alone = block.apply(
+                {
+                    'params': variables['params'][name],
+                    'batch_stats': variables['batch_stats'][name],
+                },
+                x,
+            )
         np.testing.assert_allclose(mixed, alone, atol=1e-5, err_msg=name)
 
 
@@ -98,35 +110,54 @@ def test_supernet_on_one_path_equals_the_exported_network():
     supernet = search.SuperNet(SMALL_MACRO, CANDS, stem_width=16, num_features=64)
     mask = search.candidate_mask(specs, CANDS)
     x = _random(np.random.RandomState(2), (2, 32, 32, 1))
-    variables = jit_once(supernet.init)(jax.random.key(1), x,
-                                        search.mixing_weights(jnp.zeros(mask.shape), mask, 1.0))
+    variables = jit_once(supernet.init)(
+        jax.random.key(1), x, search.mixing_weights(jnp.zeros(mask.shape), mask, 1.0)
+    )
     # k5_e3 | k3_e6 (stride 2), skip | k3_e1 (stride 2)
     choices = [CANDS.index(n) for n in ('k5_e3', 'k3_e6', 'skip', 'k3_e1')]
     stages = search.choices_to_stages(specs, [CANDS[k] for k in choices])
-    assert stages == ((Row('ir', 1, 5, 1, 3, 16),), (Row('ir', 1, 3, 2, 6, 24),),
-                      (Row('ir', 1, 3, 2, 1, 32),))
-    net = MBConvNet(stages, stem_width=16, num_features=64, head_scaling='fixed', act='relu',
-                    num_classes=10, scan_blocks=False)
+    assert stages == (
+        (Row('ir', 1, 5, 1, 3, 16),),
+        (Row('ir', 1, 3, 2, 6, 24),),
+        (Row('ir', 1, 3, 2, 1, 32),),
+    )
+    net = MBConvNet(
+        stages,
+        stem_width=16,
+        num_features=64,
+        head_scaling='fixed',
+        act='relu',
+        num_classes=10,
+        scan_blocks=False,
+    )
     subnet_variables = _subnet_variables(variables, specs, choices)
     expected = jit_once(lambda v, x: net.apply(v, x, train=False))(subnet_variables, x)
     got = jit_once(lambda v, x, w: supernet.apply(v, x, w, train=False))(
-        variables, x, search.one_hot_weights(choices, len(CANDS)))
+        variables, x, search.one_hot_weights(choices, len(CANDS))
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('in_ch,size,out_ch,stride', [(16, 14, 16, 1), (24, 7, 32, 2),
-                                                      (32, 4, 64, 1)])
+@pytest.mark.parametrize(
+    'in_ch,size,out_ch,stride', [(16, 14, 16, 1), (24, 7, 32, 2), (32, 4, 64, 1)]
+)
 def test_flops_table_is_the_hand_count(in_ch, size, out_ch, stride):
     spec = search.LayerSpec(0, in_ch, size, out_ch, stride)
     out = (size + stride - 1) // stride
     for name in CANDS:
         cand = search.CANDIDATES[name]
         mid = in_ch * cand.exp
-        assert cand.is_skip or make_divisible(mid) == mid     # widths where no rounding happens
+        assert cand.is_skip or make_divisible(mid) == mid  # widths where no rounding happens
         # 1x1 expand at the input size + kxk depthwise + 1x1 project at the output size
-        hand = 0 if cand.is_skip else (size * size * in_ch * mid
-                                       + out * out * mid * cand.kernel ** 2
-                                       + out * out * mid * out_ch)
+        hand = (
+            0
+            if cand.is_skip
+            else (
+                size * size * in_ch * mid
+                + out * out * mid * cand.kernel**2
+                + out * out * mid * out_ch
+            )
+        )
         assert search.candidate_macs(spec, cand) == hand, name
     table = search.cost_table([spec], CANDS, 'flops', unit=1.0)
     assert table[0, CANDS.index('k5_e6')] == search.candidate_macs(spec, search.CANDIDATES['k5_e6'])
@@ -136,7 +167,7 @@ def test_cost_term_pushes_theta_towards_cheaper_blocks():
     specs = search.layer_specs(SMALL_MACRO, 16, 32)
     mask = search.candidate_mask(specs, CANDS)
     table = jnp.asarray(search.cost_table(specs, CANDS, 'flops', unit=1e3))
-    ce = 1.7                                         # cross-entropy held fixed
+    ce = 1.7  # cross-entropy held fixed
 
     def loss(theta, rng):
         m = search.mixing_weights(theta, mask, 2.0, rng)
@@ -162,11 +193,18 @@ def test_cost_term_pushes_theta_towards_cheaper_blocks():
 def test_fbnet_macro_and_fbnet_c_choices_give_the_fbnet_c_table():
     macro = search.FBNET_MACRO
     specs = search.layer_specs(macro.stages, macro.stem_width, 224)
-    assert len(specs) == 22                                              # Table 1
-    firsts = [0, 1, 5, 9, 13, 17, 21]                                    # each stage's first
+    assert len(specs) == 22  # Table 1
+    firsts = [0, 1, 5, 9, 13, 17, 21]  # each stage's first
     # Table 1's input column: 112^2 x 16, 112^2 x 16, 56^2 x 24, 28^2 x 32, 14^2 x 64, ...
     assert [(specs[l].in_size, specs[l].in_ch) for l in firsts] == [
-        (112, 16), (112, 16), (56, 24), (28, 32), (14, 64), (14, 112), (7, 184)]
+        (112, 16),
+        (112, 16),
+        (56, 24),
+        (28, 32),
+        (14, 64),
+        (14, 112),
+        (7, 184),
+    ]
     assert [specs[l].stride for l in firsts] == [1, 2, 2, 2, 1, 2, 1]
     assert specs[-1].out_ch == 352
     mask = search.candidate_mask(specs, CANDS)
@@ -175,10 +213,12 @@ def test_fbnet_macro_and_fbnet_c_choices_give_the_fbnet_c_table():
     assert search.choices_to_stages(specs, FBNET_C_CHOICES) == FBNET_C
     # the searchable layers' MACs plus stem, head and classifier are fbnetc_100's
     from jaxcnn.summary import layer_costs
-    searched = sum(search.candidate_macs(s, search.CANDIDATES[n])
-                   for s, n in zip(specs, FBNET_C_CHOICES))
+
+    searched = sum(
+        search.candidate_macs(s, search.CANDIDATES[n]) for s, n in zip(specs, FBNET_C_CHOICES)
+    )
     stem = 112 * 112 * 16 * 3 * 9
-    head = 7 * 7 * 352 * 1984 + 7 * 7 * 1984 + 1984 * 1000    # 1x1 conv, average pool, fc
+    head = 7 * 7 * 352 * 1984 + 7 * 7 * 1984 + 1984 * 1000  # 1x1 conv, average pool, fc
     total = sum(r.macs for r in layer_costs('fbnetc_100', 224))
     assert searched + stem + head == total
 
@@ -192,16 +232,22 @@ def _write_arch(path, stages, **model):
 def test_exported_architecture_registers_with_the_hand_built_count(tmp_path):
     specs = search.layer_specs(SMALL_MACRO, 16, 28)
     stages = search.choices_to_stages(specs, ['k3_e3', 'k5_e6', 'k5_e6', 'k3_e1'])
-    assert stages == ((Row('ir', 1, 3, 1, 3, 16),), (Row('ir', 2, 5, 2, 6, 24),),
-                      (Row('ir', 1, 3, 2, 1, 32),))
-    path = _write_arch(tmp_path / 'architecture.json', stages, stem_width=16, num_features=96,
-                       act='relu')
-    hand = MBConvNet(stages, stem_width=16, num_features=96, head_scaling='fixed', act='relu',
-                     num_classes=10)
+    assert stages == (
+        (Row('ir', 1, 3, 1, 3, 16),),
+        (Row('ir', 2, 5, 2, 6, 24),),
+        (Row('ir', 1, 3, 2, 1, 32),),
+    )
+    path = _write_arch(
+        tmp_path / 'architecture.json', stages, stem_width=16, num_features=96, act='relu'
+    )
+    hand = MBConvNet(
+        stages, stem_width=16, num_features=96, head_scaling='fixed', act='relu', num_classes=10
+    )
 
     def count(model):
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
-                                                   train=False))
+        shapes = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+        )
         return jaxcnn.count_params(shapes['params']), jax.tree.structure(shapes)
 
     n_hand, tree_hand = count(hand)
@@ -221,12 +267,15 @@ def test_exported_architecture_registers_with_the_hand_built_count(tmp_path):
 
 
 def test_bad_settings_are_one_line_errors(capsys):
-    for argv, word in [(['--config.search.alhpa=1'], 'alpha'),
-                       (['--config.batchsize=8'], 'batch_size'),
-                       (['--config.search.cost=energy'], 'flops')]:
+    for argv, word in [
+        (['--config.search.alhpa=1'], 'alpha'),
+        (['--config.batchsize=8'], 'batch_size'),
+        (['--config.search.cost=energy'], 'flops'),
+    ]:
         with pytest.raises(SystemExit) as e:
-            config_lib.run_cli(lambda: search.main(['--config', 'fbnet_search_fmnist:smoke',
-                                                    *argv]))
+            config_lib.run_cli(
+                lambda: search.main(['--config', 'fbnet_search_fmnist:smoke', *argv])
+            )
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith('error:') and word in err[0], err
@@ -235,14 +284,22 @@ def test_bad_settings_are_one_line_errors(capsys):
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
 def test_an_empty_batch_is_one_line_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match='batch_size=0: a batch needs at least one example'):
-        search.main(['--config', 'fbnet_search_fmnist:smoke', '--config.batch_size=0',
-                     '--workdir', str(tmp_path / 'search')])
+        search.main(
+            [
+                '--config',
+                'fbnet_search_fmnist:smoke',
+                '--config.batch_size=0',
+                '--workdir',
+                str(tmp_path / 'search'),
+            ]
+        )
     assert not (tmp_path / 'search').exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
 def test_smoke_search_end_to_end_and_the_found_network_trains(tmp_path):
     from jaxcnn import train
+
     workdir = tmp_path / 'search'
     assert search.main(['--config', 'fbnet_search_fmnist:smoke', '--workdir', str(workdir)]) == 0
     arch = json.load(open(workdir / 'architecture.json'))
@@ -256,9 +313,18 @@ def test_smoke_search_end_to_end_and_the_found_network_trains(tmp_path):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
     results = json.load(open(workdir / 'results.json'))
     assert results['arch_steps'] > 0 and 0.0 <= results['supernet_test_accuracy'] <= 1.0
-    assert train.main(['--config', 'fbnet_search_fmnist:train_smoke', '--workdir',
-                       str(tmp_path / 'train'),
-                       f'--config.model_kwargs.arch={workdir / "architecture.json"}']) == 0
+    assert (
+        train.main(
+            [
+                '--config',
+                'fbnet_search_fmnist:train_smoke',
+                '--workdir',
+                str(tmp_path / 'train'),
+                f'--config.model_kwargs.arch={workdir / "architecture.json"}',
+            ]
+        )
+        == 0
+    )
     trained = json.load(open(tmp_path / 'train' / 'results.json'))
     assert trained['model'] == 'fbnet_searched' and trained['step'] == 4
 
@@ -266,6 +332,7 @@ def test_smoke_search_end_to_end_and_the_found_network_trains(tmp_path):
 def _saved_search(workdir):
     """The last checkpoint of a search, as saved (nested dicts of arrays)."""
     from jaxcnn import checkpoint as ckpt_lib
+
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
     try:
         return ckpt.latest_step(), ckpt.restore_arrays()
@@ -275,10 +342,12 @@ def _saved_search(workdir):
 
 def _assert_same_arrays(a, b):
     """Bit-equal trees of arrays (typed PRNG keys compared by their key data)."""
+
     def same(x, y):
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         np.testing.assert_array_equal(x, y)
+
     jax.tree.map(same, a, b)
 
 
@@ -287,9 +356,16 @@ def test_a_search_preempted_and_run_again_ends_as_an_uninterrupted_one(tmp_path,
     # The smoke search without warm-up, so that the epoch it resumes from has trained theta
     # (and theta's Adam moments): 2 epochs of 3 weight + 3 architecture steps.
     def run(name, *overrides):
-        return search.main(['--config', 'fbnet_search_fmnist:smoke',
-                            '--config.search.warmup_epochs=0', '--workdir', str(tmp_path / name),
-                            *overrides])
+        return search.main(
+            [
+                '--config',
+                'fbnet_search_fmnist:smoke',
+                '--config.search.warmup_epochs=0',
+                '--workdir',
+                str(tmp_path / name),
+                *overrides,
+            ]
+        )
 
     assert run('uninterrupted') == 0
     capsys.readouterr()
@@ -302,25 +378,34 @@ def test_a_search_preempted_and_run_again_ends_as_an_uninterrupted_one(tmp_path,
     assert run('resumed') == 0
     assert 'at epoch 1.' in capsys.readouterr().out
 
-    (epochs_a, a), (epochs_b, b) = (_saved_search(tmp_path / name)
-                                    for name in ('uninterrupted', 'resumed'))
+    (epochs_a, a), (epochs_b, b) = (
+        _saved_search(tmp_path / name) for name in ('uninterrupted', 'resumed')
+    )
     assert epochs_a == epochs_b == 2
     # the whole search state, bit for bit: the weights' TrainState (parameters, BatchNorm
     # statistics, SGD momentum, step, key) and theta with its Adam state
     assert int(a['arch']['step']) == 6 and int(a['weights']['step']) == 6
     _assert_same_arrays(a['weights'], b['weights'])
     _assert_same_arrays(a['arch'], b['arch'])
-    arch_a, arch_b = (json.load(open(tmp_path / name / 'architecture.json'))
-                      for name in ('uninterrupted', 'resumed'))
+    arch_a, arch_b = (
+        json.load(open(tmp_path / name / 'architecture.json'))
+        for name in ('uninterrupted', 'resumed')
+    )
     assert arch_a['theta'] == arch_b['theta'] and arch_a['choices'] == arch_b['choices']
-    assert np.abs(np.asarray(arch_a['theta'])).max() > 0     # theta moved from its start
+    assert np.abs(np.asarray(arch_a['theta'])).max() > 0  # theta moved from its start
     # results.json: the same accuracies and per-epoch history (but for the seconds taken)
-    res_a, res_b = (json.load(open(tmp_path / name / 'results.json'))
-                    for name in ('uninterrupted', 'resumed'))
-    untimed = lambda history: [{k: v for k, v in r.items() if k != 'epoch_seconds'}
-                               for r in history]
+    res_a, res_b = (
+        json.load(open(tmp_path / name / 'results.json')) for name in ('uninterrupted', 'resumed')
+    )
+    untimed = lambda history: [
+        {k: v for k, v in r.items() if k != 'epoch_seconds'} for r in history
+    ]
     assert len(res_a['history']) == 2
     assert untimed(res_a['history']) == untimed(res_b['history'])
-    for key in ('supernet_test_accuracy', 'argmax_path_test_accuracy', 'weight_steps',
-                'arch_steps'):
+    for key in (
+        'supernet_test_accuracy',
+        'argmax_path_test_accuracy',
+        'weight_steps',
+        'arch_steps',
+    ):
         assert res_a[key] == res_b[key], key

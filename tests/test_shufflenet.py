@@ -1,5 +1,6 @@
 """ShuffleNet v1 against the paper's Table 1 (hand counts, widths, complexity), the channel
 shuffle against an independent permutation, and ShuffleNet v2's channel split."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from helpers import abstract_variables, random_variables
 
 # Zhang et al. 2018, Table 1 (ShuffleNet 1x): stage-2 output channels and complexity (MFLOPs).
 TABLE1 = {1: (144, 143), 2: (200, 140), 3: (240, 137), 4: (272, 133), 8: (384, 137)}
-REPEATS = (3, 7, 3)          # units after the first (stride-2) unit of stages 2, 3, 4
+REPEATS = (3, 7, 3)  # units after the first (stride-2) unit of stages 2, 3, 4
 
 
 def v1_units(g, c2):
@@ -29,14 +30,14 @@ def v1_units(g, c2):
 
 def v1_hand_count(g, c2, num_classes=1000):
     bn = lambda c: 2 * c
-    total = 3 * 3 * 3 * 24 + bn(24)                                  # conv1 + BN
+    total = 3 * 3 * 3 * 24 + bn(24)  # conv1 + BN
     for cin, c, stride, g1, _ in v1_units(g, c2):
         mid = c // 4
-        branch = c - cin if stride == 2 else c                        # stride 2 concatenates the input
-        total += cin // g1 * mid + bn(mid)                            # 1x1 GConv
-        total += 9 * mid + bn(mid)                                    # 3x3 DWConv
-        total += mid // g * branch + bn(branch)                       # 1x1 GConv
-    return total + 4 * c2 * num_classes + num_classes                 # FC
+        branch = c - cin if stride == 2 else c  # stride 2 concatenates the input
+        total += cin // g1 * mid + bn(mid)  # 1x1 GConv
+        total += 9 * mid + bn(mid)  # 3x3 DWConv
+        total += mid // g * branch + bn(branch)  # 1x1 GConv
+    return total + 4 * c2 * num_classes + num_classes  # FC
 
 
 def v1_conv_mult_adds(g, c2):
@@ -45,7 +46,7 @@ def v1_conv_mult_adds(g, c2):
     in_size = 56
     for cin, c, stride, g1, size in v1_units(g, c2):
         mid, branch = c // 4, c - cin if stride == 2 else c
-        total += in_size ** 2 * cin * mid // g1 + size ** 2 * 9 * mid + size ** 2 * mid * branch // g
+        total += in_size**2 * cin * mid // g1 + size**2 * 9 * mid + size**2 * mid * branch // g
         in_size = size
     return total
 
@@ -60,8 +61,12 @@ def test_v1_matches_table1(g):
     # put g = 2, 4, 8 one MFLOP above the table
     assert abs(v1_conv_mult_adds(g, c2) / 1e6 - mflops) <= 0.5
     # output channels and sizes of stages 2-4 (28, 14, 7 px at 224)
-    _, state = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 224, 224, 3)),
-                                                  capture_intermediates=True, mutable=['intermediates']), variables)
+    _, state = jax.eval_shape(
+        lambda v: model.apply(
+            v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True, mutable=['intermediates']
+        ),
+        variables,
+    )
     inter = state['intermediates']
     for stage, (c, size, r) in enumerate(zip((c2, 2 * c2, 4 * c2), (28, 14, 7), REPEATS)):
         assert inter[f'stage{stage + 2}'][str(r)]['__call__'][0].shape == (1, size, size, c)
@@ -84,7 +89,7 @@ def test_channel_shuffle_is_the_papers_permutation():
     np.testing.assert_array_equal(np.asarray(channel_shuffle(jnp.asarray(x), g)), x[..., perm])
     # so each group of the next grouped conv (n consecutive channels) draws on every old group
     for j in range(g):
-        assert {c // n for c in perm[j * n:(j + 1) * n]} == set(range(g))
+        assert {c // n for c in perm[j * n : (j + 1) * n]} == set(range(g))
 
 
 def test_v2_unit_splits_channels_and_keeps_half():
@@ -104,13 +109,19 @@ def test_v2_unit_splits_channels_and_keeps_half():
     assert down.apply(random_variables(down, xd.shape), xd).shape == (2, 3, 3, 16)
 
 
-@pytest.mark.parametrize('name,chs', [('shufflenet_v2_x0_5', (48, 96, 192, 1024)),
-                                      ('shufflenet_v2_x2_0', (244, 488, 976, 2048))])
+@pytest.mark.parametrize(
+    'name,chs',
+    [('shufflenet_v2_x0_5', (48, 96, 192, 1024)), ('shufflenet_v2_x2_0', (244, 488, 976, 2048))],
+)
 def test_v2_stage_widths_follow_table5(name, chs):
     model = jaxcnn.create_model(name)
     v = abstract_variables(model, (1, 224, 224, 3))
-    _, state = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 224, 224, 3)),
-                                                  capture_intermediates=True, mutable=['intermediates']), v)
+    _, state = jax.eval_shape(
+        lambda v: model.apply(
+            v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True, mutable=['intermediates']
+        ),
+        v,
+    )
     inter = state['intermediates']
     for stage, (c, size, last) in enumerate(zip(chs, (28, 14, 7), (3, 7, 3))):
         assert inter[f'stage{stage + 2}'][str(last)]['__call__'][0].shape == (1, size, size, c)

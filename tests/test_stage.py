@@ -1,6 +1,7 @@
 """The stage helper (layers/stage.py): every model that can stack its stages has the same
 weight-decay mask, AGC clipping and optimiser step stacked as unrolled, leaf by leaf and block by
 block; stacked and unrolled stages compute the same function."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -52,6 +53,7 @@ def _filled(shapes, seed):
     def fill(shape):
         scale = 10.0 ** rng.uniform(-3, 1, size=shape[-1:]) if shape else 1.0
         return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
     return {k: fill(s) for k, s in shapes.items()}
 
 
@@ -63,7 +65,7 @@ def _stacked_leaves(flat):
         if not is_stacked(key):
             continue
         i = key.index(STACKED)
-        prefix, rest = key[:i], key[i + 2:]
+        prefix, rest = key[:i], key[i + 2 :]
         first = len({k[i] for k in flat if k[:i] == prefix and k[i].isdigit()})
         out[key] = [(*prefix, str(first + b), *rest) for b in range(shape.shape[0])]
     return out
@@ -71,8 +73,16 @@ def _stacked_leaves(flat):
 
 def test_every_stacking_family_is_covered():
     families = {jaxcnn.model_info(n).family for n in SCANNABLE}
-    assert {'resnet', 'resnet_cifar', 'convnext', 'efficientnet', 'nfnet', 'multiresnet',
-            'revnet', 'irevnet'} <= families, families
+    assert {
+        'resnet',
+        'resnet_cifar',
+        'convnext',
+        'efficientnet',
+        'nfnet',
+        'multiresnet',
+        'revnet',
+        'irevnet',
+    } <= families, families
 
 
 @pytest.mark.parametrize('name', SCANNABLE)
@@ -94,7 +104,9 @@ def test_masks_agc_and_updates_equal_stacked_and_unrolled(name):
         assert all(mask_u[b] == mask_s[key] for b in blocks), ('/'.join(key), mask_s[key])
     # every stacked leaf and its first two blocks unrolled, as small stand-ins, in one tree each
     n = {key: min(len(blocks), 2) for key, blocks in leaves.items()}
-    unrolled = {b: _small(flat_u[b].shape) for key, blocks in leaves.items() for b in blocks[:n[key]]}
+    unrolled = {
+        b: _small(flat_u[b].shape) for key, blocks in leaves.items() for b in blocks[: n[key]]
+    }
     stacked_shapes = {key: _small(flat_s[key].shape, n[key]) for key in leaves}
     params_u, grads_u = (traverse_util.unflatten_dict(_filled(unrolled, seed)) for seed in (0, 1))
     # stacked by the rule in the stacked model's layout (which counts its unrolled blocks)
@@ -103,30 +115,42 @@ def test_masks_agc_and_updates_equal_stacked_and_unrolled(name):
     assert {k: v.shape for k, v in traverse_util.flatten_dict(params_s).items()} == stacked_shapes
     agc = optim.unitwise_agc(0.01)
     transforms = [('agc', lambda p: agc)] + [
-        (r.optim.name, lambda p, r=r: optim.build_optimizer(r, p, 100, 1000, 128)[0]) for r in recipes]
+        (r.optim.name, lambda p, r=r: optim.build_optimizer(r, p, 100, 1000, 128)[0])
+        for r in recipes
+    ]
     for label, make in transforms:
-        got, want = ((lambda tx: tx.update(g, tx.init(p), p)[0])(make(p)) for p, g in
-                     ((params_s, grads_s), (params_u, grads_u)))
+        got, want = (
+            (lambda tx: tx.update(g, tx.init(p), p)[0])(make(p))
+            for p, g in ((params_s, grads_s), (params_u, grads_u))
+        )
         got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(restack(want))
         for key in leaves:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-9,
-                                       err_msg=f'{"/".join(key)} ({label})')
+            np.testing.assert_allclose(
+                got[key], want[key], rtol=1e-5, atol=1e-9, err_msg=f'{"/".join(key)} ({label})'
+            )
 
 
 def test_stacked_norm_scales_biases_and_gains_are_not_decayed():
     """The leaves the old suffix rule missed in ConvNeXt-T's and RevNet-38's stacked stages:
     biases, norm scales and layer-scale gammas carry no weight decay."""
     for name in ('convnext_tiny', 'revnet38'):
-        mask = traverse_util.flatten_dict(optim.decay_mask(_params(jaxcnn.create_model(name), name)), sep='/')
+        mask = traverse_util.flatten_dict(
+            optim.decay_mask(_params(jaxcnn.create_model(name), name)), sep='/'
+        )
         stacked = {k: v for k, v in mask.items() if is_stacked(k)}
         assert stacked and any(stacked.values())
-        decayed_vectors = [k for k, v in stacked.items() if v and k.rsplit('/', 1)[-1] in
-                           ('bias', 'scale', 'gamma')]
+        decayed_vectors = [
+            k
+            for k, v in stacked.items()
+            if v and k.rsplit('/', 1)[-1] in ('bias', 'scale', 'gamma')
+        ]
         assert not decayed_vectors, (name, decayed_vectors)
 
 
-@pytest.mark.parametrize('name,overrides', [('resnet56', {}), ('revnet38', {}),
-                                            ('convnext_tiny', {'depths': (2, 3, 2, 2)})])
+@pytest.mark.parametrize(
+    'name,overrides',
+    [('resnet56', {}), ('revnet38', {}), ('convnext_tiny', {'depths': (2, 3, 2, 2)})],
+)
 def test_stacked_stages_compute_the_unrolled_function(name, overrides):
     """The same weights, unrolled and stacked (restacked by the stage helper's rule), give the
     same logits and, in training mode, the same gradients."""
@@ -140,17 +164,28 @@ def test_stacked_stages_compute_the_unrolled_function(name, overrides):
 
     def loss(model, variables):
         def f(params):
-            logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                                    mutable=['batch_stats'])
+            logits, _ = model.apply(
+                {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+            )
             return optim.classification_loss(logits, labels, logits.shape[-1])
+
         return jax.value_and_grad(f)(variables['params'])
+
     np.testing.assert_allclose(unrolled.apply(v, x), stacked.apply(vs, x), rtol=1e-4, atol=1e-5)
-    (la, ga), (lb, gb) = jax.jit(lambda v: loss(unrolled, v))(v), jax.jit(lambda v: loss(stacked, v))(vs)
+    (la, ga), (lb, gb) = (
+        jax.jit(lambda v: loss(unrolled, v))(v),
+        jax.jit(lambda v: loss(stacked, v))(vs),
+    )
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     restacked = traverse_util.flatten_dict(stack_like(ga, gb))
     for path, b in traverse_util.flatten_dict(gb).items():
-        np.testing.assert_allclose(restacked[path], b, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7,
-                                   err_msg='/'.join(path))
+        np.testing.assert_allclose(
+            restacked[path],
+            b,
+            rtol=1e-3,
+            atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-7,
+            err_msg='/'.join(path),
+        )
 
 
 def _remat_models():
@@ -161,7 +196,9 @@ def _remat_models():
         if 'remat' in _fields(name):
             key = (jaxcnn.model_info(name).family, type(jaxcnn.create_model(name)))
             groups.setdefault(key, []).append(name)
-    return sorted(min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values())
+    return sorted(
+        min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values()
+    )
 
 
 REMAT = _remat_models()
@@ -171,6 +208,7 @@ def _products(jaxpr, inside):
     """(convolutions and matrix products, those inside ``inside(eqn)`` regions), nested bodies
     included: a region's whole body counts as inside."""
     from jaxcnn.kernels import sub_jaxprs
+
     total = within = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
@@ -184,9 +222,26 @@ def _products(jaxpr, inside):
 
 def test_every_residual_family_offers_remat():
     families = {jaxcnn.model_info(n).family for n in REMAT}
-    assert {'resnet', 'resnet_cifar', 'convnext', 'efficientnet', 'mobilenet', 'nfnet', 'revnet',
-            'pyramidnet', 'ghostnet', 'xception', 'squeezenext', 'multiresnet', 'polynet',
-            'shufflenet_v1', 'shufflenet_v2', 'hypernet', 'condconv', 'dynamic_filter'} <= families, families
+    assert {
+        'resnet',
+        'resnet_cifar',
+        'convnext',
+        'efficientnet',
+        'mobilenet',
+        'nfnet',
+        'revnet',
+        'pyramidnet',
+        'ghostnet',
+        'xception',
+        'squeezenext',
+        'multiresnet',
+        'polynet',
+        'shufflenet_v1',
+        'shufflenet_v2',
+        'hypernet',
+        'condconv',
+        'dynamic_filter',
+    } <= families, families
 
 
 @pytest.mark.parametrize('name', REMAT)
@@ -196,6 +251,7 @@ def test_remat_recomputes_every_product_of_the_stages(name):
     stages (counted with
     ``remat=False`` by marking every Stage call's name scope), and there are some."""
     from jaxcnn.layers.stage import Stage
+
     size = input_size(name)
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
 
@@ -211,15 +267,18 @@ def test_remat_recomputes_every_product_of_the_stages(name):
     def forward_jaxpr(remat):
         model = jaxcnn.create_model(name, remat=remat, **plain)
         variables = abstract_variables(model, x.shape)
-        fn = lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
-                                      rngs={'dropout': jax.random.key(0)})
+        fn = lambda v, x: model.apply(
+            v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}
+        )
         with jaxcnn.kernels.use(jaxcnn.kernels.PLAIN), nn.intercept_methods(in_stage_scope):
             return jax.make_jaxpr(fn)(variables, x).jaxpr
 
-    staged = _products(forward_jaxpr(False),
-                           lambda e: 'jaxcnn_stage' in str(e.source_info.name_stack))
-    remat = _products(forward_jaxpr(True),
-                          lambda e: e.primitive.name in ('checkpoint', 'remat', 'remat2'))
+    staged = _products(
+        forward_jaxpr(False), lambda e: 'jaxcnn_stage' in str(e.source_info.name_stack)
+    )
+    remat = _products(
+        forward_jaxpr(True), lambda e: e.primitive.name in ('checkpoint', 'remat', 'remat2')
+    )
     assert staged[0] == remat[0]
     assert 0 < staged[1] == remat[1], (staged, remat)
 
@@ -236,10 +295,17 @@ def test_remat_gives_the_stored_gradients(name):
 
     def step(model):
         def loss(params):
-            logits, state = model.apply({**v, 'params': params}, x, train=True, mutable=['batch_stats'],
-                                        rngs={'dropout': jax.random.key(3)})
+            logits, state = model.apply(
+                {**v, 'params': params},
+                x,
+                train=True,
+                mutable=['batch_stats'],
+                rngs={'dropout': jax.random.key(3)},
+            )
             return optim.classification_loss(logits, jnp.array([1, 3]), logits.shape[-1]), state
+
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(v['params'])
+
     (la, sa), ga = step(plain)
     (lb, sb), gb = step(plain.clone(remat=True))
     np.testing.assert_allclose(la, lb, rtol=1e-6)
@@ -253,6 +319,7 @@ def test_remat_lowers_the_peak_memory_of_a_scanned_stage():
     loop, so the peak falls well below that of stored activations (ResNet-20, batch 32). The
     ratio (~0.4 at batch 128 for ResNet-32, BENCHMARKS.md) is a property of the schedule."""
     from jaxcnn.bench.memory import measure_memory
+
     stored = measure_memory('resnet20:scan_blocks=True', 32, 32)['peak_bytes']
     remat = measure_memory('resnet20:scan_blocks=True:remat=True', 32, 32)['peak_bytes']
     assert remat < 0.6 * stored, (remat, stored)

@@ -1,8 +1,6 @@
 """The per-layer cost table: AlexNet's totals against a hand count, receptive fields against
 the stacking formula, parameters against the model, MACs against XLA's cost analysis."""
-import jax
-import jax.numpy as jnp
-import numpy as np
+
 import pytest
 
 import jaxcnn
@@ -34,8 +32,19 @@ def test_alexnet_table_equals_hand_count():
         params += f_in * f_out + f_out
         memory_kb += f_out * 4 / 1024
     rows = layer_costs('alexnet', 224)
-    assert [r.kind for r in rows] == ['conv', 'maxpool', 'conv', 'maxpool', 'conv', 'conv', 'conv',
-                                      'maxpool', 'fc', 'fc', 'fc']
+    assert [r.kind for r in rows] == [
+        'conv',
+        'maxpool',
+        'conv',
+        'maxpool',
+        'conv',
+        'conv',
+        'conv',
+        'maxpool',
+        'fc',
+        'fc',
+        'fc',
+    ]
     assert rows[0].output_chw == (64, 55, 55) and rows[-1].output_chw == (1000,)
     assert sum(r.macs for r in rows) == macs
     assert sum(r.params for r in rows) == params == 61_100_840
@@ -48,15 +57,17 @@ def test_receptive_field_follows_stacking_formula():
     # VGG-16: L stacked 3x3 stride-1 convs see 1 + 2L pixels; a 2x2/2 pool doubles the jump
     rows = layer_costs('vgg16', 32)
     rf = [r.receptive_field for r in rows if r.kind in ('conv', 'maxpool')]
-    assert rf[:3] == [3, 5, 6]                   # conv1_1, conv1_2, pool1
-    assert rf[3:5] == [6 + 2 * 2, 6 + 4 * 2]     # conv2_1, conv2_2 at jump 2
+    assert rf[:3] == [3, 5, 6]  # conv1_1, conv1_2, pool1
+    assert rf[3:5] == [6 + 2 * 2, 6 + 4 * 2]  # conv2_1, conv2_2 at jump 2
 
 
 def test_rows_plus_other_parameters_equal_the_model():
     rows = layer_costs('resnet18', 64)
     layer_params = sum(r.params for r in rows)
-    total = jaxcnn.count_params(abstract_variables(jaxcnn.create_model('resnet18'), (1, 64, 64, 3))['params'])
-    bn = total - layer_params                    # everything else is BatchNorm scale and bias
+    total = jaxcnn.count_params(
+        abstract_variables(jaxcnn.create_model('resnet18'), (1, 64, 64, 3))['params']
+    )
+    bn = total - layer_params  # everything else is BatchNorm scale and bias
     assert bn > 0 and bn % 2 == 0
     table = format_table(rows, total)
     assert f'{total:,}' in table and 'model total' in table
@@ -94,7 +105,9 @@ def test_cli_rejects_a_too_small_input():
 def test_cli_rejects_zero_channels(capsys):
     with pytest.raises(SystemExit):
         main(['alexnet', '--channels', '0'])
-    assert capsys.readouterr().err.strip().endswith('argument --channels: must be at least 1, got 0')
+    assert (
+        capsys.readouterr().err.strip().endswith('argument --channels: must be at least 1, got 0')
+    )
 
 
 def _one_twin_per_family():
@@ -106,8 +119,14 @@ def _one_twin_per_family():
     # variants whose layers the first of their family lacks: grouped and SE bottlenecks,
     # hard-swish and SE in MobileNetV3, CondConv's expert mixing, NFNet's weight-standardised
     # convolutions, Inception's asymmetric kernels
-    extra = ['resnext50_32x4d', 'seresnet50', 'mobilenetv3_large_100', 'efficientnet_cc_b0_4e',
-             'nfnet_f0', 'inception_v3']
+    extra = [
+        'resnext50_32x4d',
+        'seresnet50',
+        'mobilenetv3_large_100',
+        'efficientnet_cc_b0_4e',
+        'nfnet_f0',
+        'inception_v3',
+    ]
     return sorted(set(picked.values()) | set(extra))
 
 
@@ -120,12 +139,16 @@ def test_macs_equal_pytorch_flop_counter(name):
     import torch
     import torchvision
     from torch.utils.flop_counter import FlopCounterMode
+
     info = jaxcnn.model_info(name)
     lib, twin = info.torch_name.split(':')
     h, w, c = info.input_size
     with torch.device('meta'):
-        net = (getattr(torchvision.models, twin)(weights=None) if lib == 'tv'
-               else timm.create_model(twin, pretrained=False)).eval()
+        net = (
+            getattr(torchvision.models, twin)(weights=None)
+            if lib == 'tv'
+            else timm.create_model(twin, pretrained=False)
+        ).eval()
         with FlopCounterMode(display=False) as counter:
             net(torch.empty(1, c, h, w))
     rows = layer_costs(name, h, c)

@@ -1,4 +1,5 @@
 """Transfer learning: pretrained weights in, a new head, a frozen or fine-tuned backbone."""
+
 import json
 import os
 
@@ -27,17 +28,24 @@ def test_merge_keeps_everything_but_the_new_head():
     fresh = random_variables(target, (1, 28, 28, 1), seed=1)
     merged = transfer.merge_pretrained(fresh, pretrained)
     assert merged['params']['head']['fc']['kernel'].shape == (32, 3)
-    np.testing.assert_array_equal(merged['params']['head']['fc']['kernel'], fresh['params']['head']['fc']['kernel'])
-    for a, b in zip(jax.tree.leaves({k: v for k, v in merged['params'].items() if k != 'head'}),
-                    jax.tree.leaves({k: v for k, v in pretrained['params'].items() if k != 'head'})):
+    np.testing.assert_array_equal(
+        merged['params']['head']['fc']['kernel'], fresh['params']['head']['fc']['kernel']
+    )
+    for a, b in zip(
+        jax.tree.leaves({k: v for k, v in merged['params'].items() if k != 'head'}),
+        jax.tree.leaves({k: v for k, v in pretrained['params'].items() if k != 'head'}),
+    ):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(jax.tree.leaves(merged['batch_stats'])[0],
-                                  jax.tree.leaves(pretrained['batch_stats'])[0])
+    np.testing.assert_array_equal(
+        jax.tree.leaves(merged['batch_stats'])[0], jax.tree.leaves(pretrained['batch_stats'])[0]
+    )
 
 
 def test_merge_names_what_does_not_fit():
     wide = random_variables(jaxcnn.create_model('resnet20', num_classes=3), (1, 28, 28, 1))
-    small = random_variables(jaxcnn.create_model('resnet20', num_classes=3, **SMALL), (1, 28, 28, 1))
+    small = random_variables(
+        jaxcnn.create_model('resnet20', num_classes=3, **SMALL), (1, 28, 28, 1)
+    )
     with pytest.raises(ValueError, match='shape mismatch'):
         transfer.merge_pretrained(small, wide)
 
@@ -49,8 +57,10 @@ def test_frozen_backbone_only_moves_the_head():
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(params),
-                            zip(jax.tree.leaves(params), jax.tree.leaves(new))):
+    for path, (a, b) in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        zip(jax.tree.leaves(params), jax.tree.leaves(new)),
+    ):
         moved = not np.array_equal(a, b)
         assert moved == (jax.tree_util.keystr(path[0]).startswith("['head']")), path[0]
 
@@ -76,8 +86,9 @@ def test_load_pretrained_from_a_pytorch_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize('path,message', [('/nonexistent/weights.pth', 'not found'),
-                                          ('', 'init_from is empty')])
+@pytest.mark.parametrize(
+    'path,message', [('/nonexistent/weights.pth', 'not found'), ('', 'init_from is empty')]
+)
 def test_bad_pretrained_path_is_one_clear_error(path, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         transfer.load_pretrained(path, 'resnet18')
@@ -98,19 +109,33 @@ def test_trainer_transfers_a_pretrained_backbone(pretrained, tmp_path, capsys):
     is new, and the head fitted on cached features already beats chance."""
     pre = pretrained
     tuned = tmp_path / 'tuned'
-    assert train.main(['--config', 'finetune:smoke', '--workdir', str(tuned),
-                       f'--config.init_from={pre}', '--config.transfer.freeze_backbone=True',
-                       '--config.optim.lr=0.05']) == 0
+    assert (
+        train.main(
+            [
+                '--config',
+                'finetune:smoke',
+                '--workdir',
+                str(tuned),
+                f'--config.init_from={pre}',
+                '--config.transfer.freeze_backbone=True',
+                '--config.optim.lr=0.05',
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert 'Loaded pretrained weights' in out and 'Head trained on cached' in out
-    head_acc = float(out.split('Head trained on cached')[1].split('test accuracy ')[1].split('%')[0])
-    assert head_acc > 40.0                               # chance on 5 classes is 20%
+    head_acc = float(
+        out.split('Head trained on cached')[1].split('test accuracy ')[1].split('%')[0]
+    )
+    assert head_acc > 40.0  # chance on 5 classes is 20%
 
     def restore(workdir):
         ckpt = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'))
         state = ckpt.restore_arrays()
         ckpt.close()
         return state
+
     before, after = restore(pre), restore(tuned)
     for key in ('params', 'batch_stats'):
         backbone = lambda s: {k: v for k, v in s[key].items() if k != 'head'}
@@ -131,6 +156,7 @@ def test_transfer_beats_training_from_scratch_at_equal_steps(pretrained, tmp_pat
         assert train.main([*common, '--workdir', str(workdir), *flags]) == 0
         with open(workdir / 'results.json') as f:
             return json.load(f)['test_accuracy']
+
     transferred = accuracy(tmp_path / 'transfer', f'--config.init_from={pretrained}')
     scratch = accuracy(tmp_path / 'scratch', '--config.optim.lr=0.1')
     assert transferred > scratch + 0.1, (transferred, scratch)

@@ -1,6 +1,7 @@
 """U-Net: the transposed convolution is the adjoint (VJP) of the strided convolution, equal to
 PyTorch's conv_transpose2d; the layout's hand count, per-pixel logits and skip connections;
 and a segmentation smoke run on real Fashion-MNIST images."""
+
 import os
 
 import flax.linen as nn
@@ -22,14 +23,27 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def conv(x, w, stride, padding='VALID'):
     """The forward (strided) convolution, NHWC with an HWIO kernel."""
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=HIGHEST)
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=HIGHEST,
+    )
 
 
 def conv_transpose(y, w, stride, kernel):
     """flax's transposed convolution (no bias) with the forward convolution's kernel w."""
-    layer = nn.ConvTranspose(w.shape[2], (kernel, kernel), strides=(stride, stride), padding='VALID',
-                             transpose_kernel=True, use_bias=False, precision=HIGHEST)
+    layer = nn.ConvTranspose(
+        w.shape[2],
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding='VALID',
+        transpose_kernel=True,
+        use_bias=False,
+        precision=HIGHEST,
+    )
     return layer.apply({'params': {'kernel': w}}, y)
 
 
@@ -61,21 +75,33 @@ def test_conv_transpose_matches_pytorch(kernel, stride, size):
     with torch.no_grad():
         layer.bias.normal_()
         expected = layer(torch.from_numpy(y)).numpy()
-        functional = F.conv_transpose2d(torch.from_numpy(y), layer.weight, layer.bias, stride).numpy()
+        functional = F.conv_transpose2d(
+            torch.from_numpy(y), layer.weight, layer.bias, stride
+        ).numpy()
     np.testing.assert_array_equal(expected, functional)
-    params = {'kernel': jnp.asarray(layer.weight.detach().numpy().transpose(2, 3, 1, 0)),
-              'bias': jnp.asarray(layer.bias.detach().numpy())}
-    ours = nn.ConvTranspose(c_out, (kernel, kernel), strides=(stride, stride), padding='VALID',
-                            transpose_kernel=True, precision=HIGHEST)
+    params = {
+        'kernel': jnp.asarray(layer.weight.detach().numpy().transpose(2, 3, 1, 0)),
+        'bias': jnp.asarray(layer.bias.detach().numpy()),
+    }
+    ours = nn.ConvTranspose(
+        c_out,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding='VALID',
+        transpose_kernel=True,
+        precision=HIGHEST,
+    )
     got = ours.apply({'params': params}, jnp.asarray(y.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_up_conv_doubles_the_map_and_stores_the_forward_kernel():
     layer = up_conv(4)
     y = jnp.ones((1, 3, 5, 6))
     params = layer.init(jax.random.key(0), y)['params']
-    assert params['kernel'].shape == (2, 2, 4, 6)         # (kh, kw, out, in) = forward HWIO
+    assert params['kernel'].shape == (2, 2, 4, 6)  # (kh, kw, out, in) = forward HWIO
     assert layer.apply({'params': params}, y).shape == (1, 6, 10, 4)
     # with kernel = stride = 2 the windows tile the output: each input pixel writes one 2x2 patch
     y = jnp.zeros((1, 3, 5, 6)).at[0, 1, 2].set(jax.random.normal(jax.random.key(1), (6,)))
@@ -87,13 +113,13 @@ def test_up_conv_doubles_the_map_and_stores_the_forward_kernel():
 def unet_hand_count(widths, in_channels, num_classes):
     conv_params = lambda ci, co, k: k * k * ci * co + co
     total, c = 0, in_channels
-    for w in widths:                                      # contracting path + bottom
+    for w in widths:  # contracting path + bottom
         total += conv_params(c, w, 3) + conv_params(w, w, 3)
         c = w
-    for w in reversed(widths[:-1]):                       # 2x2 up-conv, concat, two 3x3 convs
+    for w in reversed(widths[:-1]):  # 2x2 up-conv, concat, two 3x3 convs
         total += conv_params(c, w, 2) + conv_params(2 * w, w, 3) + conv_params(w, w, 3)
         c = w
-    return total + conv_params(c, num_classes, 1)          # 1x1 classifier
+    return total + conv_params(c, num_classes, 1)  # 1x1 classifier
 
 
 def test_unet_small_hand_count_and_fig1():
@@ -102,14 +128,19 @@ def test_unet_small_hand_count_and_fig1():
     assert info.family == 'unet' and info.input_size == (64, 64, 1) and info.num_classes == 2
     model = jaxcnn.create_model('unet_small')
     params = abstract_variables(model, (1, 64, 64, 1))['params']
-    assert jaxcnn.count_params(params) == unet_hand_count(WIDTHS_SMALL, 1, 2) == info.reference_params
+    assert (
+        jaxcnn.count_params(params) == unet_hand_count(WIDTHS_SMALL, 1, 2) == info.reference_params
+    )
     assert params['up4']['kernel'].shape == (2, 2, 64, 128)
-    assert params['dec4']['conv1']['kernel'].shape == (3, 3, 128, 64)   # skip (64) + up (64)
+    assert params['dec4']['conv1']['kernel'].shape == (3, 3, 128, 64)  # skip (64) + up (64)
     assert params['head']['fc']['kernel'].shape == (8, 2)
     # the full-width Fig. 1 layout is the same code with 8x the widths
     full = jaxcnn.create_model('unet_small', widths=WIDTHS_FIG1)
-    assert jaxcnn.count_params(abstract_variables(full, (1, 64, 64, 1))['params']) == \
-        unet_hand_count(WIDTHS_FIG1, 1, 2) == 31_030_658
+    assert (
+        jaxcnn.count_params(abstract_variables(full, (1, 64, 64, 1))['params'])
+        == unet_hand_count(WIDTHS_FIG1, 1, 2)
+        == 31_030_658
+    )
 
 
 def test_unet_per_pixel_logits_features_and_skips():
@@ -122,15 +153,16 @@ def test_unet_per_pixel_logits_features_and_skips():
     assert feats.shape == (2, 32, 48, 8)
     fc = v['params']['head']['fc']
     np.testing.assert_allclose(logits, feats @ fc['kernel'] + fc['bias'], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(jaxcnn.create_model('unet_small', num_classes=0).apply(v, x), feats,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        jaxcnn.create_model('unet_small', num_classes=0).apply(v, x), feats, rtol=1e-6, atol=1e-6
+    )
     # the top skip connection carries full-resolution detail: a pixel's logits depend on an
     # input pixel 1 away even with every path through the bottom cut (bottom weights zeroed)
     p = dict(v['params'])
     p['bottom'] = jax.tree.map(jnp.zeros_like, p['bottom'])
     grad = jax.jit(jax.grad(lambda x: model.apply({'params': p}, x)[0, 10, 10].sum()))(x)
     assert np.abs(np.asarray(grad[0, 10, 11])).sum() > 0
-    assert np.abs(np.asarray(grad[1])).sum() == 0          # samples stay independent
+    assert np.abs(np.asarray(grad[1])).sum() == 0  # samples stay independent
 
 
 def test_unet_rejects_sizes_the_pools_cannot_halve():
@@ -149,7 +181,7 @@ def test_unet_learns_to_segment_fashion_mnist_foreground():
     path = os.path.join(FMNIST, 'train-images-idx3-ubyte.gz')
     if not os.path.exists(path):
         path = path[:-3]
-    images = read_idx(path)[:1024 + 256]
+    images = read_idx(path)[: 1024 + 256]
     x = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32) / 255.0
     masks = (x[..., 0] > 0).astype(np.int32)
     x_train, m_train, x_test, m_test = x[:1024], masks[:1024], x[1024:], masks[1024:]
@@ -169,12 +201,14 @@ def test_unet_learns_to_segment_fashion_mnist_foreground():
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    accuracy = jax.jit(lambda p, x, m: (model.apply({'params': p}, (x - 0.5) / 0.5).argmax(-1) == m).mean())
+    accuracy = jax.jit(
+        lambda p, x, m: (model.apply({'params': p}, (x - 0.5) / 0.5).argmax(-1) == m).mean()
+    )
     acc_before = float(accuracy(params, x_test, m_test))
     order = np.random.RandomState(0).permutation(1024)
     losses = []
     for i in range(30):
-        idx = order[(i * 32) % 1024:(i * 32) % 1024 + 32]
+        idx = order[(i * 32) % 1024 : (i * 32) % 1024 + 32]
         params, opt_state, loss = step(params, opt_state, x_train[idx], m_train[idx])
         losses.append(float(loss))
     acc_after = float(accuracy(params, x_test, m_test))

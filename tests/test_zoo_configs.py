@@ -1,8 +1,8 @@
 """Every model family's Fashion-MNIST config learns: its smoke run (the family's own model,
 made small, 40 steps on real data) brings the training loss well below where it started."""
+
 import json
 import os
-import re
 import tempfile
 
 import jax
@@ -13,11 +13,16 @@ from jaxcnn import config as config_lib
 from jaxcnn import train
 
 FMNIST = os.environ.get('JAXCNN_FMNIST_DIR', '/usr/share/datasets/fashion-mnist')
-jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'jaxcnn_test_xla_cache'))
+jax.config.update(
+    'jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'jaxcnn_test_xla_cache')
+)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
-ZOO_CONFIGS = sorted(p.stem for p in config_lib.REPO_CONFIGS.glob('*_fmnist.py')
-                     if 'zoo_fmnist_config(' in p.read_text())
+ZOO_CONFIGS = sorted(
+    p.stem
+    for p in config_lib.REPO_CONFIGS.glob('*_fmnist.py')
+    if 'zoo_fmnist_config(' in p.read_text()
+)
 
 
 def test_every_zoo_config_is_found():
@@ -29,7 +34,7 @@ def test_every_zoo_config_is_found():
 def test_family_config_learns_on_fashion_mnist(name, tmp_path):
     config, _ = config_lib.load_config(f'{name}:smoke')
     family_model = config_lib.load_config(name)[0].model
-    assert config.model == family_model          # the smoke run trains the family's own model
+    assert config.model == family_model  # the smoke run trains the family's own model
     assert train.main(['--config', f'{name}:smoke', '--workdir', str(tmp_path)]) == 0
     records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
     losses = [r['loss'] for r in records if r['kind'] == 'train']

@@ -1,5 +1,6 @@
 """What every measurement shares: model specs, the trainer's own training step on generated
 data, timing, records."""
+
 from __future__ import annotations
 
 import ast
@@ -81,16 +82,18 @@ class Setup:
         self.mesh = mesh = sharding.make_mesh(devices)
         self.config = config = bench_config(batch, size, num_classes, dtype)
         build_tx = lambda params: optim.build_optimizer(config, params, 100, 1000, batch)[0]
-        self.state, self.state_shardings = train.init_state(config, self.model, (size, size, channels),
-                                                            mesh, build_tx)
+        self.state, self.state_shardings = train.init_state(
+            config, self.model, (size, size, channels), mesh, build_tx
+        )
         self.tx = build_tx(self.state.params)
         rng = np.random.RandomState(0)
         images = rng.randint(0, 256, (batch, size, size, channels)).astype(np.uint8)
         labels = (np.arange(batch) % num_classes).astype(np.int32)
         self.arrays = sharding.replicate((images, labels), mesh)
         self.batch = sharding.host_to_global({'idx': np.arange(batch, dtype=np.int32)}, mesh)
-        self.step = train.make_train_step(config, self.model, self.tx, (0.5,) * channels,
-                                          (0.25,) * channels, size, num_classes)
+        self.step = train.make_train_step(
+            config, self.model, self.tx, (0.5,) * channels, (0.25,) * channels, size, num_classes
+        )
         self.variables = {'params': self.state.params, 'batch_stats': self.state.batch_stats}
         self.image_shape = (size, size, channels)
 
@@ -103,8 +106,12 @@ class Setup:
         return kernels.model_compiler_options(self.model, self.variables, self.image_shape)
 
     def jit(self):
-        return jax.jit(self.step, donate_argnums=(0,), compiler_options=self.xla_options(),
-                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        return jax.jit(
+            self.step,
+            donate_argnums=(0,),
+            compiler_options=self.xla_options(),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+        )
 
 
 def time_calls(fn, args, steps, update_args=None):
@@ -140,7 +147,9 @@ def time_alternating(compiled, args, rounds=4, steps=2, update_args=None):
         def update(a, out):
             current[key] = update_args(a, out)
             return current[key]
+
         return update if update_args is not None else None
+
     for _ in range(rounds):
         for key, fn in compiled.items():
             times[key].append(time_calls(fn, current[key], steps, advance(key)) * 1e3)
@@ -149,9 +158,14 @@ def time_alternating(compiled, args, rounds=4, steps=2, update_args=None):
 
 def environment():
     dev = jax.devices()[0]
-    env = dict(device=str(getattr(dev, 'device_kind', dev.platform)), platform=dev.platform,
-               num_devices=jax.device_count(), jax=jax.__version__,
-               flax=__import__('flax').__version__, optax=optax.__version__)
+    env = dict(
+        device=str(getattr(dev, 'device_kind', dev.platform)),
+        platform=dev.platform,
+        num_devices=jax.device_count(),
+        jax=jax.__version__,
+        flax=__import__('flax').__version__,
+        optax=optax.__version__,
+    )
     if dev.platform == 'cpu':
         env['cpu'] = kernels.cpu.host()
         env['dense_convolutions'] = kernels.describe()

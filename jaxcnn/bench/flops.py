@@ -1,4 +1,5 @@
 """FLOPs of a step, counted without running it, and the device peaks that MFU divides by."""
+
 from __future__ import annotations
 
 import jax
@@ -40,7 +41,9 @@ def count_flops(fn, args) -> float:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
     with kernels.use(kernels.PLAIN):
-        return _xla_flops(fn, shapes) + _uncounted_loop_flops(jax.make_jaxpr(fn)(*shapes).jaxpr, cpu)
+        return _xla_flops(fn, shapes) + _uncounted_loop_flops(
+            jax.make_jaxpr(fn)(*shapes).jaxpr, cpu
+        )
 
 
 def _xla_flops(fn, shapes) -> float:
@@ -56,10 +59,14 @@ def _uncounted_loop_flops(jaxpr, sharding) -> float:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == 'scan':
             body, length = eqn.params['jaxpr'], eqn.params['length']
-            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in body.in_avals]
+            shapes = [
+                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in body.in_avals
+            ]
             once = _xla_flops(jax.extend.core.jaxpr_as_fun(body), shapes)
             missing += (length - 1) * once + length * _uncounted_loop_flops(body.jaxpr, sharding)
         else:
-            missing += sum(_uncounted_loop_flops(sub, sharding)
-                           for sub in kernels.sub_jaxprs(eqn.params.values()))
+            missing += sum(
+                _uncounted_loop_flops(sub, sharding)
+                for sub in kernels.sub_jaxprs(eqn.params.values())
+            )
     return missing

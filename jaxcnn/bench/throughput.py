@@ -1,4 +1,5 @@
 """Throughput of the training step and of inference, against the PyTorch twin and in parallel."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,10 +25,20 @@ def _report(kind, spec, batch, size, dtype, devices, sec, compile_s, flops):
     dev = jax.devices()[0]
     peak = peak_flops(dev, dtype)
     achieved = flops / sec if sec else 0.0
-    return dict(kind=kind, model=spec, batch=batch, size=size, dtype=jnp.dtype(dtype).name,
-                devices=devices, ms_per_step=sec * 1e3, images_per_sec=batch / sec,
-                compile_s=compile_s, flops_per_step=flops, achieved_flops=achieved,
-                mfu=(achieved / (peak * devices)) if peak else None)
+    return dict(
+        kind=kind,
+        model=spec,
+        batch=batch,
+        size=size,
+        dtype=jnp.dtype(dtype).name,
+        devices=devices,
+        ms_per_step=sec * 1e3,
+        images_per_sec=batch / sec,
+        compile_s=compile_s,
+        flops_per_step=flops,
+        achieved_flops=achieved,
+        mfu=(achieved / (peak * devices)) if peak else None,
+    )
 
 
 def train_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
@@ -46,18 +57,23 @@ def train_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices
     def update(args, out):
         latest[0] = next_state(args, out)
         return latest[0]
+
     while True:
         sec = time_calls(compiled, latest[0], steps, update_args=update)
-        yield dict(_report('train', spec, batch, size, dtype, devices, sec, compile_s, flops),
-                   xla_options=options)
+        yield dict(
+            _report('train', spec, batch, size, dtype, devices, sec, compile_s, flops),
+            xla_options=options,
+        )
 
 
 def infer_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices=1, steps=10):
     """The forward pass in inference mode, compiled once; one record per ``next()``."""
     s = Setup(spec, batch, size, dtype, num_classes, devices)
     options = s.xla_options()
-    images = jax.device_put(jnp.asarray(np.random.RandomState(0).randn(batch, *s.image_shape), dtype),
-                            sharding.batch_sharding(s.mesh))
+    images = jax.device_put(
+        jnp.asarray(np.random.RandomState(0).randn(batch, *s.image_shape), dtype),
+        sharding.batch_sharding(s.mesh),
+    )
     forward = lambda v, x: s.model.apply(v, x, train=False)
     t0 = time.perf_counter()
     compiled = jax.jit(forward, compiler_options=options).lower(s.variables, images).compile()
@@ -65,8 +81,10 @@ def infer_rounds(spec, batch, size, dtype=jnp.float32, num_classes=1000, devices
     flops = count_flops(forward, (s.variables, images))
     while True:
         sec = time_calls(compiled, (s.variables, images), steps)
-        yield dict(_report('infer', spec, batch, size, dtype, devices, sec, compile_s, flops),
-                   xla_options=options)
+        yield dict(
+            _report('infer', spec, batch, size, dtype, devices, sec, compile_s, flops),
+            xla_options=options,
+        )
 
 
 def measure_train(*args, **kwargs):
@@ -95,25 +113,31 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
     eager fp32 on the CPU. Yields the same figures as measure_train / measure_infer, one record
     per ``next()`` (built and warmed up once)."""
     import torch
+
     name = spec.partition(':')[0]
     torch_name = jaxcnn.model_info(name).torch_name or f'timm:{name}'
     lib, tname = torch_name.split(':')
     if lib == 'tv':
         import torchvision
+
         net = getattr(torchvision.models, tname)(weights=None, num_classes=num_classes)
     else:
         import timm
+
         if not timm.is_model(tname):
-            raise ValueError(f'{name} has no PyTorch twin (neither a torchvision model named in its '
-                             f'model_info nor a timm model {tname!r}); run it without --vs')
+            raise ValueError(
+                f'{name} has no PyTorch twin (neither a torchvision model named in its '
+                f'model_info nor a timm model {tname!r}); run it without --vs'
+            )
         net = timm.create_model(tname, pretrained=False, num_classes=num_classes)
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
     net = net.to(device)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    settings = dict(device=str(device), autocast_bf16=bool(cuda and bf16), channels_last=cuda,
-                    compiled=False)
+    settings = dict(
+        device=str(device), autocast_bf16=bool(cuda and bf16), channels_last=cuda, compiled=False
+    )
     if cuda and hasattr(torch, 'compile'):
         try:
             net = torch.compile(net)
@@ -124,12 +148,16 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
     x = torch.randn(batch, channels, size, size, device=device).to(memory_format=fmt)
     y = torch.arange(batch, device=device) % num_classes
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    amp = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if settings['autocast_bf16'] else None
+    amp = (
+        (lambda: torch.autocast('cuda', dtype=torch.bfloat16))
+        if settings['autocast_bf16']
+        else None
+    )
 
     def step():
         if kind == 'train':
             net.train()
-            with (amp() if amp else torch.enable_grad()):
+            with amp() if amp else torch.enable_grad():
                 out = net(x)
                 # torchvision's GoogLeNet and Inception-v3 return their auxiliary heads too;
                 # weigh them as the JAX side does
@@ -142,16 +170,20 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
             opt.step()
         else:
             net.eval()
-            with torch.no_grad(), (amp() if amp else torch.no_grad()):
+            with torch.no_grad(), amp() if amp else torch.no_grad():
                 net(x)
+
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     try:
-        step()                      # warm-up (and torch.compile's compilation)
-    except RuntimeError as e:       # e.g. an input too small for the twin's layers
-        raise ValueError(f'the PyTorch twin {torch_name} cannot run a {kind} step at {size}x{size}: '
-                         f'{str(e).splitlines()[0]}; use a larger --size or leave out --vs') from e
-    step(); sync()
+        step()  # warm-up (and torch.compile's compilation)
+    except RuntimeError as e:  # e.g. an input too small for the twin's layers
+        raise ValueError(
+            f'the PyTorch twin {torch_name} cannot run a {kind} step at {size}x{size}: '
+            f'{str(e).splitlines()[0]}; use a larger --size or leave out --vs'
+        ) from e
+    step()
+    sync()
     warm = time.perf_counter() - t0
     while True:
         t0 = time.perf_counter()
@@ -159,9 +191,17 @@ def torch_rounds(spec, batch, size, kind='train', num_classes=1000, steps=10, bf
             step()
         sync()
         sec = (time.perf_counter() - t0) / steps
-        yield dict(kind=kind, model=f'torch:{torch_name}', batch=batch, size=size,
-                   ms_per_step=sec * 1e3, images_per_sec=batch / sec, warmup_s=warm,
-                   torch=torch.__version__, **settings)
+        yield dict(
+            kind=kind,
+            model=f'torch:{torch_name}',
+            batch=batch,
+            size=size,
+            ms_per_step=sec * 1e3,
+            images_per_sec=batch / sec,
+            warmup_s=warm,
+            torch=torch.__version__,
+            **settings,
+        )
 
 
 def line(r):
@@ -195,18 +235,24 @@ def throughput_records(args, spec, ready=None, timing=None):
     # (each compiled and warmed up once) are timed N times in alternation, best of each kept.
     rounds = args.rounds if args.vs else 1
     ours = (train_rounds if args.command == 'train' else infer_rounds)(
-        spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps)
-    theirs = torch_rounds(spec, args.batch, args.size, args.command, args.num_classes,
-                          args.steps, bf16=args.bf16) if args.vs else None
+        spec, args.batch, args.size, dtype, args.num_classes, args.devices, args.steps
+    )
+    theirs = (
+        torch_rounds(
+            spec, args.batch, args.size, args.command, args.num_classes, args.steps, bf16=args.bf16
+        )
+        if args.vs
+        else None
+    )
     window = {}
     if ready is not None:
-        next(ours)                      # compiled and warmed up: this first record is dropped
+        next(ours)  # compiled and warmed up: this first record is dropped
         if theirs:
             next(theirs)
         window['ready_unix'] = time.time()
         try:
             ready.wait()
-        except threading.BrokenBarrierError:   # another model failed: time this one anyway
+        except threading.BrokenBarrierError:  # another model failed: time this one anyway
             pass
     with timing if timing is not None else contextlib.nullcontext():
         start = time.time()
@@ -219,8 +265,11 @@ def throughput_records(args, spec, ready=None, timing=None):
         t = _best([p[1] for p in pairs])
         t['ratio_jaxcnn_over_torch'] = r['images_per_sec'] / t['images_per_sec']
         records.append(t)
-        lines += [line(t), f"{'jaxcnn / ' + args.vs:>24}: {t['ratio_jaxcnn_over_torch']:.2f}x"
-                  + (f' (best of {rounds} alternating rounds)' if rounds > 1 else '')]
+        lines += [
+            line(t),
+            f"{'jaxcnn / ' + args.vs:>24}: {t['ratio_jaxcnn_over_torch']:.2f}x"
+            + (f' (best of {rounds} alternating rounds)' if rounds > 1 else ''),
+        ]
     return records, lines
 
 
@@ -232,11 +281,11 @@ def policy(args):
 
 def _parallel_worker(args, spec, ready, timing, results):
     try:
-        with policy(args):          # a spawned process starts from the default policy
+        with policy(args):  # a spawned process starts from the default policy
             records, lines = throughput_records(args, spec, ready, timing)
         print('\n'.join(lines), flush=True)
         results.put((spec, records, environment(), None))
-    except BaseException as e:          # noqa: BLE001 - reported by the parent, others go on
+    except BaseException as e:  # noqa: BLE001 - reported by the parent, others go on
         ready.abort()
         results.put((spec, [], None, f'{type(e).__name__}: {e}'))
 
@@ -245,12 +294,14 @@ def _run_parallel(args, specs):
     """``--parallel``: each model in its own process, all compiling at once; then timed one at a
     time (a barrier, then a lock). Returns the records in ``specs`` order and the environment."""
     import multiprocessing as mp
+
     # several processes share the device: each takes memory as it needs it
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     ctx = mp.get_context('spawn')
     ready, timing, results = ctx.Barrier(len(specs)), ctx.Lock(), ctx.Queue()
-    procs = [ctx.Process(target=_parallel_worker, args=(args, s, ready, timing, results))
-             for s in specs]
+    procs = [
+        ctx.Process(target=_parallel_worker, args=(args, s, ready, timing, results)) for s in specs
+    ]
     for p in procs:
         p.start()
     by_spec, env, pending = {}, None, len(specs)
@@ -258,7 +309,7 @@ def _run_parallel(args, specs):
         try:
             spec, records, env_i, error = results.get(timeout=5)
         except queue.Empty:
-            if not any(p.is_alive() for p in procs):   # a process died without reporting
+            if not any(p.is_alive() for p in procs):  # a process died without reporting
                 ready.abort()
                 if results.empty():
                     break
@@ -284,9 +335,15 @@ def cmd_throughput(args):
             results += records
             print('\n'.join(lines), flush=True)
         env = environment()
-    write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
-                     **env, 'results': results})
-    return 0 if len({r['model'] for r in results if not r['model'].startswith('torch:')}) == len(specs) else 1
+    write(
+        args.out,
+        {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]), **env, 'results': results},
+    )
+    return (
+        0
+        if len({r['model'] for r in results if not r['model'].startswith('torch:')}) == len(specs)
+        else 1
+    )
 
 
 def cmd_latency(args):
@@ -294,21 +351,37 @@ def cmd_latency(args):
     table = {}
     for spec in split_specs(args.models):
         table[spec] = measure_latency(spec, args.batch_sizes, args.size, dtype, args.steps)
-        print(f'{spec:>24}: ' + '  '.join(f'b{b} {ms:.2f}' for b, ms in table[spec].items())
-              + '  (ms per image)', flush=True)
+        print(
+            f'{spec:>24}: '
+            + '  '.join(f'b{b} {ms:.2f}' for b, ms in table[spec].items())
+            + '  (ms per image)',
+            flush=True,
+        )
     if args.plot:
         import matplotlib
+
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 4))
         for spec, lat in table.items():
             ax.plot(list(lat), [1e3 / ms for ms in lat.values()], 'o-', label=spec)
-        ax.set(xscale='log', xlabel='batch size', ylabel='images / s',
-               title=f'inference throughput, {args.size}px, {jnp.dtype(dtype).name}')
+        ax.set(
+            xscale='log',
+            xlabel='batch size',
+            ylabel='images / s',
+            title=f'inference throughput, {args.size}px, {jnp.dtype(dtype).name}',
+        )
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f'wrote {args.plot}')
-    write(args.out, {'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
-                     **environment(), 'ms_per_image': table})
+    write(
+        args.out,
+        {
+            'command': ' '.join(['python -m jaxcnn.bench'] + sys.argv[1:]),
+            **environment(),
+            'ms_per_image': table,
+        },
+    )
     return 0

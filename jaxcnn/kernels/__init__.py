@@ -18,6 +18,7 @@ its forms wherever it runs; jit a new function to trace under another policy::
     with jaxcnn.kernels.use(onednn=False):             # today's policy with one form off
         step = jax.jit(train_step)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,6 +49,7 @@ class Policy:
       depthwise convolution), 'defaults' (XLA's) or 'dense' (Eigen's convolutions whatever the
       step).
     """
+
     onednn: bool = False
     depthwise_taps: bool = False
     loop_gradients: bool = False
@@ -57,13 +59,19 @@ class Policy:
 
     def __post_init__(self):
         if self.xla_options not in XLA_OPTIONS:
-            raise ValueError(f"xla_options must be one of {', '.join(XLA_OPTIONS)}, got "
-                             f'{self.xla_options!r}')
+            raise ValueError(
+                f"xla_options must be one of {', '.join(XLA_OPTIONS)}, got {self.xla_options!r}"
+            )
 
 
 PLAIN = Policy()
-CPU = Policy(onednn=True, depthwise_taps=True, loop_gradients=True, small_map_products=True,
-             block_boundary=True)
+CPU = Policy(
+    onednn=True,
+    depthwise_taps=True,
+    loop_gradients=True,
+    small_map_products=True,
+    block_boundary=True,
+)
 # cuDNN through XLA as the model states it; the depthwise tap sums are the GPU suite's candidate
 GPU = Policy()
 _DEFAULTS = {'cpu': CPU, 'gpu': GPU, 'cuda': GPU, 'rocm': GPU}
@@ -92,7 +100,9 @@ def use(policy: Policy | None = None, **changes):
         chosen = dataclasses.replace(base, **changes)
     except TypeError:
         names = ', '.join(f.name for f in dataclasses.fields(Policy))
-        raise ValueError(f'unknown policy field in {sorted(changes)}; the fields are {names}') from None
+        raise ValueError(
+            f'unknown policy field in {sorted(changes)}; the fields are {names}'
+        ) from None
     token = _POLICY.set(chosen)
     try:
         yield chosen
@@ -115,50 +125,88 @@ def _explicitly_sharded(x) -> bool:
     # do not spell out: those keep lax's convolution
     sharding = getattr(jax.typeof(x), 'sharding', None)
     mesh = getattr(sharding, 'mesh', None)
-    return bool(mesh is not None and not mesh.empty and any(
-        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
+    return bool(
+        mesh is not None
+        and not mesh.empty
+        and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    )
 
 
 def _onednn_applies(x, k, pads) -> bool:
     """float32 on the CPU, non-negative padding, a non-empty batch, one device (XLA's partitioner
     cannot split a foreign call by batch: it would gather the whole batch onto every device)."""
-    return (x.dtype == k.dtype == jnp.float32 and jax.default_backend() == 'cpu'
-            and min(min(p) for p in pads) >= 0 and min(x.shape) > 0 and min(k.shape) > 0
-            and jax.device_count() == 1 and onednn.available())
+    return (
+        x.dtype == k.dtype == jnp.float32
+        and jax.default_backend() == 'cpu'
+        and min(min(p) for p in pads) >= 0
+        and min(x.shape) > 0
+        and min(k.shape) > 0
+        and jax.device_count() == 1
+        and onednn.available()
+    )
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
     """``lax.conv_general_dilated`` in the form the current policy picks for it (the signature
     ``flax.linen.Conv`` calls). Forms apply to 2-D NHWC/HWIO convolutions without input dilation;
     everything else is lax's."""
     policy = current()
     nd = len(window_strides)
-    formable = (nd == 2 and not kwargs and not any(d != 1 for d in (lhs_dilation or (1,) * nd))
-                and policy != PLAIN and not _explicitly_sharded(lhs)
-                and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, cpu.NHWC))
+    formable = (
+        nd == 2
+        and not kwargs
+        and not any(d != 1 for d in (lhs_dilation or (1,) * nd))
+        and policy != PLAIN
+        and not _explicitly_sharded(lhs)
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, cpu.NHWC)
+    )
     if formable:
         strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
         pads = cpu.explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides, dilation)
         out_hw = cpu.output_hw(lhs.shape[1:3], pads, rhs.shape[:2], strides, dilation)
         depthwise = 1 < feature_group_count == lhs.shape[3] and rhs.shape[2] == 1
-        if min(out_hw) > 0 and min(lhs.shape) > 0:          # an empty output is lax's to make
+        if min(out_hw) > 0 and min(lhs.shape) > 0:  # an empty output is lax's to make
             if depthwise and policy.depthwise_taps:
-                return cpu.depthwise_triple(lhs.shape, rhs.shape, strides, pads, dilation,
-                                            jax.default_backend() == 'cpu')[0](lhs, rhs)
+                return cpu.depthwise_triple(
+                    lhs.shape, rhs.shape, strides, pads, dilation, jax.default_backend() == 'cpu'
+                )[0](lhs, rhs)
             # maps smaller than the kernel first: one product beats any convolution kernel there
-            if (feature_group_count == 1 and policy.small_map_products
-                    and cpu.small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation)):
+            if (
+                feature_group_count == 1
+                and policy.small_map_products
+                and cpu.small_map(lhs.shape[1:3], out_hw, rhs.shape[:2], dilation)
+            ):
                 return cpu.conv_as_product(lhs, rhs, strides, pads, dilation, precision)
             if feature_group_count == 1 and policy.onednn and _onednn_applies(lhs, rhs, pads):
                 return onednn.conv(lhs, rhs, strides, dilation, pads)
             if policy.loop_gradients and _IN_LOOP.get():
-                return cpu.loop_triple(lhs.shape, rhs.shape, strides, pads, dilation,
-                                       feature_group_count, precision)[0](lhs, rhs)
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        precision=precision, **kwargs)
+                return cpu.loop_triple(
+                    lhs.shape, rhs.shape, strides, pads, dilation, feature_group_count, precision
+                )[0](lhs, rhs)
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
 
 
 def block_output(x):
@@ -177,8 +225,11 @@ def compiler_options(fn=None, *example_args) -> dict:
     choice = current().xla_options
     if choice == 'defaults' or jax.default_backend() != 'cpu':
         return {}
-    if (choice == 'auto' and fn is not None
-            and cpu.has_depthwise_conv(jax.make_jaxpr(fn)(*example_args).jaxpr)):
+    if (
+        choice == 'auto'
+        and fn is not None
+        and cpu.has_depthwise_conv(jax.make_jaxpr(fn)(*example_args).jaxpr)
+    ):
         return {}
     options = tuple(cpu.DENSE_OPTIONS.items())
     return dict(options) if cpu.accepted(options) else {}
@@ -187,8 +238,11 @@ def compiler_options(fn=None, *example_args) -> dict:
 def model_compiler_options(model, variables, image_shape, dtype=jnp.float32) -> dict:
     """:func:`compiler_options` for the training and inference steps of a Flax ``model``, from
     its inference forward pass on one ``image_shape`` (H, W, C) image."""
-    return compiler_options(lambda v, x: model.apply(v, x, train=False), variables,
-                            jax.ShapeDtypeStruct((1, *image_shape), dtype))
+    return compiler_options(
+        lambda v, x: model.apply(v, x, train=False),
+        variables,
+        jax.ShapeDtypeStruct((1, *image_shape), dtype),
+    )
 
 
 def describe() -> str:
@@ -199,13 +253,30 @@ def describe() -> str:
     if not current().onednn:
         return "dense convolutions: XLA's kernels (the policy's onednn is off)"
     if not onednn.available():
-        return f"dense convolutions: XLA's kernels (oneDNN unavailable: {onednn.unavailable_reason()})"
+        return (
+            f"dense convolutions: XLA's kernels (oneDNN unavailable: {onednn.unavailable_reason()})"
+        )
     if jax.device_count() > 1:
-        return (f"dense convolutions: XLA's kernels (oneDNN's run on one device; this run has "
-                f'{jax.device_count()})')
+        return (
+            f"dense convolutions: XLA's kernels (oneDNN's run on one device; this run has "
+            f'{jax.device_count()})'
+        )
     return "dense convolutions: oneDNN's kernels"
 
 
-__all__ = ['Policy', 'PLAIN', 'CPU', 'GPU', 'default', 'current', 'use', 'loop_body',
-           'conv_general_dilated', 'block_output', 'compiler_options', 'model_compiler_options',
-           'describe', 'sub_jaxprs']
+__all__ = [
+    'Policy',
+    'PLAIN',
+    'CPU',
+    'GPU',
+    'default',
+    'current',
+    'use',
+    'loop_body',
+    'conv_general_dilated',
+    'block_output',
+    'compiler_options',
+    'model_compiler_options',
+    'describe',
+    'sub_jaxprs',
+]

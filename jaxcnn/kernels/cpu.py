@@ -6,6 +6,7 @@ that keep them are in BENCHMARKS.md ("Kernel forms on the CPU").
 
 All functions take NHWC inputs, HWIO kernels and explicit ``pads`` ((top, bottom), (left, right)).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,18 +29,34 @@ def host() -> dict:
             text = f.read()
     except OSError:
         return {'model': '', 'vector_unit': ''}
-    model = next((line.split(':', 1)[1].strip() for line in text.splitlines()
-                  if line.startswith('model name')), '')
-    flags = set(next((line.split(':', 1)[1].split() for line in text.splitlines()
-                      if line.startswith('flags')), []))
+    model = next(
+        (
+            line.split(':', 1)[1].strip()
+            for line in text.splitlines()
+            if line.startswith('model name')
+        ),
+        '',
+    )
+    flags = set(
+        next(
+            (
+                line.split(':', 1)[1].split()
+                for line in text.splitlines()
+                if line.startswith('flags')
+            ),
+            [],
+        )
+    )
     unit = 'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else ''
     return {'model': model, 'vector_unit': unit}
 
 
 def output_hw(in_hw, pads, kernel_hw, strides, dilation=(1, 1)):
     """The spatial size of a convolution's output."""
-    return tuple((i + lo + hi - (k - 1) * d - 1) // s + 1
-                 for i, (lo, hi), k, d, s in zip(in_hw, pads, kernel_hw, dilation, strides))
+    return tuple(
+        (i + lo + hi - (k - 1) * d - 1) // s + 1
+        for i, (lo, hi), k, d, s in zip(in_hw, pads, kernel_hw, dilation, strides)
+    )
 
 
 def explicit_pads(padding, in_hw, kernel_hw, strides, dilation):
@@ -50,7 +67,9 @@ def explicit_pads(padding, in_hw, kernel_hw, strides, dilation):
 
 
 def _pad(x, pads):
-    return jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    return jax.lax.pad(
+        x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))
+    )
 
 
 def _tap_windows(xp, kernel_hw, out_hw, strides, dilation):
@@ -59,9 +78,16 @@ def _tap_windows(xp, kernel_hw, out_hw, strides, dilation):
     n, c = xp.shape[0], xp.shape[3]
     for i in range(kh):
         for j in range(kw):
-            yield i, j, jax.lax.slice(xp, (0, i * dh, j * dw_, 0),
-                                      (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c),
-                                      (1, sh, sw, 1))
+            yield (
+                i,
+                j,
+                jax.lax.slice(
+                    xp,
+                    (0, i * dh, j * dw_, 0),
+                    (n, i * dh + sh * (ho - 1) + 1, j * dw_ + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1),
+                ),
+            )
 
 
 def _input_gradient_pads(x_hw, kernel_hw, dy_hw, strides, pads, dilation):
@@ -80,6 +106,7 @@ def _input_gradient_pads(x_hw, kernel_hw, dy_hw, strides, pads, dilation):
 # stage, a reversible sequence), where they run as a slow generic loop. This triple states both
 # gradients as NHWC convolutions (dense) or one product per kernel tap (grouped).
 
+
 @functools.lru_cache(maxsize=1024)
 def loop_triple(x_shape, k_shape, strides, pads, dilation, groups, precision):
     (kh, kw, cg, c_out), (n, h, w, _) = k_shape, x_shape
@@ -87,19 +114,32 @@ def loop_triple(x_shape, k_shape, strides, pads, dilation, groups, precision):
     ho, wo = output_hw((h, w), pads, (kh, kw), strides, dilation)
 
     def forward(x, k):
-        return jax.lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilation,
-                                            dimension_numbers=NHWC, feature_group_count=groups,
-                                            precision=precision)
+        return jax.lax.conv_general_dilated(
+            x,
+            k,
+            strides,
+            pads,
+            rhs_dilation=dilation,
+            dimension_numbers=NHWC,
+            feature_group_count=groups,
+            precision=precision,
+        )
 
     def input_gradient(dy, k):
         # dy (dilated by the stride) correlated with the flipped kernel, its in and out channels
         # swapped within each group
         flipped = jnp.flip(k, (0, 1)).reshape(kh, kw, cg, groups, og).transpose(0, 1, 4, 3, 2)
         return jax.lax.conv_general_dilated(
-            dy, flipped.reshape(kh, kw, og, groups * cg), (1, 1),
+            dy,
+            flipped.reshape(kh, kw, og, groups * cg),
+            (1, 1),
             _input_gradient_pads((h, w), (kh, kw), (ho, wo), strides, pads, dilation),
-            lhs_dilation=strides, rhs_dilation=dilation, dimension_numbers=NHWC,
-            feature_group_count=groups, precision=precision)
+            lhs_dilation=strides,
+            rhs_dilation=dilation,
+            dimension_numbers=NHWC,
+            feature_group_count=groups,
+            precision=precision,
+        )
 
     def kernel_gradient(x, dy):
         xp = _pad(x, pads)
@@ -107,18 +147,31 @@ def loop_triple(x_shape, k_shape, strides, pads, dilation, groups, precision):
             # with batch and channels swapped (C, H, W, N), an NHWC convolution of the padded
             # input by dy (dilated by the stride), strided by the dilation
             dk = jax.lax.conv_general_dilated(
-                xp.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, 'VALID',
-                rhs_dilation=strides, dimension_numbers=NHWC, precision=precision)
+                xp.transpose(3, 1, 2, 0),
+                dy.transpose(1, 2, 0, 3),
+                dilation,
+                'VALID',
+                rhs_dilation=strides,
+                dimension_numbers=NHWC,
+                precision=precision,
+            )
             return dk[:, :kh, :kw].transpose(1, 2, 0, 3)
         # grouped: one product per kernel tap of the window it sees and dy, summed over the batch
         # and positions within each group
         dy_g = dy.reshape(n, ho, wo, groups, og)
-        acc = jnp.promote_types(k_dtype(x, dy), jnp.float32)   # accumulate as convolutions do
+        acc = jnp.promote_types(k_dtype(x, dy), jnp.float32)  # accumulate as convolutions do
         taps = []
         for _, _, window in _tap_windows(xp, (kh, kw), (ho, wo), strides, dilation):
             window = window.reshape(n, ho, wo, groups, cg)
-            taps.append(jnp.einsum('nhwgc,nhwgo->cgo', window, dy_g, precision=precision,
-                                   preferred_element_type=acc).reshape(cg, c_out))
+            taps.append(
+                jnp.einsum(
+                    'nhwgc,nhwgo->cgo',
+                    window,
+                    dy_g,
+                    precision=precision,
+                    preferred_element_type=acc,
+                ).reshape(cg, c_out)
+            )
         return jnp.stack(taps).reshape(kh, kw, cg, c_out).astype(k_dtype(x, dy))
 
     return convolution_triple(forward, input_gradient, kernel_gradient, 'cpu.loop_conv')
@@ -133,7 +186,7 @@ def k_dtype(x, dy):
 # PyTorch's at MobileNet sizes. As the sum over kernel taps of the strided input window times the
 # tap's per-channel weights, XLA fuses them into one loop.
 
-_BAND_ELEMENTS = 1 << 22    # products per band of the kernel gradient (a few MB)
+_BAND_ELEMENTS = 1 << 22  # products per band of the kernel gradient (a few MB)
 
 
 def _padded_for_taps(x, c_out, pads):
@@ -145,11 +198,12 @@ def _padded_for_taps(x, c_out, pads):
 
 
 def _depthwise_taps(x, k, strides, pads, dilation):
-    acc = jnp.promote_types(x.dtype, jnp.float32)   # accumulate in fp32 (or wider), as convs do
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # accumulate in fp32 (or wider), as convs do
     out_hw = output_hw(x.shape[1:3], pads, k.shape[:2], strides, dilation)
     y = None
-    for i, j, window in _tap_windows(_padded_for_taps(x, k.shape[3], pads), k.shape[:2], out_hw, strides,
-                                     dilation):
+    for i, j, window in _tap_windows(
+        _padded_for_taps(x, k.shape[3], pads), k.shape[:2], out_hw, strides, dilation
+    ):
         tap = window.astype(acc) * k[i, j, 0].astype(acc)
         y = tap if y is None else y + tap
     return y.astype(jnp.result_type(x.dtype, k.dtype))
@@ -170,10 +224,14 @@ def depthwise_triple(x_shape, k_shape, strides, pads, dilation, banded):
         return _depthwise_taps(x, k, strides, pads, dilation)
 
     def input_gradient(dy, k):
-        (top, bottom), (left, right) = _input_gradient_pads((h, w), (kh, kw), (ho, wo), strides,
-                                                            pads, dilation)
-        dy_full = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
-            (0, 0, 0), (top, bottom, sh - 1), (left, right, sw - 1), (0, 0, 0)))
+        (top, bottom), (left, right) = _input_gradient_pads(
+            (h, w), (kh, kw), (ho, wo), strides, pads, dilation
+        )
+        dy_full = jax.lax.pad(
+            dy,
+            jnp.zeros((), dy.dtype),
+            ((0, 0, 0), (top, bottom, sh - 1), (left, right, sw - 1), (0, 0, 0)),
+        )
         dx = _depthwise_taps(dy_full, jnp.flip(k, (0, 1)), (1, 1), ((0, 0), (0, 0)), dilation)
         # a channel multiplier's outputs add up into their input channel
         return dx.reshape(n, h, w, c_in, c_out // c_in).sum(-1).astype(jnp.result_type(dy, k))
@@ -182,20 +240,35 @@ def depthwise_triple(x_shape, k_shape, strides, pads, dilation, banded):
         acc = jnp.promote_types(k_dtype(x, dy), jnp.float32)
         xp = _padded_for_taps(x, c_out, pads)
         per_row = n * wo * c_out * kh * kw
-        band = max(d for d in range(1, ho + 1) if ho % d == 0
-                   and (d == 1 or d * per_row <= _BAND_ELEMENTS)) if banded else ho
+        band = (
+            max(
+                d
+                for d in range(1, ho + 1)
+                if ho % d == 0 and (d == 1 or d * per_row <= _BAND_ELEMENTS)
+            )
+            if banded
+            else ho
+        )
         rows_in = (band - 1) * sh + (kh - 1) * dh + 1
 
         def band_sums(r):
             xs = jax.lax.dynamic_slice_in_dim(xp, r * band * sh, rows_in, 1)
             dys = jax.lax.dynamic_slice_in_dim(dy, r * band, band, 1).astype(acc)
-            return jnp.stack([jnp.sum(window.astype(acc) * dys, axis=(0, 1, 2)) for _, _, window
-                              in _tap_windows(xs, (kh, kw), (band, wo), strides, dilation)])
+            return jnp.stack(
+                [
+                    jnp.sum(window.astype(acc) * dys, axis=(0, 1, 2))
+                    for _, _, window in _tap_windows(xs, (kh, kw), (band, wo), strides, dilation)
+                ]
+            )
+
         if band == ho:
             dk = band_sums(0)
         else:
-            dk = jax.lax.scan(lambda total, r: (total + band_sums(r), None),
-                              jnp.zeros((kh * kw, c_out), acc), jnp.arange(ho // band))[0]
+            dk = jax.lax.scan(
+                lambda total, r: (total + band_sums(r), None),
+                jnp.zeros((kh * kw, c_out), acc),
+                jnp.arange(ho // band),
+            )[0]
         return dk.reshape(kh, kw, 1, c_out).astype(k_dtype(x, dy))
 
     return convolution_triple(forward, input_gradient, kernel_gradient, 'cpu.depthwise_taps')
@@ -203,19 +276,22 @@ def depthwise_triple(x_shape, k_shape, strides, pads, dilation, banded):
 
 # -- feature maps smaller than the kernel --------------------------------------------------------
 
+
 def small_map(in_hw, out_hw, kernel_hw, dilation) -> bool:
     """Whether the input or the output is smaller than the (dilated) kernel in some dimension.
     XLA then makes the smaller operand the kernel (for the forward convolution, or for its input
     gradient, whose input is dy) and runs the result as a plain loop: on the 2-core machine a 3x3
     convolution of 8x2x2x512 takes 68 ms where the same work as a product takes 5 ms."""
-    return any(i < (k - 1) * d + 1 or o < (k - 1) * d + 1
-               for i, o, k, d in zip(in_hw, out_hw, kernel_hw, dilation))
+    return any(
+        i < (k - 1) * d + 1 or o < (k - 1) * d + 1
+        for i, o, k, d in zip(in_hw, out_hw, kernel_hw, dilation)
+    )
 
 
 def _live_outputs(tap, dil, stride, n_out, lo, size):
     """Along one axis, the first and last output whose input through kernel tap ``tap`` lies
     inside the input rather than in its padding (first > last: none does)."""
-    offset = tap * dil - lo                   # the input index output 0 reads through the tap
+    offset = tap * dil - lo  # the input index output 0 reads through the tap
     return max(0, -(offset // stride)), min(n_out - 1, (size - 1 - offset) // stride)
 
 
@@ -228,25 +304,31 @@ def conv_as_product(x, k, strides, pads, dilation, precision):
     (h, w), (sh, sw), (dh, dw_) = x.shape[1:3], strides, dilation
     ho, wo = output_hw((h, w), pads, (kh, kw), strides, dilation)
 
-    def live(*axis):                                  # some output sees a real input through it
+    def live(*axis):  # some output sees a real input through it
         first, last = _live_outputs(*axis)
         return first <= last
+
     windows, rows = [], []
     for i, j, window in _tap_windows(_pad(x, pads), (kh, kw), (ho, wo), strides, dilation):
         if live(i, dh, sh, ho, pads[0][0], h) and live(j, dw_, sw, wo, pads[1][0], w):
             windows.append(window)
             rows.append(k[i, j])
     out_dtype = jnp.result_type(x.dtype, k.dtype)
-    if not windows:                                   # no output sees the input
+    if not windows:  # no output sees the input
         return jnp.zeros((x.shape[0], ho, wo, c_out), out_dtype)
     acc = jnp.promote_types(out_dtype, jnp.float32)
-    y = jax.lax.dot_general(jnp.concatenate(windows, axis=3), jnp.concatenate(rows, axis=0),
-                            (((3,), (0,)), ((), ())), precision=precision,
-                            preferred_element_type=acc)
+    y = jax.lax.dot_general(
+        jnp.concatenate(windows, axis=3),
+        jnp.concatenate(rows, axis=0),
+        (((3,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=acc,
+    )
     return y.astype(out_dtype)
 
 
 # -- block outputs -------------------------------------------------------------------------------
+
 
 def stored(x):
     """``x``, written to memory once for all its readers.
@@ -272,8 +354,9 @@ def stored(x):
 # per-operation switch. So a step without depthwise convolutions keeps YNNPACK's other default
 # fusions (dots, reductions) and leaves its convolutions to Eigen; a step with them keeps the
 # defaults. (With depthwise_taps on, depthwise convolutions are tap sums, not convolutions.)
-DENSE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
-                 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+DENSE_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,4 +389,3 @@ def has_depthwise_conv(jaxpr) -> bool:
         if any(has_depthwise_conv(sub) for sub in sub_jaxprs(eqn.params.values())):
             return True
     return False
-

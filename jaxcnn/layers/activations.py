@@ -1,4 +1,5 @@
 """The activation zoo of the lectures, looked up by name so a model can take ``act='silu'``."""
+
 import functools
 
 import flax.linen as nn
@@ -47,13 +48,15 @@ def maxout(x, pieces: int = 2):
 
 class PReLU(nn.Module):
     """Parametric ReLU with one learned slope per channel (He et al. 2015)."""
+
     init_slope: float = 0.25
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        a = self.param('slope', nn.initializers.constant(self.init_slope), (x.shape[-1],),
-                       self.param_dtype)
+        a = self.param(
+            'slope', nn.initializers.constant(self.init_slope), (x.shape[-1],), self.param_dtype
+        )
         return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
 
 
@@ -84,5 +87,7 @@ def get_act(name):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f'unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)} '
-                         "(use layers.PReLU as a module for 'prelu')") from None
+        raise ValueError(
+            f'unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)} '
+            "(use layers.PReLU as a module for 'prelu')"
+        ) from None

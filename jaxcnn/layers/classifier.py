@@ -1,4 +1,5 @@
 """The classifier head: global pool, dropout, Dense named ``fc`` (params['head']['fc'])."""
+
 from typing import Optional
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ from .conv import global_avg_pool
 
 class ClassifierHead(nn.Module):
     """Pool -> dropout -> linear. ``num_classes=0`` returns the pooled features."""
+
     num_classes: int
     drop_rate: float = 0.0
     pool: str = 'avg'
@@ -30,5 +32,10 @@ class ClassifierHead(nn.Module):
         if self.num_classes == 0:
             return x
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=self.kernel_init, name='fc')(x)
+        return nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            name='fc',
+        )(x)

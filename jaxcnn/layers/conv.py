@@ -10,6 +10,7 @@ Two padding conventions matter when weights come from elsewhere:
   * 'same': TensorFlow's dynamic "SAME" padding (extra pad goes bottom/right), which the
     ``tf_`` ports in timm reproduce with ``Conv2dSame``.
 """
+
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -48,16 +49,35 @@ def resolve_padding(padding, kernel_size, dilation=1):
     raise ValueError(f"padding must be 'torch', 'same', 'valid', an int or pairs, got {padding!r}")
 
 
-def conv2d(features: int, kernel_size: Union[int, Sequence[int]] = 3, stride=1, *,
-           padding: Any = 'torch', groups: int = 1, dilation=1, use_bias: bool = False,
-           dtype=None, param_dtype=jnp.float32, kernel_init=he_normal_fan_out,
-           name: Optional[str] = None) -> nn.Conv:
+def conv2d(
+    features: int,
+    kernel_size: Union[int, Sequence[int]] = 3,
+    stride=1,
+    *,
+    padding: Any = 'torch',
+    groups: int = 1,
+    dilation=1,
+    use_bias: bool = False,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init=he_normal_fan_out,
+    name: Optional[str] = None,
+) -> nn.Conv:
     """A 2-D convolution (NHWC, HWIO kernel). ``groups == in_channels`` makes it depthwise."""
-    return nn.Conv(features, _pair(kernel_size), strides=_pair(stride),
-                   padding=resolve_padding(padding, kernel_size, dilation),
-                   kernel_dilation=_pair(dilation), feature_group_count=groups,
-                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=kernel_init, conv_general_dilated=kernels.conv_general_dilated, name=name)
+    return nn.Conv(
+        features,
+        _pair(kernel_size),
+        strides=_pair(stride),
+        padding=resolve_padding(padding, kernel_size, dilation),
+        kernel_dilation=_pair(dilation),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        conv_general_dilated=kernels.conv_general_dilated,
+        name=name,
+    )
 
 
 def depthwise_conv2d(channels: int, kernel_size=3, stride=1, **kwargs) -> nn.Conv:
@@ -73,8 +93,13 @@ def max_pool(x, window=3, stride=2, padding='torch'):
 
 
 def avg_pool(x, window=2, stride=2, padding='valid', count_include_pad=True):
-    return nn.avg_pool(x, _pair(window), _pair(stride), resolve_padding(padding, window),
-                       count_include_pad=count_include_pad)
+    return nn.avg_pool(
+        x,
+        _pair(window),
+        _pair(stride),
+        resolve_padding(padding, window),
+        count_include_pad=count_include_pad,
+    )
 
 
 def _adaptive_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -93,8 +118,9 @@ def adaptive_avg_pool(x, output_size):
     if x.shape[1:3] == (oh, ow):
         return x
     mh, mw = _adaptive_matrix(x.shape[1], oh), _adaptive_matrix(x.shape[2], ow)
-    y = jnp.einsum('ih,nhwc,jw->nijc', mh, x.astype(jnp.float32), mw,
-                   precision=jax.lax.Precision.HIGHEST)
+    y = jnp.einsum(
+        'ih,nhwc,jw->nijc', mh, x.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST
+    )
     return y.astype(x.dtype)
 
 
@@ -102,14 +128,14 @@ def ceil_mode_padding(size: int, window: int, stride: int) -> Tuple[int, int]:
     """(0, extra) padding that makes an unpadded pool give PyTorch's ``ceil_mode=True`` size
     (Caffe's rounding, used by ZFNet and NiN)."""
     out = -(-(size - window) // stride) + 1
-    if (out - 1) * stride >= size:      # PyTorch drops a last window that starts past the input
+    if (out - 1) * stride >= size:  # PyTorch drops a last window that starts past the input
         out -= 1
     return 0, max((out - 1) * stride + window - size, 0)
 
 
 def ceil_max_pool(x, window=3, stride=2):
     pads = tuple(ceil_mode_padding(s, window, stride) for s in x.shape[1:3])
-    return max_pool(x, window, stride, padding=pads)   # pads with -inf: never selected
+    return max_pool(x, window, stride, padding=pads)  # pads with -inf: never selected
 
 
 def global_avg_pool(x):
@@ -136,11 +162,17 @@ def check_image_batch(x, min_size: int = 1, model: str = 'model'):
     """Fail with one readable line for inputs that are not an NHWC batch."""
     shape = getattr(x, 'shape', None)
     if shape is None or len(shape) != 4:
-        raise ValueError(f'{model} expects an NHWC image batch (N, H, W, C), got shape {shape}; '
-                         'add a batch axis with x[None] or move channels last')
-    if shape[1] <= 4 < shape[3] == shape[2]:   # (N, C, H, W): a few channels, then a square
-        raise ValueError(f'{model} expects channels-last images (N, H, W, C), got shape {shape}, '
-                         f'which looks channels-first (N, C, H, W); pass x.transpose(0, 2, 3, 1)')
+        raise ValueError(
+            f'{model} expects an NHWC image batch (N, H, W, C), got shape {shape}; '
+            'add a batch axis with x[None] or move channels last'
+        )
+    if shape[1] <= 4 < shape[3] == shape[2]:  # (N, C, H, W): a few channels, then a square
+        raise ValueError(
+            f'{model} expects channels-last images (N, H, W, C), got shape {shape}, '
+            f'which looks channels-first (N, C, H, W); pass x.transpose(0, 2, 3, 1)'
+        )
     if shape[1] < min_size or shape[2] < min_size:
-        raise ValueError(f'{model} needs inputs of at least {min_size}x{min_size}, got '
-                         f'{shape[1]}x{shape[2]}; resize or pad the images')
+        raise ValueError(
+            f'{model} needs inputs of at least {min_size}x{min_size}, got '
+            f'{shape[1]}x{shape[2]}; resize or pad the images'
+        )

@@ -2,6 +2,7 @@
 Inception-v3) and timm's ``ConvNormAct`` both name its parts ``conv`` and ``bn``, so weights
 convert with no rename below the unit.
 """
+
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ class ConvBnAct(nn.Module):
     ``padding`` takes :func:`conv2d`'s forms ('torch' keeps the size at stride 1, 'valid' none).
     ``eps``: BatchNorm epsilon (1e-3 for torchvision's Inception nets, PyTorch's 1e-5 otherwise).
     """
+
     features: int
     kernel_size: Any = 1
     stride: int = 1
@@ -32,7 +34,15 @@ class ConvBnAct(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(self.features, self.kernel_size, self.stride, padding=self.padding,
-                   groups=self.groups, kernel_init=self.kernel_init, name='conv', **kw)(x)
+        x = conv2d(
+            self.features,
+            self.kernel_size,
+            self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            kernel_init=self.kernel_init,
+            name='conv',
+            **kw,
+        )(x)
         x = batch_norm(train, epsilon=self.eps, name='bn', **kw)(x)
         return x if self.act is None else self.act(x)

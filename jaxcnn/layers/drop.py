@@ -1,4 +1,5 @@
 """Stochastic regularisers: DropPath (stochastic depth) and DropBlock, drawing from 'dropout'."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,17 @@ class DropPath(nn.Module):
     Surviving samples are scaled by 1 / (1 - rate) ("inverted" scaling), so inference
     needs no rescaling.
     """
-    rate: float = 0.0   # may be a traced scalar when blocks are scanned
+
+    rate: float = 0.0  # may be a traced scalar when blocks are scanned
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(
+            self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
@@ -38,6 +42,7 @@ class DropBlock(nn.Module):
     gamma follows eq. (1) of the paper so that on average ``rate`` of the units are dropped;
     the survivors are rescaled by count/kept, as in the paper's Algorithm 1.
     """
+
     rate: float = 0.0
     block_size: int = 7
 
@@ -50,7 +55,9 @@ class DropBlock(nn.Module):
         valid = (h - bs + 1) * (w - bs + 1)
         gamma = self.rate * h * w / (bs * bs) / valid
         # seeds only where a full block fits, then grow each seed into a bs x bs block
-        seeds = jax.random.bernoulli(self.make_rng('dropout'), gamma, (n, h - bs + 1, w - bs + 1, c))
+        seeds = jax.random.bernoulli(
+            self.make_rng('dropout'), gamma, (n, h - bs + 1, w - bs + 1, c)
+        )
         lo, hi = (bs - 1) // 2, bs // 2
         # pad back to h x w so a seed sits where its block's centre is
         seeds = jnp.pad(seeds.astype(jnp.float32), ((0, 0), (lo, hi), (lo, hi), (0, 0)))

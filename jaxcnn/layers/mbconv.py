@@ -29,6 +29,7 @@ Squeeze-and-excitation is sized two ways, as the two lines of papers do:
   * MobileNetV3 (``se_from_exp=True``): ``se_ratio`` of the *expanded* channels, rounded to a
     multiple of 8 (Howard et al. 2019, §5.3), with ReLU inside and a hard-sigmoid gate.
 """
+
 from typing import Optional
 
 import flax.linen as nn
@@ -54,6 +55,7 @@ def se_channels(se_ch: int, se_ratio: float, exp_ratio: float, from_exp: bool) -
 
 class MBConv(nn.Module):
     """One mobile block: ``kind`` in 'ds' | 'ir' | 'er' | 'cn' (see the module docstring)."""
+
     kind: str
     out_ch: int
     kernel: int = 3
@@ -61,15 +63,15 @@ class MBConv(nn.Module):
     exp_ratio: float = 1.0
     se_ratio: float = 0.0
     se_from_exp: bool = False
-    se_act: Optional[str] = None        # None: the block's activation
+    se_act: Optional[str] = None  # None: the block's activation
     se_gate: str = 'sigmoid'
     act: str = 'relu'
-    skip: Optional[bool] = None         # None: residual whenever the shape is kept
-    padding: str = 'torch'              # 'same' for TF-trained weights (EfficientNetV2)
+    skip: Optional[bool] = None  # None: residual whenever the shape is kept
+    padding: str = 'torch'  # 'same' for TF-trained weights (EfficientNetV2)
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
-    drop_path: float = 0.0              # may be a traced scalar in a scanned stage
-    num_experts: int = 0                # > 0: CondConv 'ir' block (see the module docstring)
+    drop_path: float = 0.0  # may be a traced scalar in a scanned stage
+    num_experts: int = 0  # > 0: CondConv 'ir' block (see the module docstring)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -82,8 +84,9 @@ class MBConv(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ckw = dict(padding=self.padding, **kw)
         act = get_act(self.act)
-        bn = lambda name: batch_norm(train, name=name, momentum=self.bn_momentum,
-                                     epsilon=self.bn_eps, **kw)
+        bn = lambda name: batch_norm(
+            train, name=name, momentum=self.bn_momentum, epsilon=self.bn_eps, **kw
+        )
         in_ch = x.shape[-1]
         mid = in_ch if self.kind in ('ds', 'cn') else make_divisible(in_ch * self.exp_ratio)
 
@@ -91,28 +94,36 @@ class MBConv(nn.Module):
             if not self.se_ratio:
                 return h
             rd = se_channels(h.shape[-1], self.se_ratio, self.exp_ratio, self.se_from_exp)
-            return SqueezeExcite(rd_channels=rd, act=self.se_act or self.act, gate=self.se_gate,
-                                 name='se', **kw)(h)
+            return SqueezeExcite(
+                rd_channels=rd, act=self.se_act or self.act, gate=self.se_gate, name='se', **kw
+            )(h)
 
         h = x
         if self.kind == 'cn':
             h = act(bn('bn1')(conv2d(self.out_ch, self.kernel, self.stride, name='conv', **ckw)(h)))
         elif self.kind == 'ds':
-            h = act(bn('bn1')(depthwise_conv2d(in_ch, self.kernel, self.stride, name='conv_dw', **ckw)(h)))
+            h = act(
+                bn('bn1')(
+                    depthwise_conv2d(in_ch, self.kernel, self.stride, name='conv_dw', **ckw)(h)
+                )
+            )
             h = se(h)
             h = bn('bn2')(conv2d(self.out_ch, 1, name='conv_pw', **ckw)(h))
         elif self.kind == 'ir' and self.num_experts:
             # CondConv: one routing per block, shared by its three convolutions
             r = CondConvRouting(self.num_experts, name='routing_fn', **kw)(x)
             cc = lambda features, k, name, stride=1, groups=1: CondConv(
-                features, k, stride, groups=groups, num_experts=self.num_experts, name=name, **ckw)
+                features, k, stride, groups=groups, num_experts=self.num_experts, name=name, **ckw
+            )
             h = act(bn('bn1')(cc(mid, 1, 'conv_pw')(h, r)))
             h = act(bn('bn2')(cc(mid, self.kernel, 'conv_dw', self.stride, mid)(h, r)))
             h = se(h)
             h = bn('bn3')(cc(self.out_ch, 1, 'conv_pwl')(h, r))
         elif self.kind == 'ir':
             h = act(bn('bn1')(conv2d(mid, 1, name='conv_pw', **ckw)(h)))
-            h = act(bn('bn2')(depthwise_conv2d(mid, self.kernel, self.stride, name='conv_dw', **ckw)(h)))
+            h = act(
+                bn('bn2')(depthwise_conv2d(mid, self.kernel, self.stride, name='conv_dw', **ckw)(h))
+            )
             h = se(h)
             h = bn('bn3')(conv2d(self.out_ch, 1, name='conv_pwl', **ckw)(h))
         else:  # 'er': Fused-MBConv

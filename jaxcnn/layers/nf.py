@@ -22,6 +22,7 @@ estimated by Monte Carlo sampling and differ from the exact values in the 4th di
 numbers, so models that must reproduce them (the registered ``nfnet_f*`` / ``nf_resnet50``)
 take ``gamma_source='deepmind'``; ``'computed'`` gives the exact values.
 """
+
 import functools
 import math
 from typing import Any, Optional
@@ -59,7 +60,9 @@ _NUMPY_ACTS = {
     'relu6': lambda z: np.clip(z, 0.0, 6.0),
     'leaky_relu': lambda z: np.where(z > 0, z, 0.01 * z),
     'gelu': lambda z: 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0))),
-    'gelu_tanh': lambda z: 0.5 * z * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3))),
+    'gelu_tanh': lambda z: (
+        0.5 * z * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    ),
     'silu': lambda z: z / (1.0 + np.exp(-z)),
     'swish': lambda z: z / (1.0 + np.exp(-z)),
     'sigmoid': lambda z: 1.0 / (1.0 + np.exp(-z)),
@@ -71,7 +74,7 @@ _NUMPY_ACTS = {
 def normal_moments(fn, half_width: float = 12.0, step: float = 1e-4):
     """(E[fn(z)], E[fn(z)^2]) for z ~ N(0, 1) by composite Simpson's rule on a grid through 0."""
     n = int(round(half_width / step))
-    z = np.linspace(-half_width, half_width, 2 * n + 1)      # 2n intervals, z[n] == 0
+    z = np.linspace(-half_width, half_width, 2 * n + 1)  # 2n intervals, z[n] == 0
     w = np.ones_like(z)
     w[1:-1:2], w[2:-1:2] = 4.0, 2.0
     w *= step / 3.0 * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
@@ -125,6 +128,7 @@ class ScaledStdConv(nn.Module):
     ``gamma`` folds an activation gain into the weights (timm's nf_resnet layout); it is 1 when
     the activations carry it themselves. ``gain`` starts at ``gain_init`` (0 zero-inits a branch).
     """
+
     features: int
     kernel_size: int = 3
     stride: int = 1
@@ -135,7 +139,9 @@ class ScaledStdConv(nn.Module):
     eps: float = 1e-5
     eps_mode: str = 'add'
     gain_init: float = 1.0
-    kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
+        1.0, 'fan_in', 'normal'
+    )
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -158,15 +164,22 @@ class ScaledStdConv(nn.Module):
         if in_ch % self.groups:
             raise ValueError(f'{in_ch} input channels do not split into {self.groups} groups')
         ks = (self.kernel_size, self.kernel_size)
-        kernel = self.param('kernel', self.kernel_init, (*ks, in_ch // self.groups, self.features),
-                            self.param_dtype)
-        gain = self.param('gain', nn.initializers.constant(self.gain_init), (self.features,),
-                          self.param_dtype)
+        kernel = self.param(
+            'kernel', self.kernel_init, (*ks, in_ch // self.groups, self.features), self.param_dtype
+        )
+        gain = self.param(
+            'gain', nn.initializers.constant(self.gain_init), (self.features,), self.param_dtype
+        )
         dtype = self.dtype or jnp.float32
         w = self.standardized_kernel(kernel, gain).astype(dtype)
         y = conv_general_dilated(
-            x.astype(dtype), w, (self.stride, self.stride), resolve_padding(self.padding, self.kernel_size),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+            x.astype(dtype),
+            w,
+            (self.stride, self.stride),
+            resolve_padding(self.padding, self.kernel_size),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=self.groups,
+        )
         if self.use_bias:
             bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)

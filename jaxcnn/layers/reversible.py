@@ -27,6 +27,7 @@ to rounding, so the recomputed function is the forward's function. The running-a
 update it produces is thrown away: only the forward pass's updated ``batch_stats`` leave the
 stage, so the running statistics move once per step, exactly as with ordinary autodiff.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +44,7 @@ class Coupling(nn.Module):
     ``branch(**branch_fields)`` (any module called ``branch(x, train)``; F maps x2's shape to
     x1's, G x1's to x2's). ``drop_path``: stochastic depth on both branch outputs; the coupling
     stays exactly invertible, its mask a function of the key."""
+
     branch: Any
     branch_fields: tuple = ()
     drop_path: float = 0.0
@@ -89,8 +91,13 @@ class _Blocks:
     def apply(self, params, stats, key, nums, x, method=None):
         """(output, updated batch_stats) of one block's ``method``."""
         out, state = self.cls(**self.static, **nums).apply(
-            self.variables(params, stats), *x, self.train, method=method,
-            rngs={'dropout': jax.random.wrap_key_data(key)}, mutable=['batch_stats'])
+            self.variables(params, stats),
+            *x,
+            self.train,
+            method=method,
+            rngs={'dropout': jax.random.wrap_key_data(key)},
+            mutable=['batch_stats'],
+        )
         return out, state.get('batch_stats', {})
 
     def forward(self, params, stats, keys, nums, x, unroll):
@@ -98,6 +105,7 @@ class _Blocks:
             p, s, key, num = xs
             h, new = self.apply(p, s, key, num, (h,))
             return h, new
+
         with kernels.loop_body():
             return jax.lax.scan(step, x, (params, stats, keys, nums), unroll=unroll)
 
@@ -105,32 +113,39 @@ class _Blocks:
         def step(h, xs):
             p, s, key, num = xs
             return self.apply(p, s, key, num, (h,), method=self.cls.inverse)[0], None
+
         with kernels.loop_body():
-            return jax.lax.scan(step, y, (params, stats, keys, nums), reverse=True, unroll=unroll)[0]
+            return jax.lax.scan(step, y, (params, stats, keys, nums), reverse=True, unroll=unroll)[
+                0
+            ]
 
     def backward(self, params, stats, keys, nums, y, dy, unroll):
         """(parameter cotangents, input cotangents) from the outputs: each block's inputs are
         rebuilt and its branches differentiated, G first, then F."""
+
         def step(carry, xs):
             (y1, y2), (dy1, dy2) = carry
             p, s, key, num = xs
             g = lambda q, z: self.apply(q, s, key, num, (z,), self.cls.residual_g)[0]
             f = lambda q, z: self.apply(q, s, key, num, (z,), self.cls.residual_f)[0]
-            gy, g_vjp = jax.vjp(g, p, y1)              # rebuild x2 = y2 - G(y1), pull dy2 back
+            gy, g_vjp = jax.vjp(g, p, y1)  # rebuild x2 = y2 - G(y1), pull dy2 back
             x2 = y2 - gy
             dpg, dz = g_vjp(dy2)
-            dz = dy1 + dz                              # the whole cotangent of y1 (= of x1)
-            fx, f_vjp = jax.vjp(f, p, x2)              # rebuild x1 = y1 - F(x2), pull dz back
+            dz = dy1 + dz  # the whole cotangent of y1 (= of x1)
+            fx, f_vjp = jax.vjp(f, p, x2)  # rebuild x1 = y1 - F(x2), pull dz back
             dpf, dx2 = f_vjp(dz)
             return ((y1 - fx, x2), (dz, dy2 + dx2)), jax.tree.map(jnp.add, dpf, dpg)
+
         with kernels.loop_body():
-            (_, dx), dparams = jax.lax.scan(step, (y, dy), (params, stats, keys, nums),
-                                            reverse=True, unroll=unroll)
+            (_, dx), dparams = jax.lax.scan(
+                step, (y, dy), (params, stats, keys, nums), reverse=True, unroll=unroll
+            )
         return dparams, dx
 
 
-def run_couplings(cls, static, variables, nums, x, train, rng=None, inverse=False,
-                  recompute=True, unroll=1):
+def run_couplings(
+    cls, static, variables, nums, x, train, rng=None, inverse=False, recompute=True, unroll=1
+):
     """The stacked couplings ``cls(**static, **nums[b])`` on ``x = (x1, x2)``: ``variables``
     holds their stacked 'params' (and 'batch_stats'), ``nums`` the per-block numbers, ``rng``
     the key their randomness comes from (None: no randomness). Returns (y, the stacked updated
@@ -138,8 +153,11 @@ def run_couplings(cls, static, variables, nums, x, train, rng=None, inverse=Fals
     for comparison; ``inverse=True`` maps outputs back to inputs."""
     params, stats = variables['params'], variables.get('batch_stats', {})
     n = jax.tree.leaves(params)[0].shape[0]
-    keys = (_raw_key(jax.random.split(rng, n)) if rng is not None else
-            _raw_key(jax.random.split(jax.random.key(0), n)))
+    keys = (
+        _raw_key(jax.random.split(rng, n))
+        if rng is not None
+        else _raw_key(jax.random.split(jax.random.key(0), n))
+    )
     blocks = _Blocks(cls, static, train, bool(stats))
     if inverse:
         return blocks.inverse(params, stats, keys, nums, x, unroll), stats
@@ -150,12 +168,12 @@ def run_couplings(cls, static, variables, nums, x, train, rng=None, inverse=Fals
     def run(params, x, stats, keys, nums):
         return blocks.forward(params, stats, keys, nums, x, unroll)
 
-    def tangent(res, t):          # the outputs' tangent, linear in the (params, inputs) tangent
+    def tangent(res, t):  # the outputs' tangent, linear in the (params, inputs) tangent
         p, s, k, m, y = res
         x = blocks.inverse(p, s, k, m, y, unroll)
         return jax.jvp(lambda p, x: blocks.forward(p, s, k, m, x, unroll)[0], (p, x), t)[1]
 
-    def transpose(res, ct):       # its transpose: the reversible backward pass
+    def transpose(res, ct):  # its transpose: the reversible backward pass
         p, s, k, m, y = res
         return blocks.backward(p, s, k, m, y, ct, unroll)
 

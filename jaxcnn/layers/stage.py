@@ -20,6 +20,7 @@ holds its stage's blocks ``unrolled..n-1`` stacked on the leading axis (:func:`i
 :func:`stacked_target`). The optimiser's masks, AGC, the weight converter and the summary read
 it through these functions.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -49,7 +50,7 @@ def stacked_target(key: Tuple[str, ...], flat) -> Tuple[Tuple[str, ...], int] | 
     for i, part in enumerate(key[:-1]):
         if not part.isdigit() or i == 0:
             continue
-        prefix, rest = key[:i], key[i + 1:]
+        prefix, rest = key[:i], key[i + 1 :]
         target = (*prefix, STACKED, 'block', *rest)
         if target in flat:
             unrolled = {k[i] for k in flat if len(k) > i and k[:i] == prefix and k[i].isdigit()}
@@ -104,8 +105,11 @@ def _stack_plan(blocks, unrolled: int):
     names = next(iter(keys))
     varying = tuple(n for i, n in enumerate(names) if len({f[i][1] for _, f in run}) > 1)
     values = [dict(fields) for _, fields in run]
-    if not all(isinstance(v[n], numbers.Real) and not isinstance(v[n], numbers.Integral)
-               for v in values for n in varying):
+    if not all(
+        isinstance(v[n], numbers.Real) and not isinstance(v[n], numbers.Integral)
+        for v in values
+        for n in varying
+    ):
         return None
     static = tuple((n, v) for n, v in run[0][1] if n not in varying)
     return unrolled, static, varying
@@ -114,6 +118,7 @@ def _stack_plan(blocks, unrolled: int):
 class _Body(nn.Module):
     """One stacked block as the body of ``nn.scan``: carry = activations, scanned input = the
     block's numbers that differ between the stacked blocks."""
+
     block: Any
     static: tuple
     train: bool
@@ -143,14 +148,15 @@ class Stage(nn.Module):
     unrolled: the leading blocks that always run unrolled (a stage's first block usually
       changes the shape).
     """
+
     blocks: Tuple[Tuple[Any, tuple], ...]
     unrolled: int = 1
     scan: bool = False
     remat: Union[bool, str] = False
     reversible: bool = False
-    recompute: bool = True          # reversible=True only; False: ordinary autodiff of the same
-                                    # scan with the same keys (activations stored), to compare
-    unroll: int = 1                 # lax.scan's unroll of the stacked blocks
+    recompute: bool = True  # reversible=True only; False: ordinary autodiff of the same
+    # scan with the same keys (activations stored), to compare
+    unroll: int = 1  # lax.scan's unroll of the stacked blocks
 
     @nn.compact
     def __call__(self, x, train: bool = False, inverse: bool = False):
@@ -159,16 +165,19 @@ class Stage(nn.Module):
         if self.reversible or self.scan:
             plan = _stack_plan(blocks, self.unrolled)
             if self.reversible and plan is None and len(blocks) > self.unrolled:
-                raise ValueError(f'a reversible stage needs couplings of one kind after its first '
-                                 f'{self.unrolled} block(s), differing only in numbers')
+                raise ValueError(
+                    f'a reversible stage needs couplings of one kind after its first '
+                    f'{self.unrolled} block(s), differing only in numbers'
+                )
         first = plan[0] if plan else len(blocks)
         units = []
         for b, (cls, fields) in enumerate(blocks[:first]):
             if self.remat:
                 # outside a loop XLA would merge the recomputation with the forward pass (CSE)
                 # and keep every activation: the barrier that prevents it is what remat needs
-                cls = nn.remat(cls, static_argnums=(2,), policy=_remat_policy(self.remat),
-                               prevent_cse=True)
+                cls = nn.remat(
+                    cls, static_argnums=(2,), policy=_remat_policy(self.remat), prevent_cse=True
+                )
             units.append(cls(**dict(fields), name=str(b)))
         if inverse:
             if plan:
@@ -185,20 +194,36 @@ class Stage(nn.Module):
         run = blocks[first:]
         numbers_ = {n: jnp.asarray([dict(f)[n] for _, f in run], jnp.float32) for n in varying}
         if self.reversible and not self.is_initializing():
-            from .reversible import run_couplings    # the couplings' memory-free executor
+            from .reversible import run_couplings  # the couplings' memory-free executor
+
             variables = {c: v[STACKED]['block'] for c, v in self.variables.items() if STACKED in v}
             rng = self.make_rng('dropout') if train and self.has_rng('dropout') else None
-            x, stats = run_couplings(run[0][0], static, variables, numbers_, x, train, rng,
-                                     inverse=inverse, recompute=self.recompute, unroll=self.unroll)
+            x, stats = run_couplings(
+                run[0][0],
+                static,
+                variables,
+                numbers_,
+                x,
+                train,
+                rng,
+                inverse=inverse,
+                recompute=self.recompute,
+                unroll=self.unroll,
+            )
             if stats and train and not inverse and self.is_mutable_collection('batch_stats'):
                 self.put_variable('batch_stats', STACKED, {'block': stats})
             return x
         body = _Body
         if self.remat and not self.reversible:
             body = nn.remat(_Body, policy=_remat_policy(self.remat), prevent_cse=False)
-        scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0},
-                       split_rngs={'params': True, 'dropout': True}, length=len(run),
-                       reverse=inverse, unroll=self.unroll)
+        scan = nn.scan(
+            body,
+            variable_axes={'params': 0, 'batch_stats': 0},
+            split_rngs={'params': True, 'dropout': True},
+            length=len(run),
+            reverse=inverse,
+            unroll=self.unroll,
+        )
         with kernels.loop_body():
             x, _ = scan(run[0][0], static, train, inverse, name=STACKED)(x, numbers_)
         return x

@@ -1,4 +1,5 @@
 """Model families, one module each; importing this package registers every model."""
+
 import importlib
 import pkgutil
 

@@ -33,6 +33,7 @@ There is no residual path, so ``drop_path_rate`` is accepted only for a uniform 
 Every dense block has layers of different input widths, so nothing can be scanned: each of the
 58 (densenet121) to 98 (densenet201) dense layers is compiled on its own.
 """
+
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -53,15 +54,18 @@ def cifar_depths(depth: int, bottleneck: bool = True, num_blocks: int = 3):
     per_layer = 2 if bottleneck else 1
     n, rem = divmod(depth - (num_blocks + 1), num_blocks * per_layer)
     if rem or n < 1:
-        raise ValueError(f'a {num_blocks}-block DenseNet{"-BC" if bottleneck else ""} needs depth '
-                         f'{num_blocks + 1} + {num_blocks * per_layer} * n, got {depth}')
+        raise ValueError(
+            f'a {num_blocks}-block DenseNet{"-BC" if bottleneck else ""} needs depth '
+            f'{num_blocks + 1} + {num_blocks * per_layer} * n, got {depth}'
+        )
     return (n,) * num_blocks
 
 
 class DenseLayer(nn.Module):
     """H_l on the list of earlier feature maps; returns only its ``growth_rate`` new maps."""
+
     growth_rate: int
-    bn_size: Optional[int] = 4          # None: no bottleneck (plain DenseNet, H = BN-ReLU-conv3x3)
+    bn_size: Optional[int] = 4  # None: no bottleneck (plain DenseNet, H = BN-ReLU-conv3x3)
     drop_rate: float = 0.0
     memory_efficient: bool = False
     dtype: Optional[jnp.dtype] = None
@@ -71,7 +75,9 @@ class DenseLayer(nn.Module):
     def __call__(self, features, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal_fan_in)
         bkw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        width, kernel = (self.bn_size * self.growth_rate, 1) if self.bn_size else (self.growth_rate, 3)
+        width, kernel = (
+            (self.bn_size * self.growth_rate, 1) if self.bn_size else (self.growth_rate, 3)
+        )
 
         def bottleneck(module, features):
             # torchvision's bn_function: concat -> norm1 -> relu -> conv1. The layers are built
@@ -106,24 +112,41 @@ class DenseBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         features = [x]
         for i in range(self.num_layers):
-            features.append(DenseLayer(self.growth_rate, self.bn_size, self.drop_rate,
-                                       self.memory_efficient, name=f'denselayer{i + 1}',
-                                       dtype=self.dtype, param_dtype=self.param_dtype)(features, train))
+            features.append(
+                DenseLayer(
+                    self.growth_rate,
+                    self.bn_size,
+                    self.drop_rate,
+                    self.memory_efficient,
+                    name=f'denselayer{i + 1}',
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                )(features, train)
+            )
         # the block input comes first, unchanged, then each layer's maps in order
         return jnp.concatenate(features, axis=-1)
 
 
 class Transition(nn.Module):
     """BN-ReLU-conv1x1 to ``out_channels``, then 2x2/2 average pooling (§3, Pooling layers)."""
+
     out_channels: int
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(batch_norm(train, name='norm', dtype=self.dtype, param_dtype=self.param_dtype)(x))
-        x = conv2d(self.out_channels, 1, name='conv', dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=he_normal_fan_in)(x)
+        x = nn.relu(
+            batch_norm(train, name='norm', dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        )
+        x = conv2d(
+            self.out_channels,
+            1,
+            name='conv',
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=he_normal_fan_in,
+        )(x)
         return avg_pool(x, 2, 2)
 
 
@@ -137,6 +160,7 @@ class DenseNet(nn.Module):
       compression: theta of the transitions. ``features_only`` returns the map after the final
       BN-ReLU.
     """
+
     growth_rate: int = 32
     depths: Sequence[int] = (6, 12, 24, 16)
     stem: str = 'imagenet'
@@ -147,7 +171,7 @@ class DenseNet(nn.Module):
     layer_drop_rate: float = 0.0
     num_classes: int = 1000
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0      # no residual paths to drop; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # no residual paths to drop; accepted for a uniform surface
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -157,7 +181,9 @@ class DenseNet(nn.Module):
         if self.stem not in ('imagenet', 'cifar'):
             raise ValueError(f"{name}: stem must be 'imagenet' or 'cifar', got {self.stem!r}")
         if not self.depths or any(not isinstance(n, int) or n < 1 for n in self.depths):
-            raise ValueError(f'{name}: depths must be positive layer counts per block, got {self.depths!r}')
+            raise ValueError(
+                f'{name}: depths must be positive layer counts per block, got {self.depths!r}'
+            )
         if not 0 < self.compression <= 1:
             raise ValueError(f'{name}: compression must be in (0, 1], got {self.compression!r}')
         if self.growth_rate < 1:
@@ -173,40 +199,67 @@ class DenseNet(nn.Module):
         else:
             x = conv2d(self.stem_width, 3, 1, name='conv0', kernel_init=he_normal_fan_in, **kw)(x)
         for i, n in enumerate(self.depths):
-            x = DenseBlock(n, self.growth_rate, self.bn_size, self.layer_drop_rate,
-                           self.memory_efficient, name=f'denseblock{i + 1}', **kw)(x, train)
+            x = DenseBlock(
+                n,
+                self.growth_rate,
+                self.bn_size,
+                self.layer_drop_rate,
+                self.memory_efficient,
+                name=f'denseblock{i + 1}',
+                **kw,
+            )(x, train)
             if i < len(self.depths) - 1:
-                x = Transition(int(x.shape[-1] * self.compression), name=f'transition{i + 1}', **kw)(x, train)
+                x = Transition(
+                    int(x.shape[-1] * self.compression), name=f'transition{i + 1}', **kw
+                )(x, train)
         x = nn.relu(batch_norm(train, name='norm5', **kw)(x))
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-register_renames('densenet', [
-    (r'^features\.', ''),
-    # the keys of torchvision's original checkpoints, 'denselayerN.norm.1' for 'norm1'
-    (r'(denselayer\d+)\.(norm|conv)\.([12])\.', r'\1.\2\3.'),
-    (r'^classifier\.', 'head.fc.'),
-])
+register_renames(
+    'densenet',
+    [
+        (r'^features\.', ''),
+        # the keys of torchvision's original checkpoints, 'denselayerN.norm.1' for 'norm1'
+        (r'(denselayer\d+)\.(norm|conv)\.([12])\.', r'\1.\2\3.'),
+        (r'^classifier\.', 'head.fc.'),
+    ],
+)
 
 # Table 1 (k, stem width, layers per block). Counts: torchvision 0.29.1, 1000 classes.
 _IMAGENET = dict(family='densenet', input_size=(224, 224, 3), min_input=32)
 for _name, _k, _stem, _depths, _count in [
-        ('densenet121', 32, 64, (6, 12, 24, 16), 7_978_856),
-        ('densenet169', 32, 64, (6, 12, 32, 32), 14_149_480),
-        ('densenet201', 32, 64, (6, 12, 48, 32), 20_013_928),
-        ('densenet161', 48, 96, (6, 12, 36, 24), 28_681_000)]:
-    register(_name, DenseNet, dict(growth_rate=_k, stem_width=_stem, depths=_depths),
-             reference=f'torchvision {_name} (Huang et al. 2017, Table 1)',
-             reference_params=_count, torch_name=f'tv:{_name}', **_IMAGENET)
+    ('densenet121', 32, 64, (6, 12, 24, 16), 7_978_856),
+    ('densenet169', 32, 64, (6, 12, 32, 32), 14_149_480),
+    ('densenet201', 32, 64, (6, 12, 48, 32), 20_013_928),
+    ('densenet161', 48, 96, (6, 12, 36, 24), 28_681_000),
+]:
+    register(
+        _name,
+        DenseNet,
+        dict(growth_rate=_k, stem_width=_stem, depths=_depths),
+        reference=f'torchvision {_name} (Huang et al. 2017, Table 1)',
+        reference_params=_count,
+        torch_name=f'tv:{_name}',
+        **_IMAGENET,
+    )
 
 # Table 2: DenseNet-BC (L = 100, k = 12), 0.8M parameters; tests/test_densenet.py recounts the
 # layout by hand (769,162 at 10 classes).
-register('densenet_bc_100_k12', DenseNet,
-         dict(growth_rate=12, stem='cifar', stem_width=24, depths=cifar_depths(100)),
-         family='densenet', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-         num_classes=10, min_input=4,
-         reference='Huang et al. 2017, Densely Connected Convolutional Networks, Table 2 '
-                   '(DenseNet-BC, L = 100, k = 12, 0.8M)',
-         reference_params=0.8e6, params_rounding=1e5)
+register(
+    'densenet_bc_100_k12',
+    DenseNet,
+    dict(growth_rate=12, stem='cifar', stem_width=24, depths=cifar_depths(100)),
+    family='densenet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=4,
+    reference='Huang et al. 2017, Densely Connected Convolutional Networks, Table 2 '
+    '(DenseNet-BC, L = 100, k = 12, 0.8M)',
+    reference_params=0.8e6,
+    params_rounding=1e5,
+)

@@ -17,12 +17,20 @@ Both models are counted by hand in ``tests/test_dynamic.py``. Their residual blo
 :class:`~jaxcnn.layers.stage.Stage` (``layer{s}/{b}``; ``stage{s}/0`` and ``stage{s}/1``), whose
 ``remat`` recomputes each block's activations in the backward pass.
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    drop_path_rates,
+)
 from ..layers.dynamic import CondConv, DynamicConv, DynamicLocalFilter
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
@@ -31,6 +39,7 @@ from .hypernet import zero_pad_shortcut
 
 class CondConvBlock(nn.Module):
     """Post-activation basic block (conv-BN-ReLU-conv-BN, + shortcut, ReLU) with CondConv 3x3s."""
+
     features: int
     stride: int = 1
     num_experts: int = 4
@@ -42,7 +51,9 @@ class CondConvBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shortcut = zero_pad_shortcut(x, self.features, self.stride)
-        h = CondConv(self.features, 3, self.stride, num_experts=self.num_experts, name='conv1', **kw)(x)
+        h = CondConv(
+            self.features, 3, self.stride, num_experts=self.num_experts, name='conv1', **kw
+        )(x)
         h = nn.relu(batch_norm(train, name='bn1', **kw)(h))
         h = CondConv(self.features, 3, 1, num_experts=self.num_experts, name='conv2', **kw)(h)
         h = batch_norm(train, name='bn2', **kw)(h)
@@ -52,6 +63,7 @@ class CondConvBlock(nn.Module):
 class CondConvResNet(nn.Module):
     """CIFAR ResNet-(6n+2) with CondConv block convolutions (per-layer routing); block b of
     stage s (from 1) is ``layer{s}/{b}``. ``remat``: True or a ``jax.checkpoint_policies`` name."""
+
     layers: Sequence[int] = (3, 3, 3)
     widths: Sequence[int] = (16, 32, 64)
     stem_width: int = 16
@@ -68,12 +80,24 @@ class CondConvResNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         check_image_batch(x, 8, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
-        x = nn.relu(batch_norm(train, name='bn1', **kw)(conv2d(self.stem_width, 3, name='conv1', **kw)(x)))
+        x = nn.relu(
+            batch_norm(train, name='bn1', **kw)(conv2d(self.stem_width, 3, name='conv1', **kw)(x))
+        )
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n, width) in enumerate(zip(self.layers, self.widths)):
-            blocks = stage_blocks(CondConvBlock, [dict(
-                features=width, stride=2 if (s > 0 and b == 0) else 1, num_experts=self.num_experts,
-                drop_path=next(rates), **kw) for b in range(n)])
+            blocks = stage_blocks(
+                CondConvBlock,
+                [
+                    dict(
+                        features=width,
+                        stride=2 if (s > 0 and b == 0) else 1,
+                        num_experts=self.num_experts,
+                        drop_path=next(rates),
+                        **kw,
+                    )
+                    for b in range(n)
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         if features_only:
             return x
@@ -82,6 +106,7 @@ class CondConvResNet(nn.Module):
 
 class DynamicConvBlock(nn.Module):
     """x + BN(DynamicConv(w, 3x3)(x)), ReLU: a residual block with a per-sample kernel."""
+
     features: int
     hidden: int = 16
     drop_path: float = 0.0
@@ -99,6 +124,7 @@ class DynamicConvBlock(nn.Module):
 class LocalFilterBlock(nn.Module):
     """x + BN(DynamicLocalFilter(k, features=w)(x)), ReLU: a residual block with a per-pixel
     filter (then a 1x1 conv)."""
+
     features: int
     kernel_size: int = 3
     hidden: int = 16
@@ -110,8 +136,14 @@ class LocalFilterBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = DynamicLocalFilter(self.kernel_size, self.features, self.hidden, per_channel=self.per_channel,
-                               name='local', **kw)(x)
+        h = DynamicLocalFilter(
+            self.kernel_size,
+            self.features,
+            self.hidden,
+            per_channel=self.per_channel,
+            name='local',
+            **kw,
+        )(x)
         h = batch_norm(train, name='local_bn', **kw)(h)
         return nn.relu(x + DropPath(self.drop_path)(h, train))
 
@@ -128,6 +160,7 @@ class DynamicFilterNet(nn.Module):
     ``remat``: recompute each block's activations in the backward pass (True or a
     ``jax.checkpoint_policies`` name).
     """
+
     widths: Sequence[int] = (16, 32, 64)
     hidden: int = 16
     local_kernel: int = 3
@@ -150,25 +183,51 @@ class DynamicFilterNet(nn.Module):
             name = 'stem' if s == 0 else f'down{s}'
             x = conv2d(w, 3, 1 if s == 0 else 2, name=f'{name}_conv', **kw)(x)
             x = nn.relu(batch_norm(train, name=f'{name}_bn', **kw)(x))
-            blocks = (stage_blocks(DynamicConvBlock, [dict(
-                features=w, hidden=self.hidden, drop_path=rates[2 * s], **kw)])
-                + stage_blocks(LocalFilterBlock, [dict(
-                    features=w, kernel_size=self.local_kernel, hidden=self.local_hidden,
-                    per_channel=self.per_channel, drop_path=rates[2 * s + 1], **kw)]))
+            blocks = stage_blocks(
+                DynamicConvBlock,
+                [dict(features=w, hidden=self.hidden, drop_path=rates[2 * s], **kw)],
+            ) + stage_blocks(
+                LocalFilterBlock,
+                [
+                    dict(
+                        features=w,
+                        kernel_size=self.local_kernel,
+                        hidden=self.local_hidden,
+                        per_channel=self.per_channel,
+                        drop_path=rates[2 * s + 1],
+                        **kw,
+                    )
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-_CIFAR = dict(input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, min_input=8)
+_CIFAR = dict(
+    input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, min_input=8
+)
 
 # Hand counts (tests/test_dynamic.py): ResNet-20's 18 block convs as 4-expert CondConv layers
 # (4 x 267,264 kernel weights + 4 x (C_in + 1) routing weights each), stem, BN and head as ResNet-20.
-register('condconv_resnet20', CondConvResNet, dict(layers=(3, 3, 3), num_experts=4),
-         family='condconv', reference='hand count from Yang et al. 2019 (CondConv) eq. (1)-(2) '
-         'applied to ResNet-20 (He et al. 2016 §4.2), 4 experts', reference_params=1_074_082, **_CIFAR)
-register('dynconv_cifar', DynamicFilterNet, dict(widths=(16, 32, 64)),
-         family='dynamic_filter', reference='hand count from Jia, De Brabandere et al. 2016 (Dynamic '
-         'Filter Networks) §3.1-3.2 filter-generating networks on this 3-stage net',
-         reference_params=871_173, **_CIFAR)
+register(
+    'condconv_resnet20',
+    CondConvResNet,
+    dict(layers=(3, 3, 3), num_experts=4),
+    family='condconv',
+    reference='hand count from Yang et al. 2019 (CondConv) eq. (1)-(2) '
+    'applied to ResNet-20 (He et al. 2016 §4.2), 4 experts',
+    reference_params=1_074_082,
+    **_CIFAR,
+)
+register(
+    'dynconv_cifar',
+    DynamicFilterNet,
+    dict(widths=(16, 32, 64)),
+    family='dynamic_filter',
+    reference='hand count from Jia, De Brabandere et al. 2016 (Dynamic '
+    'Filter Networks) §3.1-3.2 filter-generating networks on this 3-stage net',
+    reference_params=871_173,
+    **_CIFAR,
+)

@@ -16,6 +16,7 @@ ImageNet, so the registered entry is checked against timm's ``fbnetc_100`` count
 The file format (``ARCH_FORMAT``) lives here, next to the model that reads it, so that the
 registry does not import the search tool.
 """
+
 import json
 import os
 from typing import Any, Dict
@@ -33,8 +34,13 @@ def stages_to_json(stages: Stages) -> list:
     """A stage table as JSON-ready lists of row dicts: ``Row``'s required fields, and its
     optional ones only where they differ from their defaults."""
     optional = Row._field_defaults
-    return [[{k: v for k, v in r._asdict().items() if k not in optional or v != optional[k]}
-             for r in stage] for stage in stages]
+    return [
+        [
+            {k: v for k, v in r._asdict().items() if k not in optional or v != optional[k]}
+            for r in stage
+        ]
+        for stage in stages
+    ]
 
 
 def stages_from_json(stages: list) -> Stages:
@@ -42,13 +48,16 @@ def stages_from_json(stages: list) -> Stages:
     return tuple(tuple(Row(**row) for row in stage) for stage in stages)
 
 
-def architecture_json(stages: Stages, stem_width: int, num_features: int, act: str,
-                      **extra) -> Dict[str, Any]:
+def architecture_json(
+    stages: Stages, stem_width: int, num_features: int, act: str, **extra
+) -> Dict[str, Any]:
     """The content of an architecture file: format tag, model fields, stage table, ``extra``."""
-    return {'format': ARCH_FORMAT,
-            'model': {'stem_width': int(stem_width), 'num_features': int(num_features),
-                      'act': act},
-            'stages': stages_to_json(stages), **extra}
+    return {
+        'format': ARCH_FORMAT,
+        'model': {'stem_width': int(stem_width), 'num_features': int(num_features), 'act': act},
+        'stages': stages_to_json(stages),
+        **extra,
+    }
 
 
 _CACHE: Dict[tuple, Dict[str, Any]] = {}
@@ -67,7 +76,8 @@ def load_architecture(arch: str) -> Dict[str, Any]:
             raise FileNotFoundError(
                 f'architecture file {arch!r} does not exist; write one with `python -m '
                 f'jaxcnn.search --config fbnet_search_fmnist --workdir DIR` and pass '
-                f'DIR/architecture.json')
+                f'DIR/architecture.json'
+            )
         st = os.stat(path)
         key = ('file', os.path.abspath(path), st.st_mtime_ns, st.st_size)
     if key not in _CACHE:  # a module is re-created at every bind: read each file once
@@ -79,8 +89,9 @@ def load_architecture(arch: str) -> Dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f'architecture {arch!r} is not valid JSON: {e}') from None
         if not isinstance(spec, dict) or spec.get('format') != ARCH_FORMAT:
-            raise ValueError(f'architecture {arch!r} is not a {ARCH_FORMAT} file (written by '
-                             f'jaxcnn.search)')
+            raise ValueError(
+                f'architecture {arch!r} is not a {ARCH_FORMAT} file (written by jaxcnn.search)'
+            )
         try:
             stages = stages_from_json(spec['stages'])
             model = {k: spec['model'][k] for k in ARCH_MODEL_FIELDS}
@@ -95,6 +106,7 @@ def load_architecture(arch: str) -> Dict[str, Any]:
 class FBNetSearched(MBConvNet):
     """MBConvNet whose architecture comes from ``arch`` (an architecture.json path or its text;
     '' keeps the registered table). See the module docstring."""
+
     arch: str = ''
 
     def __post_init__(self):
@@ -105,10 +117,21 @@ class FBNetSearched(MBConvNet):
         super().__post_init__()
 
 
-register('fbnet_searched', FBNetSearched,
-         dict(stages=FBNET_C, stem_width=16, num_features=1984, head_scaling='fixed',
-              act='relu', drop_rate=0.2),
-         family='mnasnet', input_size=(224, 224, 3), min_input=32,
-         reference='timm fbnetc_100 (FBNet-C, Wu et al. 2019, Fig. 4) without `arch`; with '
-                   '`arch=architecture.json` the network `python -m jaxcnn.search` found',
-         reference_params=5_572_200)
+register(
+    'fbnet_searched',
+    FBNetSearched,
+    dict(
+        stages=FBNET_C,
+        stem_width=16,
+        num_features=1984,
+        head_scaling='fixed',
+        act='relu',
+        drop_rate=0.2,
+    ),
+    family='mnasnet',
+    input_size=(224, 224, 3),
+    min_input=32,
+    reference='timm fbnetc_100 (FBNet-C, Wu et al. 2019, Fig. 4) without `arch`; with '
+    '`arch=architecture.json` the network `python -m jaxcnn.search` found',
+    reference_params=5_572_200,
+)

@@ -55,6 +55,7 @@ Registered row and its parameter count (see tests/test_fractalnet.py):
   narrower channel table giving 22.9M was found.
 Section, figure and table numbers are this file's reading of the ICLR 2017 version.
 """
+
 from typing import Dict, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -99,6 +100,7 @@ def global_drop_mask(input_columns: Sequence[int], column):
 
 class ConvBNReLU(nn.Module):
     """The paper's conv layer: 3x3 convolution - (dropout) - BatchNorm - ReLU."""
+
     features: int
     dropout: float = 0.0
     dtype: Optional[jnp.dtype] = None
@@ -119,6 +121,7 @@ class FractalBlock(nn.Module):
     global sampling of ``column`` where ``is_global`` is true, else local sampling at ``rate``.
     ``column``: run only that column's 2^column convolutions.
     """
+
     features: int
     columns: int
     dropout: float = 0.0
@@ -126,8 +129,13 @@ class FractalBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def conv(self, col: int, index: int):
-        return ConvBNReLU(self.features, self.dropout, name=f'col{col}_conv{index}',
-                          dtype=self.dtype, param_dtype=self.param_dtype)
+        return ConvBNReLU(
+            self.features,
+            self.dropout,
+            name=f'col{col}_conv{index}',
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
     def join_columns(self, branches: Dict[int, jnp.ndarray], drop_plan):
         cols = sorted(branches)
@@ -144,7 +152,7 @@ class FractalBlock(nn.Module):
     def __call__(self, x, train: bool = False, drop_plan=None, column: Optional[int] = None):
         C = self.columns
         if column is not None:
-            for i in range(2 ** column):
+            for i in range(2**column):
                 x = self.conv(column, i)(x, train)
             return x
         made = {c: 0 for c in range(C)}
@@ -168,20 +176,22 @@ class FractalBlock(nn.Module):
 
 class FractalNet(nn.Module):
     """B = len(widths) fractal blocks of ``columns`` columns, each followed by a 2x2 max-pool."""
+
     widths: Sequence[int] = (64, 128, 256, 512, 512)
     columns: int = 3
-    block_dropout: Union[float, Sequence[float]] = 0.0   # per block (or one rate for all)
+    block_dropout: Union[float, Sequence[float]] = 0.0  # per block (or one rate for all)
     global_drop_ratio: float = 0.5
     column: Optional[int] = None
     num_classes: int = 10
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0      # local drop-path rate; 0 turns drop-path off
+    drop_path_rate: float = 0.0  # local drop-path rate; 0 turns drop-path off
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features_only: bool = False,
-                 column: Optional[int] = None):
+    def __call__(
+        self, x, train: bool = False, features_only: bool = False, column: Optional[int] = None
+    ):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         column = self.column if column is None else column
         if column is not None and not 0 <= column < self.columns:
@@ -192,7 +202,7 @@ class FractalNet(nn.Module):
         dropout = dropout * B if len(dropout) == 1 else dropout
         if len(dropout) != B:
             raise ValueError(f'block_dropout needs one rate per block ({B}), got {dropout}')
-        check_image_batch(x, 2 ** B, type(self).__name__)
+        check_image_batch(x, 2**B, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
 
         drop_plan = None
@@ -200,21 +210,36 @@ class FractalNet(nn.Module):
             # one draw per mini-batch: local or global sampling, and the global column
             k_mode, k_col = jax.random.split(self.make_rng('dropout'))
             is_global = jax.random.bernoulli(k_mode, self.global_drop_ratio)
-            drop_plan = (is_global, jax.random.randint(k_col, (), 0, self.columns),
-                         self.drop_path_rate)
+            drop_plan = (
+                is_global,
+                jax.random.randint(k_col, (), 0, self.columns),
+                self.drop_path_rate,
+            )
         for b, width in enumerate(self.widths):
             x = FractalBlock(width, self.columns, dropout[b], name=f'block{b + 1}', **kw)(
-                x, train, drop_plan, column)
+                x, train, drop_plan, column
+            )
             x = max_pool(x, 2, 2, padding='valid')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-_CIFAR = dict(family='fractalnet', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              num_classes=10, min_input=32)
-register('fractalnet20', FractalNet, dict(widths=(64, 128, 256, 512, 512), columns=3),
-         reference='Larsson et al. 2017, FractalNet, Table 1 ("20 layers": B=5, C=3, channels '
-                   '64-128-256-512-512, §3.3; hand count of that layout in tests/test_fractalnet.py '
-                   '-- the table prints 38.6M, which the layout does not give)',
-         reference_params=33_724_618, **_CIFAR)
+_CIFAR = dict(
+    family='fractalnet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=32,
+)
+register(
+    'fractalnet20',
+    FractalNet,
+    dict(widths=(64, 128, 256, 512, 512), columns=3),
+    reference='Larsson et al. 2017, FractalNet, Table 1 ("20 layers": B=5, C=3, channels '
+    '64-128-256-512-512, §3.3; hand count of that layout in tests/test_fractalnet.py '
+    '-- the table prints 38.6M, which the layout does not give)',
+    reference_params=33_724_618,
+    **_CIFAR,
+)

@@ -16,6 +16,7 @@ bottleneck b of stage s is ``blocks_{s}/{b}`` (timm ``blocks.s.b``), each stage'
 through :class:`~jaxcnn.layers.stage.Stage` (``remat`` recomputes their activations in the
 backward pass).
 """
+
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -23,8 +24,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (ClassifierHead, DropPath, SqueezeExcite, batch_norm, check_image_batch, conv2d,
-                      depthwise_conv2d, drop_path_rates, global_avg_pool, make_divisible)
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    SqueezeExcite,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    depthwise_conv2d,
+    drop_path_rates,
+    global_avg_pool,
+    make_divisible,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
@@ -37,8 +48,13 @@ STAGES = (
     ((5, 72, 40, 0.25, 2),),
     ((5, 120, 40, 0.25, 1),),
     ((3, 240, 80, 0, 2),),
-    ((3, 200, 80, 0, 1), (3, 184, 80, 0, 1), (3, 184, 80, 0, 1), (3, 480, 112, 0.25, 1),
-     (3, 672, 112, 0.25, 1)),
+    (
+        (3, 200, 80, 0, 1),
+        (3, 184, 80, 0, 1),
+        (3, 184, 80, 0, 1),
+        (3, 480, 112, 0.25, 1),
+        (3, 672, 112, 0.25, 1),
+    ),
     ((5, 672, 160, 0.25, 2),),
     ((5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1), (5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1)),
 )
@@ -47,6 +63,7 @@ STAGES = (
 class GhostModule(nn.Module):
     """§3.1: primary 1x1 conv to m = ceil(n / ratio) maps, cheap depthwise conv making
     (ratio - 1) m more from them, concatenated and truncated to the n = ``out_channels`` asked for."""
+
     out_channels: int
     ratio: int = 2
     dw_size: int = 3
@@ -59,16 +76,22 @@ class GhostModule(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         act = nn.relu if self.relu else (lambda h: h)
         init = math.ceil(self.out_channels / self.ratio)
-        primary = act(batch_norm(train, name='primary_bn', **kw)(
-            conv2d(init, 1, name='primary_conv', **kw)(x)))
+        primary = act(
+            batch_norm(train, name='primary_bn', **kw)(
+                conv2d(init, 1, name='primary_conv', **kw)(x)
+            )
+        )
         # each intrinsic map makes (ratio - 1) ghosts: a depthwise conv with channel multiplier
-        cheap = conv2d(init * (self.ratio - 1), self.dw_size, groups=init, name='cheap_conv', **kw)(primary)
+        cheap = conv2d(init * (self.ratio - 1), self.dw_size, groups=init, name='cheap_conv', **kw)(
+            primary
+        )
         cheap = act(batch_norm(train, name='cheap_bn', **kw)(cheap))
-        return jnp.concatenate([primary, cheap], axis=-1)[..., :self.out_channels]
+        return jnp.concatenate([primary, cheap], axis=-1)[..., : self.out_channels]
 
 
 class GhostBottleneck(nn.Module):
     """Fig. 3: Ghost (expand, ReLU) - [DW k x k/2 - BN] - [SE] - Ghost (project, linear) + shortcut."""
+
     mid_channels: int
     out_channels: int
     kernel_size: int = 3
@@ -84,18 +107,32 @@ class GhostBottleneck(nn.Module):
         bn = lambda name, h: batch_norm(train, name=name, **kw)(h)
         h = GhostModule(self.mid_channels, relu=True, name='ghost1', **kw)(x, train)
         if self.stride > 1:
-            h = bn('bn_dw', depthwise_conv2d(self.mid_channels, self.kernel_size, self.stride,
-                                             name='conv_dw', **kw)(h))
+            h = bn(
+                'bn_dw',
+                depthwise_conv2d(
+                    self.mid_channels, self.kernel_size, self.stride, name='conv_dw', **kw
+                )(h),
+            )
         if self.se_ratio:
             # SE with a hard-sigmoid gate and a reduced width rounded to a multiple of 4
-            h = SqueezeExcite(rd_channels=make_divisible(self.mid_channels * self.se_ratio, 4),
-                              gate='hard_sigmoid', name='se', **kw)(h)
+            h = SqueezeExcite(
+                rd_channels=make_divisible(self.mid_channels * self.se_ratio, 4),
+                gate='hard_sigmoid',
+                name='se',
+                **kw,
+            )(h)
         h = GhostModule(self.out_channels, relu=False, name='ghost2', **kw)(h, train)
         shortcut = x
         if self.stride > 1 or x.shape[-1] != self.out_channels:
-            shortcut = bn('shortcut_bn1', depthwise_conv2d(x.shape[-1], self.kernel_size, self.stride,
-                                                           name='shortcut_dw', **kw)(x))
-            shortcut = bn('shortcut_bn2', conv2d(self.out_channels, 1, name='shortcut_pw', **kw)(shortcut))
+            shortcut = bn(
+                'shortcut_bn1',
+                depthwise_conv2d(
+                    x.shape[-1], self.kernel_size, self.stride, name='shortcut_dw', **kw
+                )(x),
+            )
+            shortcut = bn(
+                'shortcut_bn2', conv2d(self.out_channels, 1, name='shortcut_pw', **kw)(shortcut)
+            )
         return shortcut + DropPath(self.drop_path)(h, train)
 
 
@@ -105,11 +142,12 @@ class GhostNet(nn.Module):
     remat: recompute each bottleneck's activations in the backward pass instead of storing them
       (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
     """
+
     width: float = 1.0
     stages: Sequence[Tuple[Tuple[float, ...], ...]] = STAGES
     stem_channels: int = 16
-    last_channels: int = 960          # the 1x1 conv after the last bottleneck
-    head_channels: int = 1280         # the 1x1 conv on the pooled features
+    last_channels: int = 960  # the 1x1 conv after the last bottleneck
+    head_channels: int = 1280  # the 1x1 conv on the pooled features
     num_classes: int = 1000
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
@@ -127,9 +165,21 @@ class GhostNet(nn.Module):
         x = nn.relu(batch_norm(train, name='bn1', **kw)(x))
         rates = iter(drop_path_rates(self.drop_path_rate, sum(len(s) for s in self.stages)))
         for s, stage in enumerate(self.stages):
-            blocks = stage_blocks(GhostBottleneck, [dict(
-                mid_channels=ch(exp), out_channels=ch(c), kernel_size=k, stride=stride, se_ratio=se,
-                drop_path=next(rates), **kw) for k, exp, c, se, stride in stage])
+            blocks = stage_blocks(
+                GhostBottleneck,
+                [
+                    dict(
+                        mid_channels=ch(exp),
+                        out_channels=ch(c),
+                        kernel_size=k,
+                        stride=stride,
+                        se_ratio=se,
+                        drop_path=next(rates),
+                        **kw,
+                    )
+                    for k, exp, c, se, stride in stage
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'blocks_{s}')(x, train)
         x = conv2d(ch(self.last_channels), 1, name='conv_last', **kw)(x)
         x = nn.relu(batch_norm(train, name='bn_last', **kw)(x))
@@ -144,23 +194,34 @@ class GhostNet(nn.Module):
 # to 960: conv_last / bn_last here, outside the stages),
 # GhostModule = primary_conv (conv, bn, act) + cheap_operation (dwconv, bn, act),
 # shortcut = (dw, bn, pw, bn), SE conv_reduce / conv_expand.
-register_renames('ghostnet', [
-    (r'^blocks\.9\.0\.conv\.', 'conv_last.'),
-    (r'^blocks\.9\.0\.bn1\.', 'bn_last.'),
-    (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1.\2.'),
-    (r'\.primary_conv\.0\.', '.primary_conv.'),
-    (r'\.primary_conv\.1\.', '.primary_bn.'),
-    (r'\.cheap_operation\.0\.', '.cheap_conv.'),
-    (r'\.cheap_operation\.1\.', '.cheap_bn.'),
-    (r'\.se\.conv_reduce\.', '.se.fc1.'),
-    (r'\.se\.conv_expand\.', '.se.fc2.'),
-    (r'\.shortcut\.0\.', '.shortcut_dw.'),
-    (r'\.shortcut\.1\.', '.shortcut_bn1.'),
-    (r'\.shortcut\.2\.', '.shortcut_pw.'),
-    (r'\.shortcut\.3\.', '.shortcut_bn2.'),
-    (r'^classifier\.', 'head.fc.'),
-])
+register_renames(
+    'ghostnet',
+    [
+        (r'^blocks\.9\.0\.conv\.', 'conv_last.'),
+        (r'^blocks\.9\.0\.bn1\.', 'bn_last.'),
+        (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1.\2.'),
+        (r'\.primary_conv\.0\.', '.primary_conv.'),
+        (r'\.primary_conv\.1\.', '.primary_bn.'),
+        (r'\.cheap_operation\.0\.', '.cheap_conv.'),
+        (r'\.cheap_operation\.1\.', '.cheap_bn.'),
+        (r'\.se\.conv_reduce\.', '.se.fc1.'),
+        (r'\.se\.conv_expand\.', '.se.fc2.'),
+        (r'\.shortcut\.0\.', '.shortcut_dw.'),
+        (r'\.shortcut\.1\.', '.shortcut_bn1.'),
+        (r'\.shortcut\.2\.', '.shortcut_pw.'),
+        (r'\.shortcut\.3\.', '.shortcut_bn2.'),
+        (r'^classifier\.', 'head.fc.'),
+    ],
+)
 
-register('ghostnet_100', GhostNet, dict(width=1.0), family='ghostnet', input_size=(224, 224, 3),
-         min_input=32, reference='timm ghostnet_100 (Han et al. 2020, Table 7, GhostNet 1.0x)',
-         reference_params=5_182_508, torch_name='timm:ghostnet_100')
+register(
+    'ghostnet_100',
+    GhostNet,
+    dict(width=1.0),
+    family='ghostnet',
+    input_size=(224, 224, 3),
+    min_input=32,
+    reference='timm ghostnet_100 (Han et al. 2020, Table 7, GhostNet 1.0x)',
+    reference_params=5_182_508,
+    torch_name='timm:ghostnet_100',
+)

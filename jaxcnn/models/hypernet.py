@@ -27,12 +27,20 @@ Each group's blocks run through :class:`~jaxcnn.layers.stage.Stage` (block b of 
 is ``layer{s}/{b}``, holding its embeddings); the one generator, ``generator``, is a field of
 every block and lives at the top of the model.
 """
+
 from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    drop_path_rates,
+)
 from ..layers.dynamic import HyperConv, HyperKernelGenerator
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
@@ -55,6 +63,7 @@ class HyperBlock(nn.Module):
     generator: the network's shared :class:`~jaxcnn.layers.dynamic.HyperKernelGenerator` (a
       module owned by the model, so every block's kernels come from the same g).
     """
+
     features: int
     generator: Any = None
     stride: int = 1
@@ -70,12 +79,20 @@ class HyperBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shortcut = zero_pad_shortcut(x, self.features, self.stride)
         h = nn.relu(batch_norm(train, name='bn1', **kw)(x))
-        h = HyperConv(self.features, 3, self.stride, use_bias=True, fan_in_scale=self.fan_in_scale,
-                      name='conv1', **kw)(h, generator)
+        h = HyperConv(
+            self.features,
+            3,
+            self.stride,
+            use_bias=True,
+            fan_in_scale=self.fan_in_scale,
+            name='conv1',
+            **kw,
+        )(h, generator)
         h = nn.relu(batch_norm(train, name='bn2', **kw)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = HyperConv(self.features, 3, 1, use_bias=True, fan_in_scale=self.fan_in_scale,
-                      name='conv2', **kw)(h, generator)
+        h = HyperConv(
+            self.features, 3, 1, use_bias=True, fan_in_scale=self.fan_in_scale, name='conv2', **kw
+        )(h, generator)
         return DropPath(self.drop_path)(h, train) + shortcut
 
 
@@ -89,6 +106,7 @@ class HyperWRN(nn.Module):
     remat: recompute each block's activations in the backward pass instead of storing them
       (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
     """
+
     depth: int = 40
     widen_factor: int = 2
     num_classes: int = 10
@@ -112,15 +130,33 @@ class HyperWRN(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         check_image_batch(x, 8, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
-        generator = HyperKernelGenerator(self.z_dim, self.hidden, 3, self.basic_size, self.basic_size,
-                                         param_dtype=self.param_dtype, name='generator')
+        generator = HyperKernelGenerator(
+            self.z_dim,
+            self.hidden,
+            3,
+            self.basic_size,
+            self.basic_size,
+            param_dtype=self.param_dtype,
+            name='generator',
+        )
         x = conv2d(self.stem_width, 3, 1, use_bias=True, name='conv1', **kw)(x)
         rates = drop_path_rates(self.drop_path_rate, 3 * n)
         for s, width in enumerate((16, 32, 64)):
-            blocks = stage_blocks(HyperBlock, [dict(
-                features=width * self.widen_factor, generator=generator,
-                stride=2 if (s > 0 and b == 0) else 1, dropout=self.block_dropout,
-                drop_path=rates[s * n + b], fan_in_scale=self.fan_in_scale, **kw) for b in range(n)])
+            blocks = stage_blocks(
+                HyperBlock,
+                [
+                    dict(
+                        features=width * self.widen_factor,
+                        generator=generator,
+                        stride=2 if (s > 0 and b == 0) else 1,
+                        dropout=self.block_dropout,
+                        drop_path=rates[s * n + b],
+                        fan_in_scale=self.fan_in_scale,
+                        **kw,
+                    )
+                    for b in range(n)
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
@@ -128,9 +164,22 @@ class HyperWRN(nn.Module):
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-_CIFAR = dict(family='hypernet', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              num_classes=10, min_input=8)
+_CIFAR = dict(
+    family='hypernet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+)
 for _k, _m in [(1, 0.097), (2, 0.148)]:
-    register(f'hyper_wrn40_{_k}', HyperWRN, dict(depth=40, widen_factor=_k),
-             reference=f'Ha, Dai & Le 2016, HyperNetworks, Table 2 (Hyper Residual Network 40-{_k}, '
-                       f'{_m}M)', reference_params=_m * 1e6, params_rounding=1e3, **_CIFAR)
+    register(
+        f'hyper_wrn40_{_k}',
+        HyperWRN,
+        dict(depth=40, widen_factor=_k),
+        reference=f'Ha, Dai & Le 2016, HyperNetworks, Table 2 (Hyper Residual Network 40-{_k}, '
+        f'{_m}M)',
+        reference_params=_m * 1e6,
+        params_rounding=1e3,
+        **_CIFAR,
+    )

@@ -10,6 +10,7 @@ subset), parameter-free average pooling (the paper's S-layers scale and bias eac
 linear output layer in place of the Euclidean RBF units. NHWC input of any channel count; on
 inputs larger than 32x32 C5 is larger than 1x1 and F6 reads it flattened.
 """
+
 from typing import Optional
 
 import flax.linen as nn
@@ -28,9 +29,10 @@ def scaled_tanh(x):
 
 class LeNet5(nn.Module):
     """``num_classes=0`` returns F6's 84 features; ``features_only`` the C5 map."""
+
     num_classes: int = 10
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0      # no residual blocks to drop; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # no residual blocks to drop; accepted for a uniform surface
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -38,8 +40,15 @@ class LeNet5(nn.Module):
     def __call__(self, x, train: bool = False, features_only: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # fan-in scaling, as the paper's uniform +-2.4 / F_in init intends, suits the tanh
-        conv = lambda ch, name: conv2d(ch, 5, padding='valid', use_bias=True, name=name,
-                                       kernel_init=nn.initializers.lecun_normal(), **kw)
+        conv = lambda ch, name: conv2d(
+            ch,
+            5,
+            padding='valid',
+            use_bias=True,
+            name=name,
+            kernel_init=nn.initializers.lecun_normal(),
+            **kw,
+        )
         check_image_batch(x, 32, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         x = avg_pool(scaled_tanh(conv(6, 'c1')(x)), 2, 2)
@@ -51,8 +60,16 @@ class LeNet5(nn.Module):
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-register('lenet5', LeNet5, family='lenet', input_size=(32, 32, 1), mean=MNIST_MEAN, std=MNIST_STD,
-         num_classes=10, min_input=32,
-         reference='LeCun et al. 1998, Gradient-Based Learning, Fig. 2 (modern form: full C3, '
-                   'plain average pooling, linear output; hand count)',
-         reference_params=61_706)
+register(
+    'lenet5',
+    LeNet5,
+    family='lenet',
+    input_size=(32, 32, 1),
+    mean=MNIST_MEAN,
+    std=MNIST_STD,
+    num_classes=10,
+    min_input=32,
+    reference='LeCun et al. 1998, Gradient-Based Learning, Fig. 2 (modern form: full C3, '
+    'plain average pooling, linear output; hand count)',
+    reference_params=61_706,
+)

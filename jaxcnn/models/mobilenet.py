@@ -15,6 +15,7 @@ the tables below are the papers' tables as data, turned into builder rows by one
 Twins: timm ``mobilenetv2_*`` (= torchvision ``mobilenet_v2`` at width 1.0) and
 ``mobilenetv3_*`` (same counts as torchvision's ``mobilenet_v3_*``); PyTorch padding, BN eps 1e-5.
 """
+
 from ..convert import register_renames
 from .efficientnet import MBCONV_RENAMES, MBConvNet, Row, round_channels  # noqa: F401
 from ..registry import register
@@ -45,8 +46,12 @@ MOBILENETV3_LARGE_TABLE = (
     ((3, 16, 16, False, 'RE', 1),),
     ((3, 64, 24, False, 'RE', 2), (3, 72, 24, False, 'RE', 1)),
     ((5, 72, 40, True, 'RE', 2), (5, 120, 40, True, 'RE', 1), (5, 120, 40, True, 'RE', 1)),
-    ((3, 240, 80, False, 'HS', 2), (3, 200, 80, False, 'HS', 1), (3, 184, 80, False, 'HS', 1),
-     (3, 184, 80, False, 'HS', 1)),
+    (
+        (3, 240, 80, False, 'HS', 2),
+        (3, 200, 80, False, 'HS', 1),
+        (3, 184, 80, False, 'HS', 1),
+        (3, 184, 80, False, 'HS', 1),
+    ),
     ((3, 480, 112, True, 'HS', 1), (3, 672, 112, True, 'HS', 1)),
     ((5, 672, 160, True, 'HS', 2), (5, 960, 160, True, 'HS', 1), (5, 960, 160, True, 'HS', 1)),
     ((1, None, 960, False, 'HS', 1),),
@@ -92,23 +97,54 @@ MOBILENETV3_SMALL = mobilenetv3_stages(MOBILENETV3_SMALL_TABLE)
 # Counts: timm 1.0.31, 1000 classes (width 1.0 equals torchvision 0.29.1 mobilenet_v2).
 for _w, _count in [(1.0, 3_504_872), (0.5, 1_968_680), (1.4, 6_108_776)]:
     _name = f'mobilenetv2_{round(_w * 100):03d}'
-    register(_name, MBConvNet,
-             dict(stages=mobilenetv2_stages(), width_mult=_w, stem_width=32, num_features=1280,
-                  head_scaling='at_least', act='relu6', drop_rate=0.2),
-             family='mobilenet', input_size=(224, 224, 3), min_input=32,
-             reference=f'timm {_name} (Sandler et al. 2018, Table 2, width {_w})',
-             reference_params=_count, torch_name=f'timm:{_name}')
+    register(
+        _name,
+        MBConvNet,
+        dict(
+            stages=mobilenetv2_stages(),
+            width_mult=_w,
+            stem_width=32,
+            num_features=1280,
+            head_scaling='at_least',
+            act='relu6',
+            drop_rate=0.2,
+        ),
+        family='mobilenet',
+        input_size=(224, 224, 3),
+        min_input=32,
+        reference=f'timm {_name} (Sandler et al. 2018, Table 2, width {_w})',
+        reference_params=_count,
+        torch_name=f'timm:{_name}',
+    )
 
 for _size, _stages, _nf, _variants in [
-        ('large', MOBILENETV3_LARGE, 1280, [(1.0, 5_483_032), (0.75, 3_993_528)]),
-        ('small', MOBILENETV3_SMALL, 1024, [(1.0, 2_542_856), (0.75, 2_041_872), (0.5, 1_593_224)])]:
+    ('large', MOBILENETV3_LARGE, 1280, [(1.0, 5_483_032), (0.75, 3_993_528)]),
+    ('small', MOBILENETV3_SMALL, 1024, [(1.0, 2_542_856), (0.75, 2_041_872), (0.5, 1_593_224)]),
+]:
     for _w, _count in _variants:
         _name = f'mobilenetv3_{_size}_{round(_w * 100):03d}'
-        register(_name, MBConvNet,
-                 dict(stages=_stages, width_mult=_w, stem_width=16, fix_stem=_w < 0.75,
-                      num_features=_nf, head_scaling='fixed', head='pooled_linear', act='hard_swish',
-                      se_from_exp=True, se_act='relu', se_gate='hard_sigmoid', drop_rate=0.2),
-                 family='mobilenet', input_size=(224, 224, 3), min_input=32,
-                 reference=f'timm {_name} (Howard et al. 2019, Table {1 if _size == "large" else 2}, '
-                           f'width {_w})',
-                 reference_params=_count, torch_name=f'timm:{_name}')
+        register(
+            _name,
+            MBConvNet,
+            dict(
+                stages=_stages,
+                width_mult=_w,
+                stem_width=16,
+                fix_stem=_w < 0.75,
+                num_features=_nf,
+                head_scaling='fixed',
+                head='pooled_linear',
+                act='hard_swish',
+                se_from_exp=True,
+                se_act='relu',
+                se_gate='hard_sigmoid',
+                drop_rate=0.2,
+            ),
+            family='mobilenet',
+            input_size=(224, 224, 3),
+            min_input=32,
+            reference=f'timm {_name} (Howard et al. 2019, Table {1 if _size == "large" else 2}, '
+            f'width {_w})',
+            reference_params=_count,
+            torch_name=f'timm:{_name}',
+        )

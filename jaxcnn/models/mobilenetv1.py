@@ -13,13 +13,22 @@ Table 1 as stages (blocks, stride of the first block, output channels) after a 3
 multiples of 8), whose layout and names this follows (``conv_stem``, ``bn1``, ``blocks.s.b``
 with ``conv_dw``/``bn1``/``conv_pw``/``bn2``, ``classifier``).
 """
+
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, batch_norm, check_image_batch, conv2d, depthwise_conv2d, get_act, make_divisible
+from ..layers import (
+    ClassifierHead,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    depthwise_conv2d,
+    get_act,
+    make_divisible,
+)
 from ..registry import register
 
 # Table 1: (blocks, first stride, output channels) per stage.
@@ -28,6 +37,7 @@ STAGES = ((1, 1, 64), (2, 2, 128), (2, 2, 256), (6, 2, 512), (2, 2, 1024))
 
 class DepthwiseSeparable(nn.Module):
     """Fig. 3 (right): 3x3 depthwise conv - BN - act - 1x1 conv - BN - act. No residual."""
+
     out_channels: int
     stride: int = 1
     act: str = 'relu6'
@@ -46,13 +56,14 @@ class DepthwiseSeparable(nn.Module):
 
 class MobileNetV1(nn.Module):
     """MobileNet v1 from its stage table; ``width`` is the paper's width multiplier alpha."""
+
     width: float = 1.0
     stages: Sequence[Tuple[int, int, int]] = STAGES
     stem_channels: int = 32
     act: str = 'relu6'
     num_classes: int = 1000
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0      # no residual blocks to drop; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # no residual blocks to drop; accepted for a uniform surface
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -66,30 +77,55 @@ class MobileNetV1(nn.Module):
         x = get_act(self.act)(batch_norm(train, name='bn1', **kw)(x))
         for s, (n, stride, c) in enumerate(self.stages):
             for b in range(n):
-                x = DepthwiseSeparable(ch(c), stride if b == 0 else 1, self.act,
-                                       name=f'blocks_{s}_{b}', **kw)(x, train)
+                x = DepthwiseSeparable(
+                    ch(c), stride if b == 0 else 1, self.act, name=f'blocks_{s}_{b}', **kw
+                )(x, train)
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-register_renames('mobilenetv1', [
-    (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1_\2.'),
-    (r'^classifier\.', 'head.fc.'),
-])
+register_renames(
+    'mobilenetv1',
+    [
+        (r'^blocks\.(\d+)\.(\d+)\.', r'blocks_\1_\2.'),
+        (r'^classifier\.', 'head.fc.'),
+    ],
+)
 
 # timm 1.0.31 counts at 1000 classes for 1.0 and 1.25; Howard et al. 2017, Table 6 gives
 # 4.2M / 2.6M / 1.3M / 0.5M parameters for alpha = 1.0 / 0.75 / 0.5 / 0.25 (224 px).
-register('mobilenetv1_100', MobileNetV1, dict(width=1.0), family='mobilenetv1',
-         input_size=(224, 224, 3), min_input=32,
-         reference='timm mobilenetv1_100 (Howard et al. 2017, Table 1; Table 6: 4.2M)',
-         reference_params=4_231_976, torch_name='timm:mobilenetv1_100')
-register('mobilenetv1_125', MobileNetV1, dict(width=1.25), family='mobilenetv1',
-         input_size=(224, 224, 3), min_input=32,
-         reference='timm mobilenetv1_125 (Howard et al. 2017, Table 1, width multiplier 1.25)',
-         reference_params=6_270_840, torch_name='timm:mobilenetv1_125')
+register(
+    'mobilenetv1_100',
+    MobileNetV1,
+    dict(width=1.0),
+    family='mobilenetv1',
+    input_size=(224, 224, 3),
+    min_input=32,
+    reference='timm mobilenetv1_100 (Howard et al. 2017, Table 1; Table 6: 4.2M)',
+    reference_params=4_231_976,
+    torch_name='timm:mobilenetv1_100',
+)
+register(
+    'mobilenetv1_125',
+    MobileNetV1,
+    dict(width=1.25),
+    family='mobilenetv1',
+    input_size=(224, 224, 3),
+    min_input=32,
+    reference='timm mobilenetv1_125 (Howard et al. 2017, Table 1, width multiplier 1.25)',
+    reference_params=6_270_840,
+    torch_name='timm:mobilenetv1_125',
+)
 for _w, _paper in [(0.75, 2.6e6), (0.5, 1.3e6), (0.25, 0.5e6)]:
-    register(f'mobilenetv1_{int(_w * 100):03d}', MobileNetV1, dict(width=_w), family='mobilenetv1',
-             input_size=(224, 224, 3), min_input=32,
-             reference=f'Howard et al. 2017, Table 6 ({_w} MobileNet-224: {_paper / 1e6}M parameters)',
-             reference_params=_paper, params_rounding=1e5)
+    register(
+        f'mobilenetv1_{int(_w * 100):03d}',
+        MobileNetV1,
+        dict(width=_w),
+        family='mobilenetv1',
+        input_size=(224, 224, 3),
+        min_input=32,
+        reference=f'Howard et al. 2017, Table 6 ({_w} MobileNet-224: {_paper / 1e6}M parameters)',
+        reference_params=_paper,
+        params_rounding=1e5,
+    )

@@ -38,12 +38,20 @@ which rounds to 10.2M. Other rows are arguments of the same row:
     block='basic'`` counts 72.7M (145.1M with k = 4); the README prints 72M and 154M, so these
     figures could not be confirmed and the rows are not registered.
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d, drop_path_rates
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    drop_path_rates,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -62,6 +70,7 @@ def units_per_stage(depth: int, block: str) -> int:
 
 class ResidualFunction(nn.Module):
     """One F_i: ``preact`` adds its own BN-ReLU in front (every unit but a stage's first)."""
+
     block: str
     planes: int
     stride: int = 1
@@ -87,11 +96,12 @@ class ResidualFunction(nn.Module):
 
 class MultiResidualUnit(nn.Module):
     """x + sum_i F_i(x) with ``k`` functions ``f1`` .. ``fk``."""
+
     block: str
     planes: int
     k: int
     stride: int = 1
-    first: bool = False              # a stage's first unit: shared pre-activation (+ projection)
+    first: bool = False  # a stage's first unit: shared pre-activation (+ projection)
     dropout: float = 0.0
     drop_path: float = 0.0
     dtype: Optional[jnp.dtype] = None
@@ -106,8 +116,18 @@ class MultiResidualUnit(nn.Module):
             h = nn.relu(batch_norm(train, name='bn', **kw)(x))
             if self.stride != 1 or x.shape[-1] != out_ch:
                 shortcut = conv2d(out_ch, 1, self.stride, name='shortcut', **kw)(h)
-        residual = [ResidualFunction(self.block, self.planes, self.stride, not self.first, self.dropout,
-                                     name=f'f{i + 1}', **kw)(h, train) for i in range(self.k)]
+        residual = [
+            ResidualFunction(
+                self.block,
+                self.planes,
+                self.stride,
+                not self.first,
+                self.dropout,
+                name=f'f{i + 1}',
+                **kw,
+            )(h, train)
+            for i in range(self.k)
+        ]
         residual = sum(residual[1:], residual[0])
         return shortcut + DropPath(self.drop_path)(residual, train)
 
@@ -119,11 +139,12 @@ class MultiResNet(nn.Module):
     remat: recompute each unit's activations in the backward pass (True, or a
     ``jax.checkpoint_policies`` name); see :class:`~jaxcnn.layers.stage.Stage`.
     """
+
     depth: int = 200
     k: int = 5
     block: str = 'bottleneck'
     width: int = 1
-    widths: Sequence[int] = (16, 32, 64)     # planes per stage, before the ``width`` factor
+    widths: Sequence[int] = (16, 32, 64)  # planes per stage, before the ``width`` factor
     stem_width: int = 16
     block_dropout: float = 0.0
     scan_blocks: bool = True
@@ -139,7 +160,9 @@ class MultiResNet(nn.Module):
         if self.block not in EXPANSION:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         if len(self.widths) != 3:
-            raise ValueError(f'widths gives the planes of the three CIFAR stages, got {self.widths}')
+            raise ValueError(
+                f'widths gives the planes of the three CIFAR stages, got {self.widths}'
+            )
         if self.k < 1:
             raise ValueError(f'k (residual functions per block) must be >= 1, got {self.k}')
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -150,22 +173,47 @@ class MultiResNet(nn.Module):
         rates = drop_path_rates(self.drop_path_rate, len(self.widths) * n)
         for s, base in enumerate(self.widths):
             planes = base * self.width
-            stage_rates = rates[s * n:(s + 1) * n]
-            blocks = stage_blocks(MultiResidualUnit, [dict(
-                block=self.block, planes=planes, k=self.k,
-                stride=(1 if s == 0 else 2) if u == 0 else 1, first=u == 0,
-                dropout=self.block_dropout, drop_path=stage_rates[u], **kw) for u in range(n)])
-            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat,
-                      name=f'stage{s + 1}')(x, train)
+            stage_rates = rates[s * n : (s + 1) * n]
+            blocks = stage_blocks(
+                MultiResidualUnit,
+                [
+                    dict(
+                        block=self.block,
+                        planes=planes,
+                        k=self.k,
+                        stride=(1 if s == 0 else 2) if u == 0 else 1,
+                        first=u == 0,
+                        dropout=self.block_dropout,
+                        drop_path=stage_rates[u],
+                        **kw,
+                    )
+                    for u in range(n)
+                ],
+            )
+            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat, name=f'stage{s + 1}')(
+                x, train
+            )
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-_CIFAR = dict(family='multiresnet', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              num_classes=10, min_input=8)
-register('multiresnet200_k5', MultiResNet, dict(depth=200, k=5, block='bottleneck'),
-         reference='Abdi & Nahavandi 2016, Multi-Residual Networks, CIFAR comparison table '
-                   '(multi-resnet depth 200, k=5, 10.2M, 4.35 % CIFAR-10)',
-         reference_params=10.2e6, params_rounding=1e5, **_CIFAR)
+_CIFAR = dict(
+    family='multiresnet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+)
+register(
+    'multiresnet200_k5',
+    MultiResNet,
+    dict(depth=200, k=5, block='bottleneck'),
+    reference='Abdi & Nahavandi 2016, Multi-Residual Networks, CIFAR comparison table '
+    '(multi-resnet depth 200, k=5, 10.2M, 4.35 % CIFAR-10)',
+    reference_params=10.2e6,
+    params_rounding=1e5,
+    **_CIFAR,
+)

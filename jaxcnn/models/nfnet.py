@@ -18,13 +18,21 @@ DeepMind models (GELU, 4-conv stem, widths 256/512/1536/1536, depths (1, 2, 6, 3
 group width 128, an extra 3x3 conv per block, final 1x1 conv to 3072, TF "SAME" padding, gamma
 in the activations).
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, DropPath, SqueezeExcite, check_image_batch, make_divisible, max_pool
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    SqueezeExcite,
+    check_image_batch,
+    make_divisible,
+    max_pool,
+)
 from ..layers.nf import ScaledStdConv, activation_gamma, gamma_act
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
@@ -36,6 +44,7 @@ class NFBlock(nn.Module):
     The shortcut is the identity, or (on a shape change) 2x2 average pooling then a 1x1 conv of
     the *normalised* input act(h) * beta -- which is why the expected variance resets after it.
     """
+
     out_ch: int
     stride: int = 1
     alpha: float = 0.2
@@ -47,8 +56,8 @@ class NFBlock(nn.Module):
     attn_gain: float = 2.0
     skipinit: bool = False
     act: str = 'relu'
-    act_gamma: float = 1.0          # gamma applied in the activations
-    conv_gamma: float = 1.0         # gamma folded into the conv weights (timm nf_resnet layout)
+    act_gamma: float = 1.0  # gamma applied in the activations
+    conv_gamma: float = 1.0  # gamma folded into the conv weights (timm nf_resnet layout)
     padding: str = 'torch'
     std_eps: float = 1e-5
     drop_path: float = 0.0
@@ -64,9 +73,19 @@ class NFBlock(nn.Module):
         act = gamma_act(self.act, self.act_gamma)
 
         def conv(name, ch, k, stride=1, g=1, gain_init=1.0):
-            return ScaledStdConv(ch, k, stride, self.padding, g, gamma=self.conv_gamma, eps=self.std_eps,
-                                 gain_init=gain_init, name=name, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+            return ScaledStdConv(
+                ch,
+                k,
+                stride,
+                self.padding,
+                g,
+                gamma=self.conv_gamma,
+                eps=self.std_eps,
+                gain_init=gain_init,
+                name=name,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
 
         out = act(x) * jnp.asarray(self.beta, x.dtype)
         shortcut = x
@@ -76,7 +95,9 @@ class NFBlock(nn.Module):
                 # AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False): a ragged last window
                 # averages only the pixels it covers.
                 h, w = s.shape[1:3]
-                s = nn.avg_pool(s, (2, 2), (2, 2), ((0, h % 2), (0, w % 2)), count_include_pad=False)
+                s = nn.avg_pool(
+                    s, (2, 2), (2, 2), ((0, h % 2), (0, w % 2)), count_include_pad=False
+                )
             shortcut = conv('downsample', self.out_ch, 1)(s)
         h = conv('conv1', mid, 1)(out)
         h = conv('conv2', mid, 3, self.stride, groups)(act(h))
@@ -84,11 +105,17 @@ class NFBlock(nn.Module):
             h = conv('conv2b', mid, 3, 1, groups)(act(h))
         h = conv('conv3', self.out_ch, 1, gain_init=1.0 if self.skipinit else 0.0)(act(h))
         if self.se_ratio:
-            h = self.attn_gain * SqueezeExcite(rd_ratio=self.se_ratio, name='attn_last', dtype=self.dtype,
-                                               param_dtype=self.param_dtype)(h)
+            h = self.attn_gain * SqueezeExcite(
+                rd_ratio=self.se_ratio,
+                name='attn_last',
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )(h)
         h = DropPath(self.drop_path)(h, train)
         if self.skipinit:
-            h = h * self.param('skip_gain', nn.initializers.zeros, (), self.param_dtype).astype(h.dtype)
+            h = h * self.param('skip_gain', nn.initializers.zeros, (), self.param_dtype).astype(
+                h.dtype
+            )
         return h * jnp.asarray(self.alpha, h.dtype) + shortcut
 
 
@@ -112,6 +139,7 @@ class NFNet(nn.Module):
     remat: recompute each block's activations in the backward pass instead of storing them
       (True, or a ``jax.checkpoint_policies`` name).
     """
+
     depths: Sequence[int]
     channels: Sequence[int] = (256, 512, 1536, 1536)
     stem: str = 'deep_quad'
@@ -147,8 +175,9 @@ class NFNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def conv(name, ch, k, stride=1):
-            return ScaledStdConv(ch, k, stride, self.padding, gamma=conv_gamma, eps=self.std_eps,
-                                 name=name, **kw)
+            return ScaledStdConv(
+                ch, k, stride, self.padding, gamma=conv_gamma, eps=self.std_eps, name=name, **kw
+            )
 
         c = self.stem_width
         if self.stem == 'deep_quad':
@@ -164,40 +193,68 @@ class NFNet(nn.Module):
         n_total = sum(self.depths)
         i, expected_var = 0, 1.0
         for s, (depth, ch) in enumerate(zip(self.depths, self.channels)):
-            block_kw = dict(out_ch=ch, alpha=self.alpha, bottle_ratio=self.bottle_ratio,
-                            group_size=self.group_size, extra_conv=self.extra_conv, se_ratio=self.se_ratio,
-                            attn_gain=self.attn_gain, skipinit=self.skipinit, act=self.act,
-                            act_gamma=act_gamma, conv_gamma=conv_gamma, padding=self.padding,
-                            std_eps=self.std_eps, **kw)
+            block_kw = dict(
+                out_ch=ch,
+                alpha=self.alpha,
+                bottle_ratio=self.bottle_ratio,
+                group_size=self.group_size,
+                extra_conv=self.extra_conv,
+                se_ratio=self.se_ratio,
+                attn_gain=self.attn_gain,
+                skipinit=self.skipinit,
+                act=self.act,
+                act_gamma=act_gamma,
+                conv_gamma=conv_gamma,
+                padding=self.padding,
+                std_eps=self.std_eps,
+                **kw,
+            )
             fields = []
             for b in range(depth):
-                fields.append(dict(block_kw, stride=2 if (s > 0 and b == 0) else 1,
-                                   beta=expected_var ** -0.5,
-                                   drop_path=self.drop_path_rate * i / n_total))  # DeepMind's rule
+                fields.append(
+                    dict(
+                        block_kw,
+                        stride=2 if (s > 0 and b == 0) else 1,
+                        beta=expected_var**-0.5,
+                        drop_path=self.drop_path_rate * i / n_total,
+                    )
+                )  # DeepMind's rule
                 # a transition block's shortcut sees the normalised input: variance restarts at 1
-                expected_var = (1.0 if b == 0 else expected_var) + self.alpha ** 2
+                expected_var = (1.0 if b == 0 else expected_var) + self.alpha**2
                 i += 1
-            x = Stage(stage_blocks(NFBlock, fields), scan=self.scan_blocks, remat=self.remat,
-                      name=f'stages_{s}')(x, train)
+            x = Stage(
+                stage_blocks(NFBlock, fields),
+                scan=self.scan_blocks,
+                remat=self.remat,
+                name=f'stages_{s}',
+            )(x, train)
         if self.num_features:
             x = conv('final_conv', self.num_features, 1)(x)
         x = act(x)
         if features_only:
             return x
-        return ClassifierHead(self.num_classes, self.drop_rate, kernel_init=nn.initializers.normal(0.01),
-                              name='head', **kw)(x, train)
+        return ClassifierHead(
+            self.num_classes,
+            self.drop_rate,
+            kernel_init=nn.initializers.normal(0.01),
+            name='head',
+            **kw,
+        )(x, train)
 
 
 # ---------------------------------------------------------------------------------------------
 # Weight conversion from timm's NormFreeNet: stem.convN -> stem_convN, stages.s.b -> stages_s/b
 # (which the stage helper's rule stacks into stages_s/stacked/block at index b - 1 when the stage
 # is scanned), skipinit_gain -> skip_gain; ScaledStdConv ``gain`` (O, 1, 1, 1) -> (O,).
-register_renames('nfnet', [
-    (r'^stem\.conv', 'stem_conv'),
-    (r'^stages\.(\d+)\.(\d+)\.', r'stages_\1.\2.'),
-    (r'\.downsample\.conv\.', '.downsample.'),
-    (r'\.skipinit_gain$', '.skip_gain'),
-])
+register_renames(
+    'nfnet',
+    [
+        (r'^stem\.conv', 'stem_conv'),
+        (r'^stages\.(\d+)\.(\d+)\.', r'stages_\1.\2.'),
+        (r'\.downsample\.conv\.', '.downsample.'),
+        (r'\.skipinit_gain$', '.skip_gain'),
+    ],
+)
 
 # DeepMind NFNet variants (Brock et al. 2021b, Table 7 / nfnets/nfnet.py): depth multiplier,
 # train and test resolution, dropout. Counts: timm 1.0.31 dm_nfnet_f*, 1000 classes.
@@ -212,16 +269,39 @@ NFNET_VARIANTS = {
     'nfnet_f6': (6, 448, 576, 0.5, 438_359_116),
 }
 for _name, (_f, _train, _test, _drop, _count) in NFNET_VARIANTS.items():
-    register(_name, NFNet, dict(depths=tuple(d * (_f + 1) for d in (1, 2, 6, 3)), drop_rate=_drop,
-                                scan_blocks=True),
-             family='nfnet', input_size=(_train, _train, 3),
-             reference=f'timm dm_nfnet_f{_f} (Brock et al. 2021b, Table 7; test at {_test} px)',
-             reference_params=_count, torch_name=f'timm:dm_nfnet_f{_f}')
+    register(
+        _name,
+        NFNet,
+        dict(depths=tuple(d * (_f + 1) for d in (1, 2, 6, 3)), drop_rate=_drop, scan_blocks=True),
+        family='nfnet',
+        input_size=(_train, _train, 3),
+        reference=f'timm dm_nfnet_f{_f} (Brock et al. 2021b, Table 7; test at {_test} px)',
+        reference_params=_count,
+        torch_name=f'timm:dm_nfnet_f{_f}',
+    )
 
-register('nf_resnet50', NFNet,
-         dict(depths=(3, 4, 6, 3), channels=(256, 512, 1024, 2048), stem='7x7_pool', stem_width=64,
-              bottle_ratio=0.25, group_size=None, extra_conv=False, se_ratio=0.0, skipinit=False,
-              act='relu', gamma_in_act=False, padding='torch', num_features=0, scan_blocks=True),
-         family='nfnet', input_size=(256, 256, 3),
-         reference='timm nf_resnet50 (Brock et al. 2021a, NF-ResNet-50; test at 288 px)',
-         reference_params=25_557_032, torch_name='timm:nf_resnet50')
+register(
+    'nf_resnet50',
+    NFNet,
+    dict(
+        depths=(3, 4, 6, 3),
+        channels=(256, 512, 1024, 2048),
+        stem='7x7_pool',
+        stem_width=64,
+        bottle_ratio=0.25,
+        group_size=None,
+        extra_conv=False,
+        se_ratio=0.0,
+        skipinit=False,
+        act='relu',
+        gamma_in_act=False,
+        padding='torch',
+        num_features=0,
+        scan_blocks=True,
+    ),
+    family='nfnet',
+    input_size=(256, 256, 3),
+    reference='timm nf_resnet50 (Brock et al. 2021a, NF-ResNet-50; test at 288 px)',
+    reference_params=25_557_032,
+    torch_name='timm:nf_resnet50',
+)

@@ -10,23 +10,31 @@ CIFAR-10 model; dropout 0.5 follows the first two mlpconv layers (§4.1).
 The class-map layer is the head: a Dense applied per pixel (= 1x1 convolution) named
 ``head/fc``, then ReLU (eq. 2) and the global average.
 """
+
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import avg_pool, batch_norm, ceil_max_pool, ceil_mode_padding, check_image_batch, conv2d, global_avg_pool
+from ..layers import (
+    avg_pool,
+    batch_norm,
+    ceil_max_pool,
+    ceil_mode_padding,
+    check_image_batch,
+    conv2d,
+    global_avg_pool,
+)
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 # (spatial conv width, kernel, micro-MLP widths, pool after); the last block's final 1x1 layer
 # (num_classes maps) is the head.
-NIN_CIFAR = ((192, 5, (160, 96), 'max'),
-             (192, 5, (192, 192), 'avg'),
-             (192, 3, (192,), None))
+NIN_CIFAR = ((192, 5, (160, 96), 'max'), (192, 5, (192, 192), 'avg'), (192, 3, (192,), None))
 
 
 class MlpConv(nn.Module):
     """``use_bn``: BatchNorm between each convolution and its ReLU (not in the paper)."""
+
     width: int
     kernel: int
     mlp: Sequence[int]
@@ -37,11 +45,15 @@ class MlpConv(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(use_bias=not self.use_bn, dtype=self.dtype, param_dtype=self.param_dtype)
-        layers = [('conv', self.width, self.kernel)] + [(f'cccp{j + 1}', w, 1) for j, w in enumerate(self.mlp)]
+        layers = [('conv', self.width, self.kernel)] + [
+            (f'cccp{j + 1}', w, 1) for j, w in enumerate(self.mlp)
+        ]
         for name, width, kernel in layers:
             x = conv2d(width, kernel, name=name, **kw)(x)
             if self.use_bn:
-                x = batch_norm(train, name=f'{name}_bn', dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                x = batch_norm(
+                    train, name=f'{name}_bn', dtype=self.dtype, param_dtype=self.param_dtype
+                )(x)
             x = nn.relu(x)
         return x
 
@@ -49,6 +61,7 @@ class MlpConv(nn.Module):
 class ClassMapHead(nn.Module):
     """One ReLU map per class from a per-pixel linear layer, globally averaged.
     ``num_classes=0`` returns the globally averaged input features."""
+
     num_classes: int
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -56,19 +69,23 @@ class ClassMapHead(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.num_classes:
-            x = nn.relu(nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name='fc')(x))
+            x = nn.relu(
+                nn.Dense(
+                    self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='fc'
+                )(x)
+            )
         return global_avg_pool(x)
 
 
 class NiN(nn.Module):
     """``use_bn`` adds BatchNorm inside the mlpconv layers, a later variant that trains in
     a few hundred steps where the paper's network (no normalisation) needs thousands."""
+
     blocks: Sequence[tuple] = NIN_CIFAR
     use_bn: bool = False
     num_classes: int = 10
     drop_rate: float = 0.5
-    drop_path_rate: float = 0.0      # no residual blocks to drop; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # no residual blocks to drop; accepted for a uniform surface
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -78,7 +95,9 @@ class NiN(nn.Module):
         check_image_batch(x, 8, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         for b, (width, kernel, mlp, pool) in enumerate(self.blocks):
-            x = MlpConv(width, kernel, tuple(mlp), self.use_bn, name=f'mlpconv{b + 1}', **kw)(x, train)
+            x = MlpConv(width, kernel, tuple(mlp), self.use_bn, name=f'mlpconv{b + 1}', **kw)(
+                x, train
+            )
             if pool == 'max':
                 x = ceil_max_pool(x, 3, 2)
             elif pool == 'avg':
@@ -94,8 +113,16 @@ class NiN(nn.Module):
 
 # Weights + biases of the released layout (tests/test_classic.py recounts it from the layer
 # formula): 14,592 + 30,880 + 15,456 | 460,992 + 37,056 + 37,056 | 331,968 + 37,056 + 1,930.
-register('nin_cifar', NiN, family='nin', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-         num_classes=10, min_input=8,
-         reference='Lin et al. 2014, Network In Network, §3-4 (CIFAR-10: three mlpconv layers '
-                   '192-160-96 / 192-192-192 / 192-192-10 + global average pooling; hand count)',
-         reference_params=966_986)
+register(
+    'nin_cifar',
+    NiN,
+    family='nin',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+    reference='Lin et al. 2014, Network In Network, §3-4 (CIFAR-10: three mlpconv layers '
+    '192-160-96 / 192-192-192 / 192-192-10 + global average pooling; hand count)',
+    reference_params=966_986,
+)

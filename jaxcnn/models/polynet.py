@@ -39,6 +39,7 @@ this file's reading of the papers (PolyNet CVPR 2017; Inception-v4 / Inception-R
 2017); the unit widths, beta and the mix of modules are choices for a small network, not
 figures from either paper.
 """
+
 from typing import Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -53,18 +54,28 @@ from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 # The residual units end in a linear 1x1 to the stage width; the reductions concatenate a
 # 3x3/2 max-pool of their input with the branches.
 Branches = Tuple[Tuple[Tuple[int, Tuple[int, int], int], ...], ...]
-UNIT_A: Branches = (((8, (1, 1), 1),),                                      # IR-v2 A at 1/4
-                    ((8, (1, 1), 1), (8, (3, 3), 1)),
-                    ((8, (1, 1), 1), (12, (3, 3), 1), (16, (3, 3), 1)))
-UNIT_B: Branches = (((24, (1, 1), 1),),                                     # IR-v2 B at 1/8
-                    ((16, (1, 1), 1), (20, (1, 7), 1), (24, (7, 1), 1)))
-UNIT_C: Branches = (((32, (1, 1), 1),),                                     # IR-v2 C at ~1/6
-                    ((32, (1, 1), 1), (40, (1, 3), 1), (48, (3, 1), 1)))
-REDUCTION_A: Branches = (((32, (3, 3), 2),),                                # 64 -> 128
-                         ((16, (1, 1), 1), (16, (3, 3), 1), (32, (3, 3), 2)))
-REDUCTION_B: Branches = (((32, (1, 1), 1), (48, (3, 3), 2)),                # 128 -> 256
-                         ((32, (1, 1), 1), (40, (3, 3), 2)),
-                         ((32, (1, 1), 1), (40, (3, 3), 1), (40, (3, 3), 2)))
+UNIT_A: Branches = (
+    ((8, (1, 1), 1),),  # IR-v2 A at 1/4
+    ((8, (1, 1), 1), (8, (3, 3), 1)),
+    ((8, (1, 1), 1), (12, (3, 3), 1), (16, (3, 3), 1)),
+)
+UNIT_B: Branches = (
+    ((24, (1, 1), 1),),  # IR-v2 B at 1/8
+    ((16, (1, 1), 1), (20, (1, 7), 1), (24, (7, 1), 1)),
+)
+UNIT_C: Branches = (
+    ((32, (1, 1), 1),),  # IR-v2 C at ~1/6
+    ((32, (1, 1), 1), (40, (1, 3), 1), (48, (3, 1), 1)),
+)
+REDUCTION_A: Branches = (
+    ((32, (3, 3), 2),),  # 64 -> 128
+    ((16, (1, 1), 1), (16, (3, 3), 1), (32, (3, 3), 2)),
+)
+REDUCTION_B: Branches = (
+    ((32, (1, 1), 1), (48, (3, 3), 2)),  # 128 -> 256
+    ((32, (1, 1), 1), (40, (3, 3), 2)),
+    ((32, (1, 1), 1), (40, (3, 3), 1), (40, (3, 3), 2)),
+)
 
 
 class _Stats(nn.Module):
@@ -80,6 +91,7 @@ class _Stats(nn.Module):
 class SharedBatchNorm(nn.Module):
     """BatchNorm with one scale/shift for every application and running statistics per
     ``application`` (PyTorch's defaults: decay 0.9, eps 1e-5; statistics over N, H, W)."""
+
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Optional[jnp.dtype] = None
@@ -106,6 +118,7 @@ class SharedBatchNorm(nn.Module):
 
 class ConvBNReLU(nn.Module):
     """Convolution (no bias) - shared BatchNorm - ReLU; ``application`` picks the BN statistics."""
+
     features: int
     kernel: Tuple[int, int] = (1, 1)
     stride: int = 1
@@ -124,8 +137,14 @@ def _branches(module, x, table, train, application):
     for i, branch in enumerate(table):
         h = x
         for j, (ch, kernel, stride) in enumerate(branch):
-            h = ConvBNReLU(ch, kernel, stride, name=f'branch{i}_{j}', dtype=module.dtype,
-                           param_dtype=module.param_dtype)(h, train, application)
+            h = ConvBNReLU(
+                ch,
+                kernel,
+                stride,
+                name=f'branch{i}_{j}',
+                dtype=module.dtype,
+                param_dtype=module.param_dtype,
+            )(h, train, application)
         outs.append(h)
     return outs
 
@@ -134,6 +153,7 @@ class InceptionResidual(nn.Module):
     """An Inception-ResNet residual function F: branches, concatenation, linear 1x1 to ``width``.
 
     Returns F(x) alone (no identity, no scaling): the polynomial structures combine it."""
+
     width: int
     branches: Branches = UNIT_A
     dtype: Optional[jnp.dtype] = None
@@ -142,19 +162,23 @@ class InceptionResidual(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, application: int = 0):
         h = jnp.concatenate(_branches(self, x, self.branches, train, application), axis=-1)
-        return conv2d(self.width, 1, use_bias=True, name='up', dtype=self.dtype,
-                      param_dtype=self.param_dtype)(h)
+        return conv2d(
+            self.width, 1, use_bias=True, name='up', dtype=self.dtype, param_dtype=self.param_dtype
+        )(h)
 
 
 class Reduction(nn.Module):
     """Inception-ResNet reduction: 3x3/2 max-pool of the input next to strided conv branches."""
+
     branches: Branches = REDUCTION_A
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return jnp.concatenate([max_pool(x, 3, 2)] + _branches(self, x, self.branches, train, 0), -1)
+        return jnp.concatenate(
+            [max_pool(x, 3, 2)] + _branches(self, x, self.branches, train, 0), -1
+        )
 
 
 def _poly_output(module, x, terms, train):
@@ -165,6 +189,7 @@ def _poly_output(module, x, terms, train):
 
 class Poly2(nn.Module):
     """poly-2: y = ReLU(x + beta * (F(x) + F(F(x)))), one F for both applications."""
+
     f: nn.Module
     scale: float = 1.0
     drop_path: float = 0.0
@@ -177,6 +202,7 @@ class Poly2(nn.Module):
 
 class MPoly2(nn.Module):
     """mpoly-2: y = ReLU(x + beta * (F(x) + G(F(x)))), F and G with their own weights."""
+
     f: nn.Module
     g: nn.Module
     scale: float = 1.0
@@ -190,6 +216,7 @@ class MPoly2(nn.Module):
 
 class TwoWay(nn.Module):
     """2-way: y = ReLU(x + beta * (F(x) + G(x))), two parallel residual functions."""
+
     f: nn.Module
     g: nn.Module
     scale: float = 1.0
@@ -200,7 +227,7 @@ class TwoWay(nn.Module):
         return _poly_output(self, x, (self.f(x, train), self.g(x, train)), train)
 
 
-STRUCTURES = {'poly2': 1, 'mpoly2': 2, '2way': 2}     # kind -> number of distinct units
+STRUCTURES = {'poly2': 1, 'mpoly2': 2, '2way': 2}  # kind -> number of distinct units
 
 
 def poly_module(kind: str, make_unit, scale: float, drop_path: float, name: str):
@@ -217,6 +244,7 @@ def poly_module(kind: str, make_unit, scale: float, drop_path: float, name: str)
 class PolyBlock(nn.Module):
     """One module of a stage, as the stage helper builds it: the ``kind`` structure over fresh
     Inception-residual units of ``width`` and ``branches`` (module ``{kind}`` inside the block)."""
+
     kind: str
     width: int
     branches: Branches
@@ -227,9 +255,12 @@ class PolyBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        make_unit = lambda: InceptionResidual(self.width, self.branches, parent=None,
-                                              dtype=self.dtype, param_dtype=self.param_dtype)
-        return poly_module(self.kind, make_unit, self.scale, self.drop_path, name=self.kind)(x, train)
+        make_unit = lambda: InceptionResidual(
+            self.width, self.branches, parent=None, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        return poly_module(self.kind, make_unit, self.scale, self.drop_path, name=self.kind)(
+            x, train
+        )
 
 
 class PolyNet(nn.Module):
@@ -239,9 +270,12 @@ class PolyNet(nn.Module):
     their activations in the backward pass instead of storing them.
 
     The default table is the small CIFAR configuration of ``polynet_small_cifar``."""
-    stages: Sequence[tuple] = ((64, UNIT_A, ('poly2', 'mpoly2', '2way'), REDUCTION_A),
-                               (128, UNIT_B, ('poly2', 'mpoly2', '2way'), REDUCTION_B),
-                               (256, UNIT_C, ('poly2', 'mpoly2', '2way'), None))
+
+    stages: Sequence[tuple] = (
+        (64, UNIT_A, ('poly2', 'mpoly2', '2way'), REDUCTION_A),
+        (128, UNIT_B, ('poly2', 'mpoly2', '2way'), REDUCTION_B),
+        (256, UNIT_C, ('poly2', 'mpoly2', '2way'), None),
+    )
     stem_width: int = 64
     final_width: int = 256
     residual_scale: float = 0.3
@@ -262,10 +296,23 @@ class PolyNet(nn.Module):
         m = 0
         for s, (width, unit, kinds, reduction) in enumerate(self.stages):
             if x.shape[-1] != width:
-                raise ValueError(f'stage {s + 1} is {width} wide but receives {x.shape[-1]} channels')
-            blocks = stage_blocks(PolyBlock, [dict(kind=kind, width=width, branches=unit,
-                                                   scale=self.residual_scale, drop_path=rates[m + i], **kw)
-                                              for i, kind in enumerate(kinds)])
+                raise ValueError(
+                    f'stage {s + 1} is {width} wide but receives {x.shape[-1]} channels'
+                )
+            blocks = stage_blocks(
+                PolyBlock,
+                [
+                    dict(
+                        kind=kind,
+                        width=width,
+                        branches=unit,
+                        scale=self.residual_scale,
+                        drop_path=rates[m + i],
+                        **kw,
+                    )
+                    for i, kind in enumerate(kinds)
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
             m += len(kinds)
             if reduction is not None:
@@ -280,7 +327,16 @@ class PolyNet(nn.Module):
 
 # The parameter count is the hand count of tests/test_polynet.py (module definitions of §3
 # over the unit tables above), not a figure from the paper.
-register('polynet_small_cifar', PolyNet, {}, family='polynet', input_size=(32, 32, 3),
-         mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, min_input=8,
-         reference='Zhang et al. 2017, §3 modules (small CIFAR configuration)',
-         reference_params=516_714)
+register(
+    'polynet_small_cifar',
+    PolyNet,
+    {},
+    family='polynet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+    reference='Zhang et al. 2017, §3 modules (small CIFAR configuration)',
+    reference_params=516_714,
+)

@@ -16,13 +16,22 @@ to build them anyway. Tests also check every count against a hand count of the u
 The three groups of N / 3 units (the reference implementation's ``layer1``-``layer3``) each run
 through :class:`~jaxcnn.layers.stage.Stage`: unit b of group s (counted from 1) is ``layer{s}/{b}``.
 """
+
 from fractions import Fraction
 from typing import Optional, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import check_image_batch, ClassifierHead, DropPath, avg_pool, batch_norm, conv2d, drop_path_rates
+from ..layers import (
+    check_image_batch,
+    ClassifierHead,
+    DropPath,
+    avg_pool,
+    batch_norm,
+    conv2d,
+    drop_path_rates,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -65,6 +74,7 @@ class PyramidNet(nn.Module):
     remat: recompute each unit's activations in the backward pass instead of storing them
       (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
     """
+
     depth: int = 110
     alpha: float = 48
     bottleneck: bool = False
@@ -87,10 +97,20 @@ class PyramidNet(nn.Module):
         rates = drop_path_rates(self.drop_path_rate, total)
         for s in range(3):
             units = range(s * per_stage, (s + 1) * per_stage)
-            blocks = stage_blocks(PyramidUnit, [dict(
-                out_channels=int(16 + Fraction(self.alpha) * (k + 1) / total) * expansion,  # floor, exactly
-                stride=2 if (s > 0 and k == units[0]) else 1, bottleneck=self.bottleneck,
-                drop_path=rates[k], **kw) for k in units])
+            blocks = stage_blocks(
+                PyramidUnit,
+                [
+                    dict(
+                        out_channels=int(16 + Fraction(self.alpha) * (k + 1) / total)
+                        * expansion,  # floor, exactly
+                        stride=2 if (s > 0 and k == units[0]) else 1,
+                        bottleneck=self.bottleneck,
+                        drop_path=rates[k],
+                        **kw,
+                    )
+                    for k in units
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
@@ -98,13 +118,24 @@ class PyramidNet(nn.Module):
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-_CIFAR = dict(family='pyramidnet', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              num_classes=10, min_input=8)
+_CIFAR = dict(
+    family='pyramidnet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+)
 # (depth 110, alpha 84, 3.8M) is left out: XLA:CPU 0.10 crashes compiling its training step.
 for _depth, _alpha, _bottleneck, _m in [(110, 48, False, 1.7), (272, 200, True, 26.0)]:
     # the paper's figures are rounded to 0.1M
-    register(f'pyramidnet{_depth}_a{_alpha}' + ('_bottleneck' if _bottleneck else ''), PyramidNet,
-             dict(depth=_depth, alpha=_alpha, bottleneck=_bottleneck),
-             reference=f'Han et al. 2017, Deep Pyramidal Residual Networks, Table 4 '
-                       f'(depth {_depth}, alpha {_alpha}, {_m}M)',
-             reference_params=_m * 1e6, params_rounding=1e5, **_CIFAR)
+    register(
+        f'pyramidnet{_depth}_a{_alpha}' + ('_bottleneck' if _bottleneck else ''),
+        PyramidNet,
+        dict(depth=_depth, alpha=_alpha, bottleneck=_bottleneck),
+        reference=f'Han et al. 2017, Deep Pyramidal Residual Networks, Table 4 '
+        f'(depth {_depth}, alpha {_alpha}, {_m}M)',
+        reference_params=_m * 1e6,
+        params_rounding=1e5,
+        **_CIFAR,
+    )

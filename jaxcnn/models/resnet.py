@@ -13,13 +13,22 @@ References:
   Hu et al. 2018, "Squeeze-and-Excitation Networks".
   Huang et al. 2016, "Deep Networks with Stochastic Depth" (``drop_path_rate``).
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import (check_image_batch, ClassifierHead, DropPath, SqueezeExcite, batch_norm, conv2d,
-                      drop_path_rates, max_pool)
+from ..layers import (
+    check_image_batch,
+    ClassifierHead,
+    DropPath,
+    SqueezeExcite,
+    batch_norm,
+    conv2d,
+    drop_path_rates,
+    max_pool,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -33,6 +42,7 @@ class Shortcut(nn.Module):
     B: 1x1 projection (+ BN unless pre-activation) only when the shape changes.
     C: 1x1 projection on every block.
     """
+
     out_channels: int
     stride: int
     option: str = 'B'
@@ -45,7 +55,7 @@ class Shortcut(nn.Module):
         changes = self.stride != 1 or x.shape[-1] != self.out_channels
         if self.option == 'A':
             if self.stride != 1:
-                x = x[:, ::self.stride, ::self.stride, :]
+                x = x[:, :: self.stride, :: self.stride, :]
             extra = self.out_channels - x.shape[-1]
             if extra:
                 x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
@@ -54,8 +64,14 @@ class Shortcut(nn.Module):
             return x
         if self.option not in ('B', 'C'):
             raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {self.option!r}")
-        x = conv2d(self.out_channels, 1, self.stride, name='conv', dtype=self.dtype,
-                   param_dtype=self.param_dtype)(x)
+        x = conv2d(
+            self.out_channels,
+            1,
+            self.stride,
+            name='conv',
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
         if not self.preact:
             x = batch_norm(train, name='bn', dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x
@@ -68,6 +84,7 @@ class ResidualBlock(nn.Module):
     ``base_width`` give ResNeXt's grouped 3x3; ``se_ratio`` adds SE before the addition;
     ``dropout`` is WideResNet's dropout between the two convolutions.
     """
+
     kind: str
     planes: int
     stride: int = 1
@@ -95,8 +112,9 @@ class ResidualBlock(nn.Module):
             # while the identity path stays untouched.
             h = nn.relu(bn('bn1')(x))
             sc = Shortcut(out_ch, self.stride, self.shortcut, True, name='downsample', **kw)
-            needs_proj = self.shortcut == 'C' or (self.shortcut == 'B' and (
-                self.stride != 1 or x.shape[-1] != out_ch))
+            needs_proj = self.shortcut == 'C' or (
+                self.shortcut == 'B' and (self.stride != 1 or x.shape[-1] != out_ch)
+            )
             shortcut = sc(h if needs_proj else x, train)
             if bottleneck:
                 h = conv2d(width, 1, name='conv1', **kw)(h)
@@ -110,7 +128,9 @@ class ResidualBlock(nn.Module):
                 h = nn.Dropout(self.dropout, deterministic=not train)(h)
                 h = conv2d(out_ch, 3, name='conv2', **kw)(h)
         else:
-            shortcut = Shortcut(out_ch, self.stride, self.shortcut, False, name='downsample', **kw)(x, train)
+            shortcut = Shortcut(out_ch, self.stride, self.shortcut, False, name='downsample', **kw)(
+                x, train
+            )
             if bottleneck:
                 h = nn.relu(bn('bn1')(conv2d(width, 1, name='conv1', **kw)(x)))
                 h = conv2d(width, 3, self.stride, groups=self.groups, name='conv2', **kw)(h)
@@ -140,6 +160,7 @@ class ResNet(nn.Module):
     remat: recompute each block's activations in the backward pass instead of storing them
       (True, or a ``jax.checkpoint_policies`` name).
     """
+
     layers: Sequence[int]
     widths: Sequence[int] = (64, 128, 256, 512)
     block: str = 'bottleneck'
@@ -181,12 +202,28 @@ class ResNet(nn.Module):
 
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n_blocks, planes) in enumerate(zip(self.layers, self.widths)):
-            blocks = stage_blocks(ResidualBlock, [dict(
-                kind=self.block, planes=planes, stride=2 if (s > 0 and b == 0) else 1,
-                groups=self.groups, base_width=self.base_width, shortcut=self.shortcut,
-                se_ratio=self.se_ratio, dropout=self.block_dropout, drop_path=next(rates),
-                zero_init_last=self.zero_init_last, **kw) for b in range(n_blocks)])
-            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
+            blocks = stage_blocks(
+                ResidualBlock,
+                [
+                    dict(
+                        kind=self.block,
+                        planes=planes,
+                        stride=2 if (s > 0 and b == 0) else 1,
+                        groups=self.groups,
+                        base_width=self.base_width,
+                        shortcut=self.shortcut,
+                        se_ratio=self.se_ratio,
+                        dropout=self.block_dropout,
+                        drop_path=next(rates),
+                        zero_init_last=self.zero_init_last,
+                        **kw,
+                    )
+                    for b in range(n_blocks)
+                ],
+            )
+            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat, name=f'layer{s + 1}')(
+                x, train
+            )
         if preact:
             x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
@@ -198,76 +235,168 @@ class ResNet(nn.Module):
 # ImageNet rows (torchvision layout).  Counts: torchvision 0.29.1 / timm 1.0.31, 1000 classes.
 _IMAGENET = dict(family='resnet', input_size=(224, 224, 3))
 for _name, _layers, _block, _count in [
-        ('resnet18', (2, 2, 2, 2), 'basic', 11_689_512),
-        ('resnet34', (3, 4, 6, 3), 'basic', 21_797_672),
-        ('resnet50', (3, 4, 6, 3), 'bottleneck', 25_557_032),
-        ('resnet101', (3, 4, 23, 3), 'bottleneck', 44_549_160),
-        ('resnet152', (3, 8, 36, 3), 'bottleneck', 60_192_808)]:
-    register(_name, ResNet, dict(layers=_layers, block=_block),
-             reference=f'torchvision {_name}', reference_params=_count, torch_name=f'tv:{_name}',
-             **_IMAGENET)
+    ('resnet18', (2, 2, 2, 2), 'basic', 11_689_512),
+    ('resnet34', (3, 4, 6, 3), 'basic', 21_797_672),
+    ('resnet50', (3, 4, 6, 3), 'bottleneck', 25_557_032),
+    ('resnet101', (3, 4, 23, 3), 'bottleneck', 44_549_160),
+    ('resnet152', (3, 8, 36, 3), 'bottleneck', 60_192_808),
+]:
+    register(
+        _name,
+        ResNet,
+        dict(layers=_layers, block=_block),
+        reference=f'torchvision {_name}',
+        reference_params=_count,
+        torch_name=f'tv:{_name}',
+        **_IMAGENET,
+    )
 
-for _name, _layers, _count in [('wide_resnet50_2', (3, 4, 6, 3), 68_883_240),
-                               ('wide_resnet101_2', (3, 4, 23, 3), 126_886_696)]:
-    register(_name, ResNet, dict(layers=_layers, block='bottleneck', base_width=128),
-             reference=f'torchvision {_name}', reference_params=_count, torch_name=f'tv:{_name}',
-             **_IMAGENET)
+for _name, _layers, _count in [
+    ('wide_resnet50_2', (3, 4, 6, 3), 68_883_240),
+    ('wide_resnet101_2', (3, 4, 23, 3), 126_886_696),
+]:
+    register(
+        _name,
+        ResNet,
+        dict(layers=_layers, block='bottleneck', base_width=128),
+        reference=f'torchvision {_name}',
+        reference_params=_count,
+        torch_name=f'tv:{_name}',
+        **_IMAGENET,
+    )
 
 for _name, _layers, _groups, _bw, _count in [
-        ('resnext50_32x4d', (3, 4, 6, 3), 32, 4, 25_028_904),
-        ('resnext101_32x8d', (3, 4, 23, 3), 32, 8, 88_791_336),
-        ('resnext101_64x4d', (3, 4, 23, 3), 64, 4, 83_455_272)]:
-    register(_name, ResNet, dict(layers=_layers, block='bottleneck', groups=_groups, base_width=_bw),
-             reference=f'torchvision {_name}', reference_params=_count, torch_name=f'tv:{_name}',
-             **_IMAGENET)
+    ('resnext50_32x4d', (3, 4, 6, 3), 32, 4, 25_028_904),
+    ('resnext101_32x8d', (3, 4, 23, 3), 32, 8, 88_791_336),
+    ('resnext101_64x4d', (3, 4, 23, 3), 64, 4, 83_455_272),
+]:
+    register(
+        _name,
+        ResNet,
+        dict(layers=_layers, block='bottleneck', groups=_groups, base_width=_bw),
+        reference=f'torchvision {_name}',
+        reference_params=_count,
+        torch_name=f'tv:{_name}',
+        **_IMAGENET,
+    )
 
-register('seresnet50', ResNet, dict(layers=(3, 4, 6, 3), block='bottleneck', se_ratio=1 / 16),
-         reference='timm seresnet50', reference_params=28_088_024, torch_name='timm:seresnet50',
-         **_IMAGENET)
-register('seresnext50_32x4d', ResNet, dict(layers=(3, 4, 6, 3), block='bottleneck', groups=32,
-                                           base_width=4, se_ratio=1 / 16),
-         reference='timm seresnext50_32x4d', reference_params=27_559_896,
-         torch_name='timm:seresnext50_32x4d', **_IMAGENET)
+register(
+    'seresnet50',
+    ResNet,
+    dict(layers=(3, 4, 6, 3), block='bottleneck', se_ratio=1 / 16),
+    reference='timm seresnet50',
+    reference_params=28_088_024,
+    torch_name='timm:seresnet50',
+    **_IMAGENET,
+)
+register(
+    'seresnext50_32x4d',
+    ResNet,
+    dict(layers=(3, 4, 6, 3), block='bottleneck', groups=32, base_width=4, se_ratio=1 / 16),
+    reference='timm seresnext50_32x4d',
+    reference_params=27_559_896,
+    torch_name='timm:seresnext50_32x4d',
+    **_IMAGENET,
+)
 
-for _name, _layers, _count in [('resnetv2_50', (3, 4, 6, 3), 25_549_352),
-                               ('resnetv2_101', (3, 4, 23, 3), 44_541_480)]:
-    register(_name, ResNet, dict(layers=_layers, block='preact_bottleneck'),
-             reference=f'timm {_name}', reference_params=_count, torch_name=f'timm:{_name}',
-             **_IMAGENET)
+for _name, _layers, _count in [
+    ('resnetv2_50', (3, 4, 6, 3), 25_549_352),
+    ('resnetv2_101', (3, 4, 23, 3), 44_541_480),
+]:
+    register(
+        _name,
+        ResNet,
+        dict(layers=_layers, block='preact_bottleneck'),
+        reference=f'timm {_name}',
+        reference_params=_count,
+        torch_name=f'timm:{_name}',
+        **_IMAGENET,
+    )
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR rows (10 classes, 32x32).  The paper reports rounded counts; ``params_rounding``
 # says to which unit the reference figure is given.
-_CIFAR = dict(family='resnet_cifar', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              num_classes=10, min_input=8)
+_CIFAR = dict(
+    family='resnet_cifar',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+)
 for _depth, _m in [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7), (1202, 19.4)]:
     _n = (_depth - 2) // 6
-    register(f'resnet{_depth}', ResNet,
-             dict(layers=(_n,) * 3, widths=(16, 32, 64), block='basic', stem='cifar',
-                  stem_width=16, shortcut='A', scan_blocks=_depth > 56),
-             reference='He et al. 2016, Deep Residual Learning, Table 6 (option A shortcuts)',
-             reference_params=_m * 1e6, params_rounding=1e4 if _m < 1 else 1e5, **_CIFAR)
+    register(
+        f'resnet{_depth}',
+        ResNet,
+        dict(
+            layers=(_n,) * 3,
+            widths=(16, 32, 64),
+            block='basic',
+            stem='cifar',
+            stem_width=16,
+            shortcut='A',
+            scan_blocks=_depth > 56,
+        ),
+        reference='He et al. 2016, Deep Residual Learning, Table 6 (option A shortcuts)',
+        reference_params=_m * 1e6,
+        params_rounding=1e4 if _m < 1 else 1e5,
+        **_CIFAR,
+    )
 
 # Pre-activation CIFAR ResNets (He et al. 2016b, Table 1/2): basic blocks for 110, bottleneck
 # blocks (16/32/64 planes, x4 expansion) for 164 and 1001.
-register('preact_resnet110', ResNet,
-         dict(layers=(18,) * 3, widths=(16, 32, 64), block='preact_basic', stem='cifar', stem_width=16,
-              scan_blocks=True),
-         reference='He et al. 2016b, Identity Mappings, Table 2 (pre-act ResNet-110, 1.7M)',
-         reference_params=1.7e6, params_rounding=1e5, **_CIFAR)
+register(
+    'preact_resnet110',
+    ResNet,
+    dict(
+        layers=(18,) * 3,
+        widths=(16, 32, 64),
+        block='preact_basic',
+        stem='cifar',
+        stem_width=16,
+        scan_blocks=True,
+    ),
+    reference='He et al. 2016b, Identity Mappings, Table 2 (pre-act ResNet-110, 1.7M)',
+    reference_params=1.7e6,
+    params_rounding=1e5,
+    **_CIFAR,
+)
 for _name, _n, _m in [('resnet164', 18, 1.7)]:
-    register(_name, ResNet,
-             dict(layers=(_n,) * 3, widths=(16, 32, 64), block='preact_bottleneck', stem='cifar',
-                  stem_width=16, scan_blocks=True),
-             reference=f'He et al. 2016b, Identity Mappings, Table 2 (pre-act ResNet-{9 * _n + 2}, {_m}M)',
-             reference_params=_m * 1e6, params_rounding=1e5, **_CIFAR)
+    register(
+        _name,
+        ResNet,
+        dict(
+            layers=(_n,) * 3,
+            widths=(16, 32, 64),
+            block='preact_bottleneck',
+            stem='cifar',
+            stem_width=16,
+            scan_blocks=True,
+        ),
+        reference=f'He et al. 2016b, Identity Mappings, Table 2 (pre-act ResNet-{9 * _n + 2}, {_m}M)',
+        reference_params=_m * 1e6,
+        params_rounding=1e5,
+        **_CIFAR,
+    )
 
 # Wide ResNets WRN-d-k: pre-activation B(3,3) blocks, widths 16k/32k/64k, dropout between convs
 # (Zagoruyko & Komodakis 2016, Table 1; parameter counts from their Table 4/5).
 for _d, _k, _m in [(28, 10, 36.5), (40, 4, 8.9), (16, 8, 11.0)]:
     _n = (_d - 4) // 6
-    register(f'wrn_{_d}_{_k}', ResNet,
-             dict(layers=(_n,) * 3, widths=(16 * _k, 32 * _k, 64 * _k), block='preact_basic',
-                  stem='cifar', stem_width=16, block_dropout=0.3),
-             reference=f'Zagoruyko & Komodakis 2016, Wide Residual Networks, Table 4/5 (WRN-{_d}-{_k}, {_m}M)',
-             reference_params=_m * 1e6, params_rounding=1e5, **_CIFAR)
+    register(
+        f'wrn_{_d}_{_k}',
+        ResNet,
+        dict(
+            layers=(_n,) * 3,
+            widths=(16 * _k, 32 * _k, 64 * _k),
+            block='preact_basic',
+            stem='cifar',
+            stem_width=16,
+            block_dropout=0.3,
+        ),
+        reference=f'Zagoruyko & Komodakis 2016, Wide Residual Networks, Table 4/5 (WRN-{_d}-{_k}, {_m}M)',
+        reference_params=_m * 1e6,
+        params_rounding=1e5,
+        **_CIFAR,
+    )

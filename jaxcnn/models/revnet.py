@@ -35,13 +35,22 @@ bijection up to the classifier, and :meth:`IRevNet.inverse` maps the final repre
 back to the image. Two consecutive half-couplings are one RevNet coupling, so the stride-1
 stretches run through the same memory-free sequence.
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import (ClassifierHead, DropPath, avg_pool, batch_norm, check_image_batch, conv2d,
-                      drop_path_rates, max_pool)
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    avg_pool,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    drop_path_rates,
+    max_pool,
+)
 from ..layers.reversible import Coupling, depth_to_space, space_to_depth
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
@@ -56,6 +65,7 @@ class RevBranch(nn.Module):
     network's first unit, whose input was just normalised by the stem). ``dropout`` sits
     before the last convolution, as WideResNet's.
     """
+
     out_channels: int
     stride: int = 1
     bottleneck: bool = False
@@ -87,6 +97,7 @@ class ResidualBranch(nn.Module):
     shortcut is the identity, so this is exactly its residual branch; any F is a valid
     coupling function, so the subtraction's rounding does not affect invertibility.
     """
+
     kind: str
     channels: int
     se_ratio: float = 0.0
@@ -101,9 +112,19 @@ class ResidualBranch(nn.Module):
         if not self.kind.startswith('preact'):
             raise ValueError(f'a residual branch needs a pre-activation block, got {self.kind!r}')
         planes = self.channels // EXPANSION[self.kind]
-        out = ResidualBlock(self.kind, planes, 1, self.groups, self.base_width, 'B', self.se_ratio,
-                            self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name='block')(x, train)
+        out = ResidualBlock(
+            self.kind,
+            planes,
+            1,
+            self.groups,
+            self.base_width,
+            'B',
+            self.se_ratio,
+            self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='block',
+        )(x, train)
         return out - x
 
 
@@ -113,7 +134,8 @@ class RevDownUnit(nn.Module):
     y1 = S(x1) + F(x2), y2 = S(x2) + G(y1), S the identity path. Not invertible; run under
     ordinary autodiff (its activations are stored).
     """
-    channels: int          # per half
+
+    channels: int  # per half
     stride: int
     bottleneck: bool
     first: bool = False
@@ -127,8 +149,14 @@ class RevDownUnit(nn.Module):
         if not changes:
             return x
         if self.bottleneck:
-            return conv2d(self.channels, 1, self.stride, name=name, dtype=self.dtype,
-                          param_dtype=self.param_dtype)(x)
+            return conv2d(
+                self.channels,
+                1,
+                self.stride,
+                name=name,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )(x)
         if self.stride != 1:
             x = avg_pool(x, self.stride, self.stride)
         extra = self.channels - x.shape[-1]
@@ -137,8 +165,12 @@ class RevDownUnit(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x1, x2 = x
-        kw = dict(bottleneck=self.bottleneck, dropout=self.dropout, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        kw = dict(
+            bottleneck=self.bottleneck,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         f = RevBranch(self.channels, self.stride, preact=not self.first, name='f', **kw)(x2, train)
         y1 = self._shortcut(x1, 'proj1') + DropPath(self.drop_path)(f, train)
         g = RevBranch(self.channels, name='g', **kw)(y1, train)
@@ -156,6 +188,7 @@ class RevNet(nn.Module):
     reversible: False trains the same network with ordinary autodiff (scanned couplings, or
       unrolled with ``scan_blocks=False``); ``remat`` recomputes each unit instead.
     """
+
     layers: Sequence[int]
     widths: Sequence[int]
     stem_width: int = 32
@@ -171,21 +204,38 @@ class RevNet(nn.Module):
     reversible: bool = True
     scan_blocks: bool = True
     remat: Union[bool, str] = False
-    scan_unroll: int = 1            # lax.scan unroll of the reversible stages (see README: CPU)
+    scan_unroll: int = 1  # lax.scan unroll of the reversible stages (see README: CPU)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
     def _coupling(self, channels, rate) -> dict:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.branch == 'revnet':
-            branch = RevBranch, dict(out_channels=channels, bottleneck=self.bottleneck,
-                                     dropout=self.block_dropout, **kw)
+            branch = (
+                RevBranch,
+                dict(
+                    out_channels=channels,
+                    bottleneck=self.bottleneck,
+                    dropout=self.block_dropout,
+                    **kw,
+                ),
+            )
         elif self.branch == 'resnet':
-            branch = ResidualBranch, dict(kind=self.resnet_kind, channels=channels,
-                                          se_ratio=self.se_ratio, dropout=self.block_dropout, **kw)
+            branch = (
+                ResidualBranch,
+                dict(
+                    kind=self.resnet_kind,
+                    channels=channels,
+                    se_ratio=self.se_ratio,
+                    dropout=self.block_dropout,
+                    **kw,
+                ),
+            )
         else:
             raise ValueError(f"branch must be 'revnet' or 'resnet', got {self.branch!r}")
-        return dict(branch=branch[0], branch_fields=tuple(sorted(branch[1].items())), drop_path=rate)
+        return dict(
+            branch=branch[0], branch_fields=tuple(sorted(branch[1].items())), drop_path=rate
+        )
 
     @nn.compact
     def __call__(self, x, train: bool = False, features_only: bool = False):
@@ -206,14 +256,31 @@ class RevNet(nn.Module):
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n_units, width) in enumerate(zip(self.layers, self.widths)):
             channels = width * (4 if self.bottleneck else 1) // 2
-            blocks = stage_blocks(RevDownUnit, [dict(
-                channels=channels, stride=1 if s == 0 else 2, bottleneck=self.bottleneck,
-                first=s == 0, dropout=self.block_dropout, drop_path=next(rates), **kw)])
-            blocks += stage_blocks(Coupling, [self._coupling(channels, next(rates))
-                                              for _ in range(n_units - 1)])
-            x = Stage(blocks, scan=self.scan_blocks, remat=self.remat,
-                      reversible=self.reversible, unroll=self.scan_unroll,
-                      name=f'layer{s + 1}')(x, train)
+            blocks = stage_blocks(
+                RevDownUnit,
+                [
+                    dict(
+                        channels=channels,
+                        stride=1 if s == 0 else 2,
+                        bottleneck=self.bottleneck,
+                        first=s == 0,
+                        dropout=self.block_dropout,
+                        drop_path=next(rates),
+                        **kw,
+                    )
+                ],
+            )
+            blocks += stage_blocks(
+                Coupling, [self._coupling(channels, next(rates)) for _ in range(n_units - 1)]
+            )
+            x = Stage(
+                blocks,
+                scan=self.scan_blocks,
+                remat=self.remat,
+                reversible=self.reversible,
+                unroll=self.scan_unroll,
+                name=f'layer{s + 1}',
+            )(x, train)
         x1, x2 = x
         x = jnp.concatenate([x1, x2], axis=-1)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
@@ -225,11 +292,13 @@ class RevNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # i-RevNet
 
+
 class IRevBranch(nn.Module):
     """F of an i-RevNet block: [BN-ReLU]-conv3x3(/stride)-BN-ReLU-conv3x3-dropout-BN-ReLU-conv3x3.
 
     Inner width out/``mult`` (mult = 4); no leading BN-ReLU in the network's first block.
     """
+
     out_channels: int
     stride: int = 1
     first: bool = False
@@ -256,6 +325,7 @@ class IRevHalfBlock(nn.Module):
     Invertible in closed form (:meth:`inverse`); used for the downsampling block of each stage
     and for a stage's odd block out (the rest pair up into reversible couplings).
     """
+
     out_channels: int
     stride: int = 1
     first: bool = False
@@ -265,8 +335,14 @@ class IRevHalfBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.f = IRevBranch(self.out_channels, self.stride, self.first, dropout=self.dropout,
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+        self.f = IRevBranch(
+            self.out_channels,
+            self.stride,
+            self.first,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         self.drop = DropPath(self.drop_path)
 
     def _s(self, x):
@@ -294,6 +370,7 @@ class IRevNet(nn.Module):
     zero padding after it (0 keeps the network bijective, i-RevNet (b)).
     ``inverse(z)`` maps ``model.apply(..., features_only=True)`` back to the input.
     """
+
     blocks: Sequence[int] = (6, 16, 72, 6)
     channels: Sequence[int] = (24, 96, 384, 1536)
     init_ds: int = 2
@@ -305,35 +382,52 @@ class IRevNet(nn.Module):
     reversible: bool = True
     scan_blocks: bool = True
     remat: Union[bool, str] = False
-    scan_unroll: int = 1            # lax.scan unroll of the reversible stages (see README: CPU)
+    scan_unroll: int = 1  # lax.scan unroll of the reversible stages (see README: CPU)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rates = drop_path_rates(self.drop_path_rate, sum(self.blocks))
-        half = (3 * self.init_ds ** 2 + self.in_pad) // 2    # RGB input
+        half = (3 * self.init_ds**2 + self.in_pad) // 2  # RGB input
         for c in self.channels:
             # the squeeze of a downsampling block quadruples the half it passes through
             if c != 4 * half:
-                raise ValueError(f'i-RevNet widths must each be 4x the previous half; got '
-                                 f'{tuple(self.channels)} for an input half of '
-                                 f'{(3 * self.init_ds ** 2 + self.in_pad) // 2}')
+                raise ValueError(
+                    f'i-RevNet widths must each be 4x the previous half; got '
+                    f'{tuple(self.channels)} for an input half of '
+                    f'{(3 * self.init_ds**2 + self.in_pad) // 2}'
+                )
             half = c
         stages, start = [], 0
         for s, (n, c) in enumerate(zip(self.blocks, self.channels)):
-            r, start = rates[start:start + n], start + n
+            r, start = rates[start : start + n], start + n
             half = dict(out_channels=c, dropout=self.block_dropout, **kw)
             n_rest = n - 1
-            blocks = stage_blocks(IRevHalfBlock, [dict(half, stride=2, first=s == 0, drop_path=r[0])]
-                                  + [dict(half, drop_path=r[1])] * (n_rest % 2))
+            blocks = stage_blocks(
+                IRevHalfBlock,
+                [dict(half, stride=2, first=s == 0, drop_path=r[0])]
+                + [dict(half, drop_path=r[1])] * (n_rest % 2),
+            )
             branch = tuple(sorted(dict(out_channels=c, dropout=self.block_dropout, **kw).items()))
             # a stride-1 stretch: pairs of half-couplings are RevNet couplings, one rate per pair
-            blocks += stage_blocks(Coupling, [dict(branch=IRevBranch, branch_fields=branch, drop_path=p)
-                                              for p in r[1 + n_rest % 2::2]])
-            stages.append(Stage(blocks, unrolled=1 + n_rest % 2, scan=self.scan_blocks,
-                                remat=self.remat, reversible=self.reversible,
-                                unroll=self.scan_unroll))
+            blocks += stage_blocks(
+                Coupling,
+                [
+                    dict(branch=IRevBranch, branch_fields=branch, drop_path=p)
+                    for p in r[1 + n_rest % 2 :: 2]
+                ],
+            )
+            stages.append(
+                Stage(
+                    blocks,
+                    unrolled=1 + n_rest % 2,
+                    scan=self.scan_blocks,
+                    remat=self.remat,
+                    reversible=self.reversible,
+                    unroll=self.scan_unroll,
+                )
+            )
         self.stages = stages
         self.final_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, **kw)
         self.head = ClassifierHead(self.num_classes, self.drop_rate, **kw)
@@ -367,30 +461,56 @@ class IRevNet(nn.Module):
         x1, x2 = x
         x = jnp.concatenate([x1, x2], axis=-1)
         if self.in_pad:
-            x = x[..., :x.shape[-1] - self.in_pad]
+            x = x[..., : x.shape[-1] - self.in_pad]
         return depth_to_space(x, self.init_ds) if self.init_ds > 1 else x
 
 
 # ---------------------------------------------------------------------------------------------
 # Rows. CIFAR: 10 classes, 32x32; the paper's figures are rounded to 0.01M.
-_CIFAR = dict(family='revnet', input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD,
-              num_classes=10, min_input=8)
+_CIFAR = dict(
+    family='revnet',
+    input_size=(32, 32, 3),
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    num_classes=10,
+    min_input=8,
+)
 _TABLE1 = 'Gomez et al. 2017, The Reversible Residual Network, Table 1'
 for _name, _layers, _widths, _bottleneck, _m in [
-        ('revnet38', (3, 3, 3), (32, 64, 112), False, 0.46),
-        ('revnet110', (9, 9, 9), (32, 64, 128), False, 1.73),
-        ('revnet164', (9, 9, 9), (32, 64, 128), True, 1.75)]:
-    register(_name, RevNet, dict(layers=_layers, widths=_widths, bottleneck=_bottleneck),
-             reference=f'{_TABLE1} ({_name}, {_m}M)', reference_params=_m * 1e6,
-             params_rounding=1e4, **_CIFAR)
+    ('revnet38', (3, 3, 3), (32, 64, 112), False, 0.46),
+    ('revnet110', (9, 9, 9), (32, 64, 128), False, 1.73),
+    ('revnet164', (9, 9, 9), (32, 64, 128), True, 1.75),
+]:
+    register(
+        _name,
+        RevNet,
+        dict(layers=_layers, widths=_widths, bottleneck=_bottleneck),
+        reference=f'{_TABLE1} ({_name}, {_m}M)',
+        reference_params=_m * 1e6,
+        params_rounding=1e4,
+        **_CIFAR,
+    )
 
-register('revnet104', RevNet,
-         dict(layers=(2, 2, 11, 2), widths=(128, 256, 512, 832), stem_width=128, bottleneck=True,
-              stem='imagenet', num_classes=1000),
-         # this layout counts 45,428,072, 0.5 % above the table's 45.2M (the CIFAR rows match to
-         # the table's 0.01M); the difference could not be traced, so the band is +-0.25M
-         reference=f'{_TABLE1} (RevNet-104, 45.2M)', reference_params=45.2e6,
-         params_rounding=5e5, family='revnet', input_size=(224, 224, 3), min_input=32)
+register(
+    'revnet104',
+    RevNet,
+    dict(
+        layers=(2, 2, 11, 2),
+        widths=(128, 256, 512, 832),
+        stem_width=128,
+        bottleneck=True,
+        stem='imagenet',
+        num_classes=1000,
+    ),
+    # this layout counts 45,428,072, 0.5 % above the table's 45.2M (the CIFAR rows match to
+    # the table's 0.01M); the difference could not be traced, so the band is +-0.25M
+    reference=f'{_TABLE1} (RevNet-104, 45.2M)',
+    reference_params=45.2e6,
+    params_rounding=5e5,
+    family='revnet',
+    input_size=(224, 224, 3),
+    min_input=32,
+)
 
 # i-RevNet: the authors' released bijective ImageNet configuration (github.com/jhjacobsen/
 # pytorch-i-revnet README, "bijective i-RevNet", their i-RevNet (b)): blocks 6-16-72-6, F widths
@@ -398,17 +518,34 @@ register('revnet104', RevNet,
 # in, 3072x7x7 = 150,528 out). Counted by hand (tests/test_reversible.py): 125,120,356 with
 # 1000 classes. The 29M quoted for i-RevNet (b) could not be reconciled with this layout; see
 # docs/reversible.md.
-register('irevnet', IRevNet, dict(blocks=(6, 16, 72, 6), channels=(24, 96, 384, 1536), init_ds=2),
-         reference='Jacobsen et al. 2018, i-RevNet, bijective ImageNet model as released '
-                   '(hand count of the layout, tests/test_reversible.py)',
-         reference_params=125_120_356, family='irevnet', input_size=(224, 224, 3), min_input=32)
+register(
+    'irevnet',
+    IRevNet,
+    dict(blocks=(6, 16, 72, 6), channels=(24, 96, 384, 1536), init_ds=2),
+    reference='Jacobsen et al. 2018, i-RevNet, bijective ImageNet model as released '
+    '(hand count of the layout, tests/test_reversible.py)',
+    reference_params=125_120_356,
+    family='irevnet',
+    input_size=(224, 224, 3),
+    min_input=32,
+)
 
 # The reversible option for the residual family: RevNet-38's layout whose reversible F and G
 # are resnet.ResidualBlock('preact_basic', se_ratio=1/16) branches (SE-ResNet units, Hu et al.
 # 2018). No paper reports it; the count is RevNet-38's plus the SE layers', checked by hand in
 # tests/test_reversible.py.
-register('revnet38_se', RevNet,
-         dict(layers=(3, 3, 3), widths=(32, 64, 112), branch='resnet', resnet_kind='preact_basic',
-              se_ratio=1 / 16),
-         reference='RevNet-38 (Gomez et al. 2017, Table 1) with SE-ResNet branches; hand count '
-                   'in tests/test_reversible.py', reference_params=472_058, **_CIFAR)
+register(
+    'revnet38_se',
+    RevNet,
+    dict(
+        layers=(3, 3, 3),
+        widths=(32, 64, 112),
+        branch='resnet',
+        resnet_kind='preact_basic',
+        se_ratio=1 / 16,
+    ),
+    reference='RevNet-38 (Gomez et al. 2017, Table 1) with SE-ResNet branches; hand count '
+    'in tests/test_reversible.py',
+    reference_params=472_058,
+    **_CIFAR,
+)

@@ -18,14 +18,23 @@ Each stage's units run through :class:`~jaxcnn.layers.stage.Stage`: unit b of st
 ``stage{s}/{b}`` (torchvision ``stage{s}.{b}``); ``remat`` recomputes their activations in the
 backward pass instead of storing them.
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (ClassifierHead, avg_pool, batch_norm, channel_shuffle, check_image_batch, conv2d,
-                      depthwise_conv2d, max_pool)
+from ..layers import (
+    ClassifierHead,
+    avg_pool,
+    batch_norm,
+    channel_shuffle,
+    check_image_batch,
+    conv2d,
+    depthwise_conv2d,
+    max_pool,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
@@ -37,6 +46,7 @@ class ShuffleV1Unit(nn.Module):
     whose input has only 24 channels (§3.3: "we do not apply group convolution on the first
     pointwise layer because the number of input channels is relatively small").
     """
+
     out_channels: int
     stride: int
     groups: int
@@ -48,7 +58,7 @@ class ShuffleV1Unit(nn.Module):
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         bn = lambda name: batch_norm(train, name=name, **kw)
-        mid = self.out_channels // 4                       # bottleneck: 1/4 of the unit's output
+        mid = self.out_channels // 4  # bottleneck: 1/4 of the unit's output
         # a stride-2 unit concatenates its input, so its branch makes only the missing channels
         branch_out = self.out_channels - (x.shape[-1] if self.stride == 2 else 0)
         h = nn.relu(bn('bn1')(conv2d(mid, 1, groups=self.first_groups, name='conv1', **kw)(x)))
@@ -64,20 +74,23 @@ class ShuffleV1Unit(nn.Module):
 def _stem(net, x, train, kw):
     """Both versions' stem: conv1 3x3/2 - BN - ReLU - max-pool 3x3/2 (Tables 1 and 5)."""
     check_image_batch(x, 32, type(net).__name__)
-    x = conv2d(net.stem_channels, 3, 2, name='conv1', **kw)(jnp.asarray(x, net.dtype or jnp.float32))
+    x = conv2d(net.stem_channels, 3, 2, name='conv1', **kw)(
+        jnp.asarray(x, net.dtype or jnp.float32)
+    )
     return max_pool(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 3, 2)
 
 
 class ShuffleNetV1(nn.Module):
     """Table 1: conv1 3x3/2 (24) -> max-pool 3x3/2 -> stages 2-4 of (1 + repeats) units (the
     first with stride 2) at widths ``stage_channels`` -> global pool -> FC."""
+
     groups: int = 3
     stage_channels: Sequence[int] = (240, 480, 960)
     stage_repeats: Sequence[int] = (3, 7, 3)
     stem_channels: int = 24
     num_classes: int = 1000
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0      # units are not dropped; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # units are not dropped; accepted for a uniform surface
     remat: Union[bool, str] = False  # True or a jax.checkpoint_policies name (layers/stage.py)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -87,10 +100,19 @@ class ShuffleNetV1(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _stem(self, x, train, kw)
         for s, (ch, repeats) in enumerate(zip(self.stage_channels, self.stage_repeats)):
-            blocks = stage_blocks(ShuffleV1Unit, [dict(
-                out_channels=ch, stride=2 if b == 0 else 1, groups=self.groups,
-                first_groups=1 if (s == 0 and b == 0) else self.groups, **kw)
-                for b in range(repeats + 1)])
+            blocks = stage_blocks(
+                ShuffleV1Unit,
+                [
+                    dict(
+                        out_channels=ch,
+                        stride=2 if b == 0 else 1,
+                        groups=self.groups,
+                        first_groups=1 if (s == 0 and b == 0) else self.groups,
+                        **kw,
+                    )
+                    for b in range(repeats + 1)
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 2}')(x, train)
         if features_only:
             return x
@@ -100,6 +122,7 @@ class ShuffleNetV1(nn.Module):
 class ShuffleV2Unit(nn.Module):
     """Fig. 3(c) (stride 1: split, right half through 1x1-DW3x3-1x1) or 3(d) (stride 2: both
     branches see the whole input), then concatenate and shuffle with 2 groups."""
+
     out_channels: int
     stride: int
     dtype: Optional[jnp.dtype] = None
@@ -111,9 +134,11 @@ class ShuffleV2Unit(nn.Module):
         bn = lambda name, h: batch_norm(train, name=name, **kw)(h)
         c = self.out_channels // 2
         if self.stride == 1:
-            left, right = jnp.split(x, 2, axis=-1)       # channel split: first half is kept as is
+            left, right = jnp.split(x, 2, axis=-1)  # channel split: first half is kept as is
         else:
-            left = bn('b1_bn1', depthwise_conv2d(x.shape[-1], 3, self.stride, name='b1_dw', **kw)(x))
+            left = bn(
+                'b1_bn1', depthwise_conv2d(x.shape[-1], 3, self.stride, name='b1_dw', **kw)(x)
+            )
             left = nn.relu(bn('b1_bn2', conv2d(c, 1, name='b1_pw', **kw)(left)))
             right = x
         right = nn.relu(bn('b2_bn1', conv2d(c, 1, name='b2_pw1', **kw)(right)))
@@ -125,13 +150,14 @@ class ShuffleV2Unit(nn.Module):
 class ShuffleNetV2(nn.Module):
     """Table 5: conv1 3x3/2 (24) -> max-pool 3x3/2 -> stages 2-4 (``stage_repeats`` units, the
     first with stride 2) at ``stage_channels`` -> conv5 1x1 -> global pool -> FC."""
+
     stage_channels: Sequence[int] = (116, 232, 464)
     stage_repeats: Sequence[int] = (4, 8, 4)
     stem_channels: int = 24
     num_features: int = 1024
     num_classes: int = 1000
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0      # units are not dropped; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # units are not dropped; accepted for a uniform surface
     remat: Union[bool, str] = False  # True or a jax.checkpoint_policies name (layers/stage.py)
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -141,8 +167,10 @@ class ShuffleNetV2(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _stem(self, x, train, kw)
         for s, (ch, repeats) in enumerate(zip(self.stage_channels, self.stage_repeats)):
-            blocks = stage_blocks(ShuffleV2Unit, [dict(out_channels=ch, stride=2 if b == 0 else 1, **kw)
-                                                  for b in range(repeats)])
+            blocks = stage_blocks(
+                ShuffleV2Unit,
+                [dict(out_channels=ch, stride=2 if b == 0 else 1, **kw) for b in range(repeats)],
+            )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 2}')(x, train)
         x = conv2d(self.num_features, 1, name='conv5', **kw)(x)
         x = nn.relu(batch_norm(train, name='bn5', **kw)(x))
@@ -154,15 +182,29 @@ class ShuffleNetV2(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # torchvision's ShuffleNetV2: conv1 = (conv, bn, relu), stageN.b.branch1 = (dw, bn, pw, bn, relu),
 # branch2 = (pw, bn, relu, dw, bn, pw, bn, relu), conv5 = (conv, bn, relu).
-_BRANCH = {'branch1.0': 'b1_dw', 'branch1.1': 'b1_bn1', 'branch1.2': 'b1_pw', 'branch1.3': 'b1_bn2',
-           'branch2.0': 'b2_pw1', 'branch2.1': 'b2_bn1', 'branch2.3': 'b2_dw', 'branch2.4': 'b2_bn2',
-           'branch2.5': 'b2_pw2', 'branch2.6': 'b2_bn3'}
-register_renames('shufflenet_v2', [
-    (r'^conv1\.0\.', 'conv1.'), (r'^conv1\.1\.', 'bn1.'),
-    (r'^conv5\.0\.', 'conv5.'), (r'^conv5\.1\.', 'bn5.'),
-    (r'\.(branch\d\.\d)\.', lambda m: f'.{_BRANCH[m[1]]}.'),
-    (r'^fc\.', 'head.fc.'),
-])
+_BRANCH = {
+    'branch1.0': 'b1_dw',
+    'branch1.1': 'b1_bn1',
+    'branch1.2': 'b1_pw',
+    'branch1.3': 'b1_bn2',
+    'branch2.0': 'b2_pw1',
+    'branch2.1': 'b2_bn1',
+    'branch2.3': 'b2_dw',
+    'branch2.4': 'b2_bn2',
+    'branch2.5': 'b2_pw2',
+    'branch2.6': 'b2_bn3',
+}
+register_renames(
+    'shufflenet_v2',
+    [
+        (r'^conv1\.0\.', 'conv1.'),
+        (r'^conv1\.1\.', 'bn1.'),
+        (r'^conv5\.0\.', 'conv5.'),
+        (r'^conv5\.1\.', 'bn5.'),
+        (r'\.(branch\d\.\d)\.', lambda m: f'.{_BRANCH[m[1]]}.'),
+        (r'^fc\.', 'head.fc.'),
+    ],
+)
 
 # Ma et al. 2018, Table 5: output channels of stages 2-4 and conv5 per width multiplier.
 # Counts: torchvision 0.29.1, 1000 classes.
@@ -173,10 +215,17 @@ V2_VARIANTS = {
     'shufflenet_v2_x2_0': ((244, 488, 976), 2048, 7_393_996),
 }
 for _name, (_chs, _feat, _count) in V2_VARIANTS.items():
-    register(_name, ShuffleNetV2, dict(stage_channels=_chs, num_features=_feat),
-             family='shufflenet_v2', input_size=(224, 224, 3), min_input=32,
-             reference=f'torchvision {_name} (Ma et al. 2018, Table 5)',
-             reference_params=_count, torch_name=f'tv:{_name}')
+    register(
+        _name,
+        ShuffleNetV2,
+        dict(stage_channels=_chs, num_features=_feat),
+        family='shufflenet_v2',
+        input_size=(224, 224, 3),
+        min_input=32,
+        reference=f'torchvision {_name} (Ma et al. 2018, Table 5)',
+        reference_params=_count,
+        torch_name=f'tv:{_name}',
+    )
 
 # Zhang et al. 2018, Table 1 (ShuffleNet 1x): stage-2 output channels per number of groups g
 # (stages 3 and 4 double it twice) and the table's complexity in MFLOPs at 224 px. No library
@@ -190,8 +239,14 @@ V1_VARIANTS = {
     8: (384, 137, 2_434_768),
 }
 for _g, (_c, _mflops, _count) in V1_VARIANTS.items():
-    register(f'shufflenet_g{_g}', ShuffleNetV1, dict(groups=_g, stage_channels=(_c, 2 * _c, 4 * _c)),
-             family='shufflenet_v1', input_size=(224, 224, 3), min_input=32,
-             reference=f'Zhang et al. 2018, Table 1 (ShuffleNet 1x, g={_g}, {_mflops} MFLOPs; '
-                       'parameters hand-counted)',
-             reference_params=_count)
+    register(
+        f'shufflenet_g{_g}',
+        ShuffleNetV1,
+        dict(groups=_g, stage_channels=(_c, 2 * _c, 4 * _c)),
+        family='shufflenet_v1',
+        input_size=(224, 224, 3),
+        min_input=32,
+        reference=f'Zhang et al. 2018, Table 1 (ShuffleNet 1x, g={_g}, {_mflops} MFLOPs; '
+        'parameters hand-counted)',
+        reference_params=_count,
+    )

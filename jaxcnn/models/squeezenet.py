@@ -29,6 +29,7 @@ Module names mirror torchvision's ``features.<index>`` (``features_<index>``, po
 ReLUs counted), so one rename table converts both versions; :func:`layer_names` maps the
 paper's layer names (conv1, fire2..fire9) to them.
 """
+
 from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -40,12 +41,23 @@ from ..registry import register
 
 # Table 1 of the paper (and DeepScale's v1.1): conv1 (filters, kernel, stride), Fire modules
 # fire2..fire9 as (s1x1, e1x1, e3x3), and the layers followed by a 3x3/2 max-pool.
-SQUEEZENET_1_0 = dict(conv1=(96, 7, 2),
-                      fires=((16, 64, 64), (16, 64, 64), (32, 128, 128), (32, 128, 128),
-                             (48, 192, 192), (48, 192, 192), (64, 256, 256), (64, 256, 256)),
-                      pools_after=('conv1', 'fire4', 'fire8'))
-SQUEEZENET_1_1 = dict(conv1=(64, 3, 2), fires=SQUEEZENET_1_0['fires'],
-                      pools_after=('conv1', 'fire3', 'fire5'))
+SQUEEZENET_1_0 = dict(
+    conv1=(96, 7, 2),
+    fires=(
+        (16, 64, 64),
+        (16, 64, 64),
+        (32, 128, 128),
+        (32, 128, 128),
+        (48, 192, 192),
+        (48, 192, 192),
+        (64, 256, 256),
+        (64, 256, 256),
+    ),
+    pools_after=('conv1', 'fire4', 'fire8'),
+)
+SQUEEZENET_1_1 = dict(
+    conv1=(64, 3, 2), fires=SQUEEZENET_1_0['fires'], pools_after=('conv1', 'fire3', 'fire5')
+)
 
 # torchvision initialises every convolution with kaiming_uniform_ (gain sqrt(2), fan-in) and
 # the class-map convolution with N(0, 0.01); biases start at zero.
@@ -55,7 +67,7 @@ _HEAD_INIT = nn.initializers.normal(0.01)
 
 def layer_names(table: dict) -> Dict[str, str]:
     """Paper layer name (conv1, fire2, ...) -> jaxcnn module name (``features_<index>``)."""
-    names, i = {'conv1': 'features_0'}, 2                   # conv1, ReLU
+    names, i = {'conv1': 'features_0'}, 2  # conv1, ReLU
     i += 'conv1' in table['pools_after']
     for k in range(2, 2 + len(table['fires'])):
         names[f'fire{k}'] = f'features_{i}'
@@ -89,6 +101,7 @@ class Fire(nn.Module):
     bypass: 'none'; 'identity' (§6 simple bypass: add the input); 'conv' (§6 complex bypass:
     add a 1x1 convolution of the input with as many filters as the module outputs).
     """
+
     squeeze: int
     expand1x1: int
     expand3x3: int
@@ -98,11 +111,20 @@ class Fire(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(use_bias=True, kernel_init=_KAIMING_UNIFORM, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        kw = dict(
+            use_bias=True,
+            kernel_init=_KAIMING_UNIFORM,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         s = nn.relu(conv2d(self.squeeze, 1, name='squeeze', **kw)(x))
-        y = jnp.concatenate([nn.relu(conv2d(self.expand1x1, 1, name='expand1x1', **kw)(s)),
-                             nn.relu(conv2d(self.expand3x3, 3, name='expand3x3', **kw)(s))], axis=-1)
+        y = jnp.concatenate(
+            [
+                nn.relu(conv2d(self.expand1x1, 1, name='expand1x1', **kw)(s)),
+                nn.relu(conv2d(self.expand3x3, 3, name='expand3x3', **kw)(s)),
+            ],
+            axis=-1,
+        )
         if self.bypass == 'identity':
             y = y + x
         elif self.bypass == 'conv':
@@ -115,6 +137,7 @@ class Fire(nn.Module):
 class ClassMapHead(nn.Module):
     """dropout -> per-pixel linear map to one map per class (= conv10, 1x1) -> ReLU -> global
     average. ``num_classes=0`` returns the globally averaged input features."""
+
     num_classes: int
     drop_rate: float = 0.5
     dtype: Optional[jnp.dtype] = None
@@ -124,8 +147,15 @@ class ClassMapHead(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.num_classes:
             x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            x = nn.relu(nn.Dense(self.num_classes, kernel_init=_HEAD_INIT, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name='fc')(x))
+            x = nn.relu(
+                nn.Dense(
+                    self.num_classes,
+                    kernel_init=_HEAD_INIT,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name='fc',
+                )(x)
+            )
         return global_avg_pool(x)
 
 
@@ -137,13 +167,14 @@ class SqueezeNet(nn.Module):
     ``num_classes=0`` returns the globally averaged output of the last Fire module,
     ``features_only`` that map unpooled.
     """
+
     conv1: Tuple[int, int, int] = SQUEEZENET_1_0['conv1']
     fires: Sequence[Tuple[int, int, int]] = SQUEEZENET_1_0['fires']
     pools_after: Sequence[str] = SQUEEZENET_1_0['pools_after']
     bypass: str = 'none'
     num_classes: int = 1000
     drop_rate: float = 0.5
-    drop_path_rate: float = 0.0      # no residual blocks to drop; accepted for a uniform surface
+    drop_path_rate: float = 0.0  # no residual blocks to drop; accepted for a uniform surface
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
@@ -152,19 +183,36 @@ class SqueezeNet(nn.Module):
         if self.bypass not in ('none', 'simple', 'complex'):
             raise ValueError(f"bypass must be 'none', 'simple' or 'complex', got {self.bypass!r}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        table = dict(conv1=tuple(self.conv1), fires=tuple(self.fires), pools_after=tuple(self.pools_after))
+        table = dict(
+            conv1=tuple(self.conv1), fires=tuple(self.fires), pools_after=tuple(self.pools_after)
+        )
         check_image_batch(x, min_input(table), type(self).__name__)
         names = layer_names(table)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         width, kernel, stride = self.conv1
-        x = nn.relu(conv2d(width, kernel, stride, padding='valid', use_bias=True,
-                           kernel_init=_KAIMING_UNIFORM, name=names['conv1'], **kw)(x))
+        x = nn.relu(
+            conv2d(
+                width,
+                kernel,
+                stride,
+                padding='valid',
+                use_bias=True,
+                kernel_init=_KAIMING_UNIFORM,
+                name=names['conv1'],
+                **kw,
+            )(x)
+        )
         if 'conv1' in self.pools_after:
             x = ceil_max_pool(x, 3, 2)
         for k, (s, e1, e3) in enumerate(self.fires, start=2):
             same = x.shape[-1] == e1 + e3
-            bypass = ('identity' if same and self.bypass != 'none' else
-                      'conv' if not same and self.bypass == 'complex' else 'none')
+            bypass = (
+                'identity'
+                if same and self.bypass != 'none'
+                else 'conv'
+                if not same and self.bypass == 'complex'
+                else 'none'
+            )
             x = Fire(s, e1, e3, bypass, name=names[f'fire{k}'], **kw)(x)
             if f'fire{k}' in self.pools_after:
                 x = ceil_max_pool(x, 3, 2)
@@ -173,31 +221,58 @@ class SqueezeNet(nn.Module):
         return ClassMapHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
 
 
-register_renames('squeezenet', [
-    (r'^features\.(\d+)\.', r'features_\1.'),
-    (r'^classifier\.1\.', 'head.fc.'),
-])
+register_renames(
+    'squeezenet',
+    [
+        (r'^features\.(\d+)\.', r'features_\1.'),
+        (r'^classifier\.1\.', 'head.fc.'),
+    ],
+)
 
 _IMAGENET = dict(family='squeezenet', input_size=(224, 224, 3))
-register('squeezenet1_0', SqueezeNet, dict(**SQUEEZENET_1_0), min_input=min_input(SQUEEZENET_1_0),
-         reference='torchvision squeezenet1_0 (Iandola et al. 2016, Table 1)',
-         reference_params=1_248_424, torch_name='tv:squeezenet1_0', **_IMAGENET)
-register('squeezenet1_1', SqueezeNet, dict(**SQUEEZENET_1_1), min_input=min_input(SQUEEZENET_1_1),
-         reference='torchvision squeezenet1_1 (DeepScale SqueezeNet v1.1: conv1 64 3x3/2, '
-                   'pools after conv1, fire3, fire5)',
-         reference_params=1_235_496, torch_name='tv:squeezenet1_1', **_IMAGENET)
+register(
+    'squeezenet1_0',
+    SqueezeNet,
+    dict(**SQUEEZENET_1_0),
+    min_input=min_input(SQUEEZENET_1_0),
+    reference='torchvision squeezenet1_0 (Iandola et al. 2016, Table 1)',
+    reference_params=1_248_424,
+    torch_name='tv:squeezenet1_0',
+    **_IMAGENET,
+)
+register(
+    'squeezenet1_1',
+    SqueezeNet,
+    dict(**SQUEEZENET_1_1),
+    min_input=min_input(SQUEEZENET_1_1),
+    reference='torchvision squeezenet1_1 (DeepScale SqueezeNet v1.1: conv1 64 3x3/2, '
+    'pools after conv1, fire3, fire5)',
+    reference_params=1_235_496,
+    torch_name='tv:squeezenet1_1',
+    **_IMAGENET,
+)
 # Table 3: simple bypass 4.8MB (32-bit, MiB) = vanilla's 1,248,424 parameters.
-register('squeezenet1_0_simple_bypass', SqueezeNet, dict(**SQUEEZENET_1_0, bypass='simple'),
-         min_input=min_input(SQUEEZENET_1_0),
-         reference='Iandola et al. 2016, §6, Fig. 2 (middle) and Table 3 (identity bypass around '
-                   'fire3/5/7/9; 4.8MB = vanilla SqueezeNet\'s 1,248,424 parameters)',
-         reference_params=1_248_424, **_IMAGENET)
+register(
+    'squeezenet1_0_simple_bypass',
+    SqueezeNet,
+    dict(**SQUEEZENET_1_0, bypass='simple'),
+    min_input=min_input(SQUEEZENET_1_0),
+    reference='Iandola et al. 2016, §6, Fig. 2 (middle) and Table 3 (identity bypass around '
+    'fire3/5/7/9; 4.8MB = vanilla SqueezeNet\'s 1,248,424 parameters)',
+    reference_params=1_248_424,
+    **_IMAGENET,
+)
 # Hand count: vanilla + 1x1 bypass convolutions (weights + biases) around fire2 (96 -> 128),
 # fire4 (128 -> 256), fire6 (256 -> 384), fire8 (384 -> 512):
 # 1,248,424 + 12,416 + 33,024 + 98,688 + 197,120 = 1,589,672. Table 3's 7.7MB is not
 # reproduced by this layout (see the module docstring).
-register('squeezenet1_0_complex_bypass', SqueezeNet, dict(**SQUEEZENET_1_0, bypass='complex'),
-         min_input=min_input(SQUEEZENET_1_0),
-         reference='Iandola et al. 2016, §6 and Fig. 2 (right): 1x1-conv bypass around fire2/4/6/8, '
-                   'identity around fire3/5/7/9 (hand count; Table 3\'s 7.7MB not reproduced)',
-         reference_params=1_589_672, **_IMAGENET)
+register(
+    'squeezenet1_0_complex_bypass',
+    SqueezeNet,
+    dict(**SQUEEZENET_1_0, bypass='complex'),
+    min_input=min_input(SQUEEZENET_1_0),
+    reference='Iandola et al. 2016, §6 and Fig. 2 (right): 1x1-conv bypass around fire2/4/6/8, '
+    'identity around fire3/5/7/9 (hand count; Table 3\'s 7.7MB not reproduced)',
+    reference_params=1_589_672,
+    **_IMAGENET,
+)

@@ -27,16 +27,25 @@ width 2.0, widens the final convolution to 256.
 Each stage's blocks run through :class:`~jaxcnn.layers.stage.Stage`: block i of stage s (from 1)
 is ``stage{s}/{i}``.
 """
+
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import DropPath, batch_norm, ceil_max_pool, check_image_batch, conv2d, drop_path_rates, global_avg_pool
+from ..layers import (
+    DropPath,
+    batch_norm,
+    ceil_max_pool,
+    check_image_batch,
+    conv2d,
+    drop_path_rates,
+    global_avg_pool,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
-SQNXT23 = (6, 6, 8, 1)             # blocks per stage, §4 (23 layers)
+SQNXT23 = (6, 6, 8, 1)  # blocks per stage, §4 (23 layers)
 STAGE_WIDTHS = (32, 64, 128, 256)
 # Caffe's "xavier" filler: uniform with variance 1 / fan_in.
 _XAVIER = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
@@ -46,21 +55,29 @@ class ConvBNReLU(nn.Module):
     features: int
     kernel: Sequence[int] = (1, 1)
     stride: int = 1
-    padding: str = 'torch'          # (k - 1) / 2 on each side: none for 1x1, 1 along a 3x1 / 1x3
+    padding: str = 'torch'  # (k - 1) / 2 on each side: none for 1x1, 1 along a 3x1 / 1x3
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(self.features, tuple(self.kernel), self.stride, padding=self.padding,
-                   kernel_init=_XAVIER, name='conv', **kw)(x)
+        x = conv2d(
+            self.features,
+            tuple(self.kernel),
+            self.stride,
+            padding=self.padding,
+            kernel_init=_XAVIER,
+            name='conv',
+            **kw,
+        )(x)
         return nn.relu(batch_norm(train, name='bn', **kw)(x))
 
 
 class SqnxtBlock(nn.Module):
     """reduce1 (1x1, stride) -> reduce2 (1x1) -> sep1 -> sep2 (3x1 / 1x3) -> expand (1x1),
     + shortcut (identity, or 1x1 conv-BN-ReLU when width or stride change), ReLU."""
+
     features: int
     stride: int = 1
     first_separable: str = '3x1'
@@ -90,6 +107,7 @@ class SqnxtBlock(nn.Module):
 class FeatureHead(nn.Module):
     """Global average pool -> dropout -> bias-free linear ``fc`` (the released classifier).
     ``num_classes=0`` returns the pooled features."""
+
     num_classes: int
     drop_rate: float = 0.0
     dtype: Optional[jnp.dtype] = None
@@ -101,8 +119,14 @@ class FeatureHead(nn.Module):
         if not self.num_classes:
             return x
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, use_bias=False, kernel_init=_XAVIER, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name='fc')(x)
+        return nn.Dense(
+            self.num_classes,
+            use_bias=False,
+            kernel_init=_XAVIER,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='fc',
+        )(x)
 
 
 class SqueezeNext(nn.Module):
@@ -112,6 +136,7 @@ class SqueezeNext(nn.Module):
     ``remat`` recomputes each block's activations in the backward pass (True or a
     ``jax.checkpoint_policies`` name).
     """
+
     depths: Sequence[int] = SQNXT23
     width: float = 1.0
     stem_width: int = 64
@@ -130,16 +155,29 @@ class SqueezeNext(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         check_image_batch(x, MIN_INPUT, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
-        x = ConvBNReLU(int(self.stem_width * self.width), (7, 7), 2, 'valid', name='stem', **kw)(x, train)
+        x = ConvBNReLU(int(self.stem_width * self.width), (7, 7), 2, 'valid', name='stem', **kw)(
+            x, train
+        )
         x = ceil_max_pool(x, 3, 2)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         start = 0
         for s, (n, w) in enumerate(zip(self.depths, self.widths)):
             # b: the block's index in the whole network, which alternates the separable pair
-            blocks = stage_blocks(SqnxtBlock, [dict(
-                features=int(w * self.width), stride=2 if i == 0 and s > 0 else 1,
-                first_separable='3x1' if not self.alternate_separable or b % 2 == 0 else '1x3',
-                drop_path=rates[b], **kw) for i, b in enumerate(range(start, start + n))])
+            blocks = stage_blocks(
+                SqnxtBlock,
+                [
+                    dict(
+                        features=int(w * self.width),
+                        stride=2 if i == 0 and s > 0 else 1,
+                        first_separable='3x1'
+                        if not self.alternate_separable or b % 2 == 0
+                        else '1x3',
+                        drop_path=rates[b],
+                        **kw,
+                    )
+                    for i, b in enumerate(range(start, start + n))
+                ],
+            )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
             start += n
         x = ConvBNReLU(self.final_width, (1, 1), 1, name='final', **kw)(x, train)
@@ -153,13 +191,24 @@ MIN_INPUT = 11
 
 _IMAGENET = dict(family='squeezenext', input_size=(227, 227, 3), min_input=MIN_INPUT)
 # 1.0-SqNxt-23: 717,280 parameters, the paper's "0.72M" (ImageNet results table).
-register('sqnxt23_w1', SqueezeNext, dict(depths=SQNXT23, width=1.0),
-         reference='Gholami et al. 2018, SqueezeNext, ImageNet results (1.0-SqNxt-23, 0.72M; layout of '
-                   'the released Caffe 1.0-SqNxt-23)',
-         reference_params=0.72e6, params_rounding=1e4, **_IMAGENET)
+register(
+    'sqnxt23_w1',
+    SqueezeNext,
+    dict(depths=SQNXT23, width=1.0),
+    reference='Gholami et al. 2018, SqueezeNext, ImageNet results (1.0-SqNxt-23, 0.72M; layout of '
+    'the released Caffe 1.0-SqNxt-23)',
+    reference_params=0.72e6,
+    params_rounding=1e4,
+    **_IMAGENET,
+)
 # 2.0-SqNxt-23: hand count of the released Caffe 2.0-SqNxt-23 (widths doubled, final 1x1 kept
 # at 128), recounted from the block formula in tests/test_squeezenext.py.
-register('sqnxt23_w2', SqueezeNext, dict(depths=SQNXT23, width=2.0),
-         reference='Gholami et al. 2018, SqueezeNext, 2.0-SqNxt-23 (hand count of the released '
-                   'Caffe layout: widths x2, final 1x1 conv at 128)',
-         reference_params=2_377_408, **_IMAGENET)
+register(
+    'sqnxt23_w2',
+    SqueezeNext,
+    dict(depths=SQNXT23, width=2.0),
+    reference='Gholami et al. 2018, SqueezeNext, 2.0-SqNxt-23 (hand count of the released '
+    'Caffe layout: widths x2, final 1x1 conv at 128)',
+    reference_params=2_377_408,
+    **_IMAGENET,
+)

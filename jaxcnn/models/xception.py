@@ -16,31 +16,42 @@ names mirror timm's (``rep.<index>`` -> ``rep_<index>``, ``skip``, ``skipbn``), 
 ``drop_path_rate`` drops the residual (separable) branch of each block with the linear-decay
 rule; timm's model has none, so its default is 0.
 """
+
 from typing import NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import (ClassifierHead, DropPath, batch_norm, check_image_batch, conv2d,
-                      depthwise_conv2d, drop_path_rates, make_divisible, max_pool)
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    batch_norm,
+    check_image_batch,
+    conv2d,
+    depthwise_conv2d,
+    drop_path_rates,
+    make_divisible,
+    max_pool,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
 
 
 class Block(NamedTuple):
     """One row of a flow table."""
-    out: int                          # output channels
-    reps: int                         # separable convolutions in the block
-    stride: int = 1                   # > 1: a 3x3 max-pool with this stride ends the block
-    start_with_relu: bool = True      # the first block reads the stem's (already ReLU'd) map
-    grow_first: bool = True           # widen in the first separable conv, else in the last
+
+    out: int  # output channels
+    reps: int  # separable convolutions in the block
+    stride: int = 1  # > 1: a 3x3 max-pool with this stride ends the block
+    start_with_relu: bool = True  # the first block reads the stem's (already ReLU'd) map
+    grow_first: bool = True  # widen in the first separable conv, else in the last
 
 
 # Chollet 2017, Fig. 5
 ENTRY_FLOW = (Block(128, 2, 2, start_with_relu=False), Block(256, 2, 2), Block(728, 2, 2))
 MIDDLE_FLOW = Block(728, 3)
-MIDDLE_REPEATS = 8                    # "repeated eight times"
+MIDDLE_REPEATS = 8  # "repeated eight times"
 EXIT_FLOW = (Block(1024, 2, 2, grow_first=False),)
 # The stem's two plain 3x3 convolutions (the first stride 2, both unpadded) and the exit
 # flow's last two separable convolutions.
@@ -53,6 +64,7 @@ MIN_INPUT = 7
 
 class SeparableConv(nn.Module):
     """Depthwise 3x3 (``conv1``) then pointwise 1x1 (``pointwise``), no bias, nothing between."""
+
     features: int
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -70,6 +82,7 @@ class XceptionBlock(nn.Module):
     The sub-modules keep the indices of timm's ``rep`` Sequential (ReLUs and the pool count),
     and the shortcut reads the block's input before the first ReLU.
     """
+
     row: Block
     drop_path: float = 0.0
     dtype: Optional[jnp.dtype] = None
@@ -106,6 +119,7 @@ class Xception(nn.Module):
       (True, or a ``jax.checkpoint_policies`` name; :class:`~jaxcnn.layers.stage.Stage`).
     ``num_classes=0`` returns pooled features; ``features_only`` the final 2048-channel map.
     """
+
     entry_flow: Sequence[Block] = ENTRY_FLOW
     middle_flow: Block = MIDDLE_FLOW
     middle_repeats: int = MIDDLE_REPEATS
@@ -122,10 +136,15 @@ class Xception(nn.Module):
 
     def flows(self):
         """(stage name, block rows) of the three flows, entry to exit, at this model's width."""
-        flows = (('entry_flow', self.entry_flow), ('middle_flow', (self.middle_flow,) * self.middle_repeats),
-                 ('exit_flow', self.exit_flow))
-        return [(name, [r._replace(out=make_divisible(r.out * self.width, 1)) for r in rows])
-                for name, rows in flows]
+        flows = (
+            ('entry_flow', self.entry_flow),
+            ('middle_flow', (self.middle_flow,) * self.middle_repeats),
+            ('exit_flow', self.exit_flow),
+        )
+        return [
+            (name, [r._replace(out=make_divisible(r.out * self.width, 1)) for r in rows])
+            for name, rows in flows
+        ]
 
     def rows(self):
         """Every block row, entry to exit, at this model's width."""
@@ -142,7 +161,9 @@ class Xception(nn.Module):
         x = bn('bn2', conv2d(w2, 3, padding='valid', name='conv2', **kw)(x))
         rates = iter(drop_path_rates(self.drop_path_rate, len(self.rows())))
         for name, rows in self.flows():
-            blocks = stage_blocks(XceptionBlock, [dict(row=row, drop_path=next(rates), **kw) for row in rows])
+            blocks = stage_blocks(
+                XceptionBlock, [dict(row=row, drop_path=next(rates), **kw) for row in rows]
+            )
             x = Stage(blocks, remat=self.remat, name=name)(x, train)
         for j, c in enumerate(self.exit_widths):
             x = SeparableConv(make_divisible(c * self.width, 1), name=f'conv{j + 3}', **kw)(x)
@@ -155,21 +176,36 @@ class Xception(nn.Module):
 def _timm_block(m):
     """timm's block<i> (1-12: entry 1-3, middle 4-11, exit 12) -> its flow's stage and index."""
     i = int(m[1]) - 1
-    for name, n in (('entry_flow', len(ENTRY_FLOW)), ('middle_flow', MIDDLE_REPEATS),
-                    ('exit_flow', len(EXIT_FLOW))):
+    for name, n in (
+        ('entry_flow', len(ENTRY_FLOW)),
+        ('middle_flow', MIDDLE_REPEATS),
+        ('exit_flow', len(EXIT_FLOW)),
+    ):
         if i < n:
             return f'{name}.{i}.'
         i -= n
     return m[0]
 
 
-register_renames('xception', [
-    (r'^block(\d+)\.', _timm_block),
-    (r'\.rep\.(\d+)\.', r'.rep_\1.'),
-    (r'^fc\.', 'head.fc.'),
-])
+register_renames(
+    'xception',
+    [
+        (r'^block(\d+)\.', _timm_block),
+        (r'\.rep\.(\d+)\.', r'.rep_\1.'),
+        (r'^fc\.', 'head.fc.'),
+    ],
+)
 
-register('xception', Xception, {}, family='xception', input_size=(299, 299, 3),
-         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), min_input=MIN_INPUT,
-         reference='timm legacy_xception (Chollet 2017, Fig. 5)',
-         reference_params=22_855_952, torch_name='timm:legacy_xception')
+register(
+    'xception',
+    Xception,
+    {},
+    family='xception',
+    input_size=(299, 299, 3),
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    min_input=MIN_INPUT,
+    reference='timm legacy_xception (Chollet 2017, Fig. 5)',
+    reference_params=22_855_952,
+    torch_name='timm:legacy_xception',
+)
