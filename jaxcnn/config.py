@@ -5,8 +5,10 @@ big_vision; `NAME` may also be a path to a `.py` file. `--config.a.b=value` over
 field, parsed to the type the field already has. `--workdir DIR` picks the run directory
 (default `./workdirs/NAME`, so re-running the same command resumes the same run).
 
-Every mistake (unknown config, unknown key, value of the wrong type) raises ValueError with
-one line naming the closest valid choices.
+The file is read and the overrides set by `ml_collections.config_flags`, as in big_vision and
+the Flax examples; what it cannot do is listed at `_read_through_config_flags`. Every mistake
+(unknown config, unknown key, value of the wrong type) raises ValueError with one line naming
+the closest valid choices.
 """
 
 from __future__ import annotations
@@ -266,10 +268,68 @@ def parse_args(
                 f'{_closest(flag, known).replace(": ", ": --").replace(", ", ", --")}.'
             )
     config, run_name = load_config(spec)
-    for key, value in overrides:
-        apply_override(config, key, value)
+    config = _read_through_config_flags(spec, config, overrides)
     workdir = workdir or os.path.join('workdirs', run_name)
     return config, run_name, workdir, extra
+
+
+def _flat_values(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat_values(v, f'{prefix}{k}.'))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _flag_text(value: Any) -> str:
+    """The text that config_flags parses back to `value`."""
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    return value if isinstance(value, str) else repr(value)
+
+
+def _read_through_config_flags(
+    spec: str | None, checked: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]
+) -> ml_collections.ConfigDict:
+    """The config as `ml_collections.config_flags` reads it (`--config path.py:arg
+    --config.k=v`), as big_vision and the Flax examples do.
+
+    Each override is first applied to `checked`, the copy that load_config read, because that is
+    where a mistake becomes one line naming the closest keys (config_flags raises absl errors
+    without suggestions). config_flags cannot find a config by its bare name (resolved to a path
+    here), read '1e3' as an integer (it gets the value's canonical text), set a field whose default
+    is None, or add a key to the free-form groups (`model_kwargs`, `search`); those last two are set
+    here, after config_flags has read everything else.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    defaults = _flat_values(checked)
+    flag_args, set_here = [], []
+    for key, text in overrides:
+        apply_override(checked, key, text)  # raises the one-line errors
+        if defaults.get(key) is None:
+            set_here.append((key, text))
+        else:
+            flag_args.append(f'--config.{key}={_flag_text(_flat_values(checked)[key])}')
+    name, _, arg = (spec or DEFAULT_CONFIG).partition(':')
+    path = str(find_config_file(name).resolve()) + (f':{arg}' if arg else '')
+    flag_values = flags.FlagValues()
+    argv = ['jaxcnn', f'--config={path}', *flag_args]
+    # sys_argv: config_flags defines a flag for each override that it sees there
+    config_flags.DEFINE_config_file(
+        'config', path, flag_values=flag_values, lock_config=False, sys_argv=argv
+    )
+    try:
+        flag_values(argv)
+    except flags.Error as e:  # not expected after the checks above; still one line
+        raise ValueError(f'config_flags could not read {path}: {str(e).splitlines()[0]}') from None
+    config = flag_values.config
+    for key, text in set_here:
+        apply_override(config, key, text)
+    return config
 
 
 def duration_steps(
