@@ -4,12 +4,18 @@
     logits = jaxcnn.create_model('resnet50').apply(variables, images_nhwc)
 
 What changes between the two worlds, and nothing else:
-  * layout: conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out), a 1x1-conv
-    classifier (timm's ResNetV2 head) -> dense kernel, timm's CondConv expert weights
+  * layout: conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out), a convolution
+    over the whole map (timm's ResNetV2 1x1 head, timm's VGG pre_logits) -> dense kernel on the
+    (C, H, W) flatten, timm's CondConv expert weights
     (E, O * I * kh * kw) -> (E, kh, kw, I, O);
   * BatchNorm: weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var
     (both use var + eps with eps = 1e-5, so no epsilon correction is needed);
-  * names: each family gives a short table of renames from the reference's module names;
+  * names: each family gives a short table of renames from the reference's module names, the
+    timm and torchvision spellings side by side where they differ; ``module.`` and
+    ``_orig_mod.`` (DataParallel, torch.compile) prefixes are dropped;
+  * optional parts: a file without a model's auxiliary heads (torchvision's GoogLeNet or
+    Inception-v3 built with ``aux_logits=False``, timm's ``inception_v3``) converts to the
+    model built with ``aux_logits=False``;
   * scanned stages: where a model runs a stage's identical blocks through ``nn.scan`` (variables
     stacked on a leading axis under ``<stage>/stacked``), the renamed per-block weights
     (``<stage>/<b>/...``) are stacked into it by the stage helper's rule
@@ -102,8 +108,20 @@ def load_state_dict(source) -> Dict[str, np.ndarray]:
                 if v.is_floating_point()
                 else v.detach().cpu().numpy()
             )
-        out[k[7:] if k.startswith('module.') else k] = np.asarray(v)
+        out[_strip_wrappers(k)] = np.asarray(v)
     return out
+
+
+def _strip_wrappers(key: str) -> str:
+    """The module's own key, without what a wrapper put in front: ``module.`` from
+    DataParallel / DistributedDataParallel, ``_orig_mod.`` from ``torch.compile``."""
+    while True:
+        for prefix in ('module.', '_orig_mod.'):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        else:
+            return key
 
 
 def _target(key: str, table) -> Tuple[str, Tuple[str, ...]]:
@@ -124,6 +142,15 @@ def _convert_leaf(leaf: str, value: np.ndarray, target_shape) -> np.ndarray:
         e, kh, kw, i, o = target_shape
         if value.shape == (e, o * i * kh * kw):
             return condconv_kernel_from_timm(value, o, i, (kh, kw))
+    if (
+        leaf == 'weight'
+        and value.ndim == 4
+        and len(target_shape) == 2
+        and (value[0].size, value.shape[0]) == tuple(target_shape)
+    ):
+        # a convolution over the whole map read as a dense layer on PyTorch's (C, H, W)
+        # flatten: timm's VGG pre_logits (fc1 7x7, fc2 1x1), timm's ResNetV2 1x1 classifier
+        return value.reshape(value.shape[0], -1).T
     if leaf == 'weight':
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
@@ -210,6 +237,9 @@ def _fit(name, converted, num_classes) -> dict:
     info = model_info(name)
     converted = dict(converted)
     model = create_model(name, num_classes=num_classes)
+    aux_heads = {head for _, head in getattr(model, 'aux_taps', ())}
+    if getattr(model, 'aux_logits', False) and not any(k[1] in aux_heads for k in converted):
+        model = create_model(name, num_classes=num_classes, aux_logits=False)
     h, w, c = info.input_size
     in_ch = next((v.shape[1] for k, (tk, v) in converted.items() if v.ndim == 4), c)
     x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
@@ -238,7 +268,7 @@ def _fit(name, converted, num_classes) -> dict:
                 if 0 <= i < shape[0]
             ]
         elif k not in converted:
-            missing.append('/'.join(k))
+            missing.append(f"{'/'.join(k)} {tuple(shape)}")
         else:
             mismatched.append(_mismatch(*converted[k], '/'.join(k), shape))
     unexpected += [f"{converted[k][0]} -> {'/'.join(k)}" for k in converted if k not in flat]

@@ -15,14 +15,14 @@ from helpers import jit_once
 TWINS = [n for n in jaxcnn.list_models() if jaxcnn.model_info(n).torch_name]
 
 
-def build_reference(torch_name, seed=0):
+def build_reference(torch_name, seed=0, **kwargs):
     """The timm/torchvision twin with random weights and non-trivial BatchNorm statistics."""
     lib, name = torch_name.split(':')
     torch.manual_seed(seed)
     if lib == 'tv':
-        model = getattr(torchvision.models, name)(weights=None)
+        model = getattr(torchvision.models, name)(weights=None, **kwargs)
     else:
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, **kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -75,6 +75,52 @@ def test_converted_logits_match_reference(name):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def _match_logits(name, ref, variables, size):
+    model = jaxcnn.create_model(name)
+    x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    got = np.asarray(
+        jit_once(lambda v, x: model.apply(v, x, train=False))(
+            variables, jnp.asarray(x.transpose(0, 2, 3, 1))
+        )
+    )
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize('name', [n for n in TWINS if jaxcnn.model_info(n).family == 'vgg'])
+def test_timm_vgg_layout_converts(name):
+    # timm holds fc6/fc7 as convolutions (pre_logits.fc1 7x7, fc2 1x1); up to a 7x7 map its
+    # VGG computes what torchvision's does, so the same jaxcnn model takes either file.
+    ref = build_reference(f'timm:{name}')
+    assert any(k.startswith('pre_logits.fc1.') for k in ref.state_dict())
+    variables = convert.from_torch(name, ref.state_dict())
+    assert jaxcnn.count_params(variables['params']) == jaxcnn.model_info(name).reference_params
+    _match_logits(name, ref, variables, 32)
+
+
+@pytest.mark.parametrize(
+    'name, torch_name, kwargs',
+    [
+        ('googlenet', 'tv:googlenet', dict(aux_logits=False, init_weights=True)),
+        ('inception_v3', 'tv:inception_v3', dict(aux_logits=False, init_weights=True)),
+        ('inception_v3', 'timm:inception_v3', {}),  # timm's has no auxiliary head
+    ],
+)
+def test_files_without_auxiliary_heads_convert(name, torch_name, kwargs):
+    ref = build_reference(torch_name, **kwargs)
+    assert not any('aux' in k.lower() for k in ref.state_dict())
+    variables = convert.from_torch(name, ref.state_dict())
+    # the model without its heads is what the file holds, and trains from it
+    model = jaxcnn.create_model(name, aux_logits=False)
+    size = jaxcnn.model_info(name).min_input
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=True)
+    )
+    assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, shapes)
+    _match_logits(name, ref, variables, max(64, size))
+
+
 @pytest.fixture(scope='module')
 def resnet18_ref():
     return build_reference('tv:resnet18', seed=1)
@@ -114,10 +160,24 @@ def test_new_head_size_is_read_from_the_weights(resnet18_ref):
     np.testing.assert_array_equal(v['params']['head']['fc']['kernel'], sd['fc.weight'].numpy().T)
 
 
+def test_wrapped_model_files_convert(resnet18_ref):
+    # torch.compile's wrapper saves '_orig_mod.'-prefixed keys, DataParallel 'module.'
+    plain = convert.from_torch('resnet18', resnet18_ref.state_dict())
+    compiled = torch.compile(resnet18_ref).state_dict()
+    assert all(k.startswith('_orig_mod.') for k in compiled)
+    wrapped = {f'module.{k}': v for k, v in compiled.items()}
+    for sd in (compiled, wrapped):
+        got = convert.from_torch('resnet18', sd)
+        assert jax.tree.structure(got) == jax.tree.structure(plain)
+        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_mismatched_state_dict_names_the_keys(resnet18_ref):
     with pytest.raises(
         ValueError,
-        match=r"does not fit resnet34: \d+ missing \(.*layer1/2.*"
+        # each missing entry with the shape it needs
+        match=r"does not fit resnet34: \d+ missing \(.*layer1/2/bn1/mean \(64,\).*"
         r"looks like resnet18's weights",
     ):
         convert.from_torch('resnet34', resnet18_ref.state_dict())

@@ -79,6 +79,9 @@ register_renames(
         (r'^classifier\.0\.', 'fc6.'),
         (r'^classifier\.3\.', 'fc7.'),
         (r'^classifier\.6\.', 'head.fc.'),
+        # timm's layout: fc6 and fc7 as convolutions (7x7 over the pooled map, then 1x1)
+        (r'^pre_logits\.fc1\.', 'fc6.'),
+        (r'^pre_logits\.fc2\.', 'fc7.'),
     ],
 )
 
