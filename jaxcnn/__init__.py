@@ -3,6 +3,14 @@
 from .registry import ModelInfo, count_params, create_model, list_models, model_info
 
 
+def load_pretrained(source, name=None, **kwargs):
+    """``(variables, pretrained_cfg)`` from a hub id such as ``'timm/resnet50.a1_in1k'`` or a
+    local weights file; see :func:`jaxcnn.hub.load_pretrained`."""
+    from .hub import load_pretrained as _load
+
+    return _load(source, name, **kwargs)
+
+
 def forward_features(model, variables, x, train: bool = False, **kwargs):
     """The unpooled feature map (N, H', W', C) of any registered model."""
     return model.apply(variables, x, train=train, features_only=True, **kwargs)
@@ -17,6 +25,7 @@ SUBMODULES = (
     'config',
     'convert',
     'data',
+    'hub',
     'kernels',
     'layers',
     'lr_find',
@@ -50,6 +59,7 @@ __all__ = [
     'model_info',
     'count_params',
     'forward_features',
+    'load_pretrained',
     'ModelInfo',
 ]
 __version__ = '0.1.0'

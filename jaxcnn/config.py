@@ -372,7 +372,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.classes = ()  # keep only these labels, renumbered 0..k-1 in this order
 
     # Transfer learning (jaxcnn/transfer.py): start from pretrained weights with a new head.
-    c.init_from = ''  # '.pth'/'.safetensors' (converted) or a jaxcnn workdir
+    c.init_from = ''  # '.pth'/'.safetensors' (converted), 'hf:timm/...' or a jaxcnn workdir
     c.transfer = ConfigDict(
         dict(
             head_steps=0,  # > 0: first fit the head alone on cached features

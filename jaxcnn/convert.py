@@ -185,25 +185,9 @@ def from_torch(
     statistic of the jaxcnn model must be filled exactly once; anything missing, left over or
     of the wrong shape is reported by name.
     """
-    sd = load_state_dict(state_dict)
-    info = model_info(name)
-    table = renames if renames is not None else RENAMES.get(_TABLE_FOR.get(name, info.family))
-    if table is None:
-        raise ValueError(
-            f'no PyTorch conversion for {name!r} (family {info.family!r}); '
-            f'supported families: {", ".join(sorted(RENAMES))}'
-        )
-    converted = {}
-    for key, value in sd.items():
-        if _SKIP.search(key):
-            continue
-        col, path = _target(key, table)
-        path = (*path[:-1], _flax_leaf_name(path[-1], value.ndim))
-        converted[(col, *path)] = (key, value)
-
-    head_key = ('params', 'head', 'fc', 'kernel')
-    if num_classes is None:
-        num_classes = converted[head_key][1].shape[0] if head_key in converted else 0
+    table, converted, num_classes = _entries(
+        name, load_state_dict(state_dict), renames, num_classes
+    )
     fit = _fit(name, converted, num_classes)
     if fit['missing'] or fit['unexpected'] or fit['mismatched']:
         raise ValueError(
@@ -230,6 +214,40 @@ def from_torch(
     return traverse_util.unflatten_dict(out)
 
 
+def _entries(name, sd, renames=None, num_classes=None):
+    """(rename table, {(collection, *flax path): (torch key, value)}, num_classes) of a state
+    dict for model ``name``; num_classes read from the classifier when not given."""
+    info = model_info(name)
+    table = renames if renames is not None else RENAMES.get(_TABLE_FOR.get(name, info.family))
+    if table is None:
+        raise ValueError(
+            f'no PyTorch conversion for {name!r} (family {info.family!r}); '
+            f'supported families: {", ".join(sorted(RENAMES))}'
+        )
+    converted = {}
+    for key, value in sd.items():
+        if _SKIP.search(key):
+            continue
+        col, path = _target(key, table)
+        path = (*path[:-1], _flax_leaf_name(path[-1], value.ndim))
+        converted[(col, *path)] = (key, value)
+    head_key = ('params', 'head', 'fc', 'kernel')
+    if num_classes is None:
+        num_classes = converted[head_key][1].shape[0] if head_key in converted else 0
+    return table, converted, num_classes
+
+
+def misfit(name: str, state_dict, num_classes: Optional[int] = None) -> str:
+    """'' where ``state_dict`` converts to model ``name``, else the one-line reason. Only the
+    names and shapes are read, so arrays standing in for the weights will do."""
+    sd = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    _, converted, num_classes = _entries(name, sd, None, num_classes)
+    fit = _fit(name, converted, num_classes)
+    if fit['missing'] or fit['unexpected'] or fit['mismatched']:
+        return _misfit_message(name, fit, None)
+    return ''
+
+
 def _fit(name, converted, num_classes) -> dict:
     """How the converted entries {(collection, *path): (torch key, value)} fit model ``name``:
     its flat shapes, the entries of its stacked (scanned) leaves, and what is missing, left
@@ -241,12 +259,30 @@ def _fit(name, converted, num_classes) -> dict:
     if getattr(model, 'aux_logits', False) and not any(k[1] in aux_heads for k in converted):
         model = create_model(name, num_classes=num_classes, aux_logits=False)
     h, w, c = info.input_size
-    in_ch = next((v.shape[1] for k, (tk, v) in converted.items() if v.ndim == 4), c)
-    x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    flat = traverse_util.flatten_dict(
-        jax.tree.map(lambda s: s.shape, shapes, is_leaf=lambda s: hasattr(s, 'shape'))
-    )
+
+    def shapes_for(in_ch):
+        x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        return traverse_util.flatten_dict(
+            jax.tree.map(lambda s: s.shape, shapes, is_leaf=lambda s: hasattr(s, 'shape'))
+        )
+
+    flat = shapes_for(c)
+    # the input channels the file was trained with (a grayscale model, say): a kernel that
+    # reads the c input channels here and reads another number in the file, with the same
+    # outputs, is the stem's
+    other_in = {
+        converted[k][1].shape[1]
+        for k, shape in flat.items()
+        if len(shape) == 4
+        and shape[2] == c
+        and k in converted
+        and converted[k][1].ndim == 4
+        and converted[k][1].shape[0] == shape[3]
+        and converted[k][1].shape[1] != c
+    }
+    if len(other_in) == 1:
+        flat = shapes_for(other_in.pop())
     # weights of blocks the model runs through nn.scan: target key -> {index: (key, value)}
     stacked: Dict[tuple, dict] = {}
     for k in [k for k in converted if k not in flat]:

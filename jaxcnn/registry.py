@@ -84,13 +84,23 @@ def model_info(name: str) -> ModelInfo:
     return _lookup(name).info
 
 
-def create_model(name: str, num_classes: Optional[int] = None, **overrides):
+def create_model(name: str, num_classes: Optional[int] = None, pretrained=False, **overrides):
     """Build a registered model as a ``flax.linen.Module``.
 
     ``num_classes`` defaults to the model's own (1000 for ImageNet models, 10 for CIFAR ones);
     0 returns pooled features. ``overrides`` set any field of the model class
     (``dtype``, ``param_dtype``, ``drop_rate``, ``drop_path_rate``, ...).
+
+    ``pretrained`` (``True`` for timm's default weights, a tag such as ``'tv_in1k'``, a hub id or
+    a local ``.safetensors``/``.pth`` file; see :mod:`jaxcnn.hub`) returns ``(model,
+    variables)`` instead: a Linen module holds no weights, so they come beside it. A
+    ``num_classes`` other than the weights' gives a new, randomly initialised head.
     """
+    if pretrained is not False and pretrained is not None:
+        from .hub import create_pretrained
+
+        _lookup(name)
+        return create_pretrained(name, pretrained, num_classes=num_classes, **overrides)
     entry = _lookup(name)
     fields = _module_fields(entry.module_cls)
     unknown = sorted(set(overrides) - set(fields))

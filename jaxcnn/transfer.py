@@ -2,8 +2,9 @@
 
 The recipe, each step a function here and a key of ``config.transfer`` in the trainer:
   1. load pretrained weights: converted PyTorch weights (``.pth``/``.pt``/``.safetensors``,
-     through :func:`jaxcnn.convert.from_torch`) or a jaxcnn run directory (its newest
-     checkpoint): :func:`load_pretrained`;
+     through :func:`jaxcnn.convert.from_torch`), hub weights (``hf:timm/resnet50.a1_in1k``,
+     through :mod:`jaxcnn.hub`) or a jaxcnn run directory (its newest checkpoint):
+     :func:`load_pretrained`;
   2. replace the head for the new number of classes, keeping every other weight:
      :func:`merge_pretrained`;
   3. freeze the backbone: an optimiser that only updates the head
@@ -44,6 +45,12 @@ def load_pretrained(path: str, model_name: str) -> dict:
             'transfer.init_from is empty; pass --config.transfer.init_from=PATH '
             '(a .pth/.safetensors file or a jaxcnn workdir).'
         )
+    if path.startswith(('hf:', 'hf-hub:')):
+        # hub weights, e.g. hf:timm/resnet50.a1_in1k (jaxcnn.hub: cached, converted, no torch)
+        from jaxcnn import hub
+
+        variables, _ = hub.load_pretrained(path, model_name)
+        return jax.tree.map(np.asarray, variables)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f'pretrained weights not found: {path}; pass a .pth/.safetensors '

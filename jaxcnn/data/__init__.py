@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxcnn.data.arrays import ArrayDataset, channel_stats, make_array_dataset
+from jaxcnn.data.transforms import eval_transform
 from jaxcnn.data.augment import (
     augment_batch,
     cutmix,
