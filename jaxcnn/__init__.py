@@ -11,6 +11,14 @@ def load_pretrained(source, name=None, **kwargs):
     return _load(source, name, **kwargs)
 
 
+def save_pretrained(directory, name, variables, pretrained_cfg=None, **kwargs):
+    """Write ``variables`` as ``model.safetensors`` + ``config.json`` in timm's hub layout;
+    see :func:`jaxcnn.hub.save_pretrained`."""
+    from .hub import save_pretrained as _save
+
+    return _save(directory, name, variables, pretrained_cfg, **kwargs)
+
+
 def forward_features(model, variables, x, train: bool = False, **kwargs):
     """The unpooled feature map (N, H', W', C) of any registered model."""
     return model.apply(variables, x, train=train, features_only=True, **kwargs)
@@ -32,6 +40,7 @@ SUBMODULES = (
     'metrics',
     'models',
     'optim',
+    'predict',
     'search',
     'sharding',
     'signal_prop',
@@ -60,6 +69,7 @@ __all__ = [
     'count_params',
     'forward_features',
     'load_pretrained',
+    'save_pretrained',
     'ModelInfo',
 ]
 __version__ = '0.1.0'

@@ -193,25 +193,27 @@ def from_torch(
         raise ValueError(
             _misfit_message(name, fit, _looks_like(name, table, converted, num_classes))
         )
-    flat, stacked = fit['flat'], fit['stacked']
+    return traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, dtype) for k, v in _assemble(fit).items()}
+    )
 
+
+def _assemble(fit) -> Dict[tuple, np.ndarray]:
+    """The fitted file's arrays in the model's layout, {(collection, *path): array}: each leaf
+    converted, the blocks of a scanned stage stacked in block order."""
     out = {}
-    for k, target_shape in flat.items():
-        if k in stacked:
-            blocks = stacked[k]
-            out[k] = jnp.asarray(
-                np.stack(
-                    [
-                        _convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape[1:])
-                        for _, (uk, (tk, v)) in sorted(blocks.items())
-                    ]
-                ),
-                dtype,
+    for k, target_shape in fit['flat'].items():
+        if k in fit['stacked']:
+            out[k] = np.stack(
+                [
+                    _convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape[1:])
+                    for _, (_, (tk, v)) in sorted(fit['stacked'][k].items())
+                ]
             )
         else:
             tk, v = fit['converted'][k]
-            out[k] = jnp.asarray(_convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape), dtype)
-    return traverse_util.unflatten_dict(out)
+            out[k] = _convert_leaf(tk.rsplit('.', 1)[-1], v, target_shape)
+    return out
 
 
 def _entries(name, sd, renames=None, num_classes=None):
@@ -248,41 +250,14 @@ def misfit(name: str, state_dict, num_classes: Optional[int] = None) -> str:
     return ''
 
 
-def _fit(name, converted, num_classes) -> dict:
+def _fit(name, converted, num_classes, flat=None) -> dict:
     """How the converted entries {(collection, *path): (torch key, value)} fit model ``name``:
-    its flat shapes, the entries of its stacked (scanned) leaves, and what is missing, left
-    over or of the wrong shape."""
-    info = model_info(name)
+    its flat shapes (``flat``, {(collection, *path): shape}, where the variables are given),
+    the entries of its stacked (scanned) leaves, and what is missing, left over or of the wrong
+    shape."""
     converted = dict(converted)
-    model = create_model(name, num_classes=num_classes)
-    aux_heads = {head for _, head in getattr(model, 'aux_taps', ())}
-    if getattr(model, 'aux_logits', False) and not any(k[1] in aux_heads for k in converted):
-        model = create_model(name, num_classes=num_classes, aux_logits=False)
-    h, w, c = info.input_size
-
-    def shapes_for(in_ch):
-        x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-        return traverse_util.flatten_dict(
-            jax.tree.map(lambda s: s.shape, shapes, is_leaf=lambda s: hasattr(s, 'shape'))
-        )
-
-    flat = shapes_for(c)
-    # the input channels the file was trained with (a grayscale model, say): a kernel that
-    # reads the c input channels here and reads another number in the file, with the same
-    # outputs, is the stem's
-    other_in = {
-        converted[k][1].shape[1]
-        for k, shape in flat.items()
-        if len(shape) == 4
-        and shape[2] == c
-        and k in converted
-        and converted[k][1].ndim == 4
-        and converted[k][1].shape[0] == shape[3]
-        and converted[k][1].shape[1] != c
-    }
-    if len(other_in) == 1:
-        flat = shapes_for(other_in.pop())
+    if flat is None:
+        flat = _model_shapes(name, converted, num_classes)
     # weights of blocks the model runs through nn.scan: target key -> {index: (key, value)}
     stacked: Dict[tuple, dict] = {}
     for k in [k for k in converted if k not in flat]:
@@ -316,6 +291,42 @@ def _fit(name, converted, num_classes) -> dict:
         unexpected=sorted(unexpected),
         mismatched=[m for m in mismatched if m],
     )
+
+
+def _model_shapes(name, converted, num_classes) -> dict:
+    """{(collection, *path): shape} of model ``name`` built for the converted file: its head
+    size, its auxiliary heads where the file has them, its input channels."""
+    info = model_info(name)
+    model = create_model(name, num_classes=num_classes)
+    aux_heads = {head for _, head in getattr(model, 'aux_taps', ())}
+    if getattr(model, 'aux_logits', False) and not any(k[1] in aux_heads for k in converted):
+        model = create_model(name, num_classes=num_classes, aux_logits=False)
+    h, w, c = info.input_size
+
+    def shapes_for(in_ch):
+        x = jnp.zeros((1, max(h, info.min_input), max(w, info.min_input), in_ch), jnp.float32)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        return traverse_util.flatten_dict(
+            jax.tree.map(lambda s: s.shape, shapes, is_leaf=lambda s: hasattr(s, 'shape'))
+        )
+
+    flat = shapes_for(c)
+    # the input channels the file was trained with (a grayscale model, say): a kernel that
+    # reads the c input channels here and reads another number in the file, with the same
+    # outputs, is the stem's
+    other_in = {
+        converted[k][1].shape[1]
+        for k, shape in flat.items()
+        if len(shape) == 4
+        and shape[2] == c
+        and k in converted
+        and converted[k][1].ndim == 4
+        and converted[k][1].shape[0] == shape[3]
+        and converted[k][1].shape[1] != c
+    }
+    if len(other_in) == 1:
+        flat = shapes_for(other_in.pop())
+    return flat
 
 
 def _mismatch(torch_key, value, target, target_shape) -> str:
@@ -360,7 +371,7 @@ def _looks_like(name, table, converted, num_classes) -> Optional[str]:
     return None
 
 
-def _misfit_message(name, fit, other) -> str:
+def _misfit_message(name, fit, other, subject=None) -> str:
     def listed(what, items):
         return f'{len(items)} {what} ({"; ".join(items[:4])}{"; ..." if len(items) > 4 else ""})'
 
@@ -378,11 +389,142 @@ def _misfit_message(name, fit, other) -> str:
         if other
         else ''
     )
-    return f'state dict does not fit {name}: ' + ', '.join(parts) + hint
+    subject = subject or f'state dict does not fit {name}'
+    return f'{subject}: ' + ', '.join(parts) + hint
+
+
+def torch_layout(name: str, variables=None, layout: Optional[str] = None) -> Dict[str, tuple]:
+    """{key: shape} of the state dict of model ``name``'s twin, built on PyTorch's meta device
+    (no memory, no initialisation): ``layout`` 'timm' or 'torchvision' (default: the twin's own
+    library), with the head size and auxiliary heads of ``variables`` where given."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            "exporting to PyTorch's layout needs torch: pip install 'jaxcnn[torch]', "
+            'or pass template= (a state dict or weights file in the layout wanted)'
+        ) from None
+    lib, arch = (
+        model_info(name).torch_name.split(':', 1) if model_info(name).torch_name else ('', '')
+    )
+    if not arch:
+        raise ValueError(f'{name} has no timm or torchvision twin to export to')
+    layout = layout or {'tv': 'torchvision', 'timm': 'timm'}[lib]
+    kwargs = {}
+    if variables is not None:
+        head = variables['params'].get('head', {}).get('fc', {}).get('kernel')
+        kwargs['num_classes'] = 0 if head is None else int(np.shape(head)[-1])
+        if layout == 'torchvision' and _aux_heads(name) and not _has_aux(name, variables):
+            kwargs['aux_logits'] = False
+    with torch.device('meta'):
+        if layout == 'timm':
+            import timm
+
+            if not timm.is_model(arch):
+                raise ValueError(
+                    f"timm has no {arch}, so {name} exports only in torchvision's layout: "
+                    "layout='torchvision'"
+                )
+            ref = timm.create_model(arch, pretrained=False, **kwargs)
+        elif layout == 'torchvision':
+            import torchvision
+
+            if lib != 'tv' or not hasattr(torchvision.models, arch):
+                raise ValueError(f"torchvision has no {arch}; export {name} with layout='timm'")
+            if arch in ('googlenet', 'inception_v3'):
+                kwargs['init_weights'] = False  # scipy's truncated normal cannot run on meta
+            ref = getattr(torchvision.models, arch)(weights=None, **kwargs)
+        else:
+            raise ValueError(f"layout must be 'timm' or 'torchvision', got {layout!r}")
+    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def _aux_heads(name) -> set:
+    return {head for _, head in getattr(create_model(name), 'aux_taps', ())}
+
+
+def _has_aux(name, variables) -> bool:
+    return bool(_aux_heads(name) & set(variables['params']))
+
+
+def to_torch(
+    name: str,
+    variables,
+    *,
+    layout: Optional[str] = None,
+    template=None,
+    tensors: bool = True,
+) -> dict:
+    """jaxcnn ``variables`` of model ``name`` as the state dict of its timm or torchvision twin,
+    which ``load_state_dict(strict=True)`` accepts: the exact inverse of :func:`from_torch`,
+    so ``from_torch(name, to_torch(name, v))`` gives ``v`` back bit for bit.
+
+    The names and shapes come from ``template`` (a state dict or weights file in the layout
+    wanted, e.g. the one the weights were loaded from) or else from the twin built on PyTorch's
+    meta device in ``layout`` ('timm' or 'torchvision'; default the twin's library). Auxiliary
+    heads that the layout has no place for (timm's inception_v3) are left out. ``tensors=False``
+    gives NumPy arrays, for writing safetensors without torch.
+    """
+    from flax.core import unfreeze
+
+    variables = unfreeze(variables)
+    if template is None:
+        shapes = torch_layout(name, variables, layout)
+    else:
+        shapes = {k: tuple(np.shape(v)) for k, v in load_state_dict(template).items()}
+    # Where each template entry's numbers land: convert an index array in place of the weights,
+    # with the very code from_torch runs, and invert the permutation it gives.
+    index, offset = {}, 0
+    int_type = np.int32 if sum(int(np.prod(s)) for s in shapes.values()) < 2**31 else np.int64
+    for key, shape in shapes.items():
+        if not _SKIP.search(key):
+            size = int(np.prod(shape))
+            index[key] = np.arange(offset, offset + size, dtype=int_type).reshape(shape)
+            offset += size
+    _, converted, _ = _entries(name, index)
+    values = traverse_util.flatten_dict(variables)
+    targets = {c for c, *_ in converted}
+    if _aux_heads(name) and not any(k[1] in _aux_heads(name) for k in converted):
+        values = {k: v for k, v in values.items() if k[1] not in _aux_heads(name)}
+    values = {k: v for k, v in values.items() if k[0] in targets}
+    fit = _fit(name, converted, None, flat={k: tuple(np.shape(v)) for k, v in values.items()})
+    if fit['missing'] or fit['unexpected'] or fit['mismatched']:
+        raise ValueError(
+            _misfit_message(
+                name,
+                fit,
+                None,
+                subject=f"the variables of {name} do not fit the layout's state dict",
+            )
+        )
+    dtype = np.result_type(np.float32, *(np.asarray(v).dtype for v in values.values()))
+    flat_out = np.zeros(offset, dtype)
+    written = np.zeros(offset, bool)
+    placed = _assemble(fit)
+    for k, where in placed.items():
+        where = where.ravel()
+        flat_out[where] = np.asarray(values[k], dtype).ravel()
+        written[where] = True
+    # every number of the state dict written, and as many written as there are: the
+    # rearrangement is one-to-one, so this is from_torch's exact inverse
+    if not written.all() or sum(w.size for w in placed.values()) != offset:
+        raise AssertionError(f'the conversion of {name} is not a one-to-one rearrangement')
+    out = {}
+    for key, shape in shapes.items():
+        if key in index:
+            start = int(index[key].flat[0]) if index[key].size else 0
+            out[key] = flat_out[start : start + index[key].size].reshape(shape)
+        else:  # BatchNorm's num_batches_tracked: nothing in jaxcnn counts steps
+            out[key] = np.zeros(shape, np.int64)
+    if tensors:
+        import torch
+
+        out = {k: torch.from_numpy(np.array(v, order='C')) for k, v in out.items()}
+    return out
 
 
 def to_safetensors(state_dict, path: str):
     """Save a state dict (e.g. from torch) as .safetensors, readable here without torch."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in load_state_dict(state_dict).items()}, path)
+    save_file({k: np.array(v, order='C') for k, v in load_state_dict(state_dict).items()}, path)

@@ -12,6 +12,10 @@ tokens work as they do for every hub library; the weights are read with safetens
 loader and converted by :mod:`jaxcnn.convert`. The converted variables are cached under
 ``$JAXCNN_CACHE`` (default ``~/.cache/jaxcnn``), keyed by the file they came from, so a second
 load does no conversion. A local ``.safetensors`` or ``.pth`` path is accepted wherever a tag is.
+
+The way back: :func:`save_pretrained` writes jaxcnn variables in the same layout, which timm
+loads (``timm.create_model('local-dir:<dir>', pretrained=True)``) and ``huggingface_hub``
+uploads as it is.
 """
 
 from __future__ import annotations
@@ -93,6 +97,33 @@ DEFAULT_HUB_IDS = {
     'wide_resnet50_2': 'timm/wide_resnet50_2.racm_in1k',
 }
 
+# jaxcnn model -> (URL, resize size) of torchvision's default ImageNet weights, for the
+# torchvision twins that timm has no hub weights for (``get_model_weights(arch).DEFAULT`` in
+# torchvision 0.29; its evaluation transform resizes the shorter side to that size, bilinear,
+# then crops 224 px). The files are .pth, so reading them needs torch.
+TORCHVISION_WEIGHTS = {
+    'alexnet': ('https://download.pytorch.org/models/alexnet-owt-7be5be79.pth', 256),
+    'googlenet': ('https://download.pytorch.org/models/googlenet-1378be20.pth', 256),
+    'shufflenet_v2_x0_5': (
+        'https://download.pytorch.org/models/shufflenetv2_x0.5-f707e7126e.pth',
+        256,
+    ),
+    'shufflenet_v2_x1_0': (
+        'https://download.pytorch.org/models/shufflenetv2_x1-5666bf0f80.pth',
+        256,
+    ),
+    'shufflenet_v2_x1_5': (
+        'https://download.pytorch.org/models/shufflenetv2_x1_5-3c479a10.pth',
+        232,
+    ),
+    'shufflenet_v2_x2_0': (
+        'https://download.pytorch.org/models/shufflenetv2_x2_0-8be3c8ee.pth',
+        232,
+    ),
+    'squeezenet1_0': ('https://download.pytorch.org/models/squeezenet1_0-b66bff10.pth', 256),
+    'squeezenet1_1': ('https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth', 256),
+}
+
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 LOCAL_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin')
 
@@ -118,6 +149,8 @@ def resolve_source(name: Optional[str], pretrained: Any) -> str:
     if isinstance(pretrained, os.PathLike):
         return os.fspath(pretrained)
     if pretrained is True:
+        if name in TORCHVISION_WEIGHTS:
+            return TORCHVISION_WEIGHTS[name][0]
         if name not in DEFAULT_HUB_IDS:
             twin = model_info(name).torch_name
             raise ValueError(
@@ -140,8 +173,61 @@ def resolve_source(name: Optional[str], pretrained: Any) -> str:
     return f'timm/{_arch(name)}.{pretrained}'
 
 
+def _is_url(source: str) -> bool:
+    return source.startswith(('https://', 'http://'))
+
+
 def _is_local(source: str) -> bool:
-    return source.endswith(LOCAL_SUFFIXES) or os.path.exists(source)
+    return not _is_url(source) and (source.endswith(LOCAL_SUFFIXES) or os.path.exists(source))
+
+
+def _fetch_url(url: str) -> str:
+    """The local copy of a weights file at ``url``, under ``$JAXCNN_CACHE/pretrained/urls``,
+    fetched when absent. Downloads are off where the hub's are (``HF_HUB_OFFLINE``). The
+    hash prefix in torchvision's file names is checked after a download."""
+    import re
+    import urllib.request
+
+    path = os.path.join(cache_dir(), 'urls', url.rsplit('/', 1)[-1])
+    if os.path.isfile(path):
+        return path
+    how = (
+        f'download {url} where there is a network and put it at {path}, or pass the file: '
+        f"pretrained='path/to/{os.path.basename(path)}'"
+    )
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
+        raise FileNotFoundError(f'{url} is not cached and downloads are off; {how}')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise FileNotFoundError(f'cannot fetch {url} ({e}); {how}') from None
+    prefix = re.search(r'-([0-9a-f]{8,})\.pth$', path)
+    if prefix and not hashlib.sha256(open(tmp, 'rb').read()).hexdigest().startswith(prefix[1]):
+        os.remove(tmp)
+        raise ValueError(f'{url} arrived damaged (its SHA-256 does not start with {prefix[1]})')
+    os.replace(tmp, path)
+    return path
+
+
+def _torchvision_config(name: str) -> dict:
+    """config.json's facts for torchvision's weights: ImageNet-1k, resized and cropped to
+    224 px as its evaluation transform does."""
+    resize = TORCHVISION_WEIGHTS[name][1]
+    return {
+        'architecture': _arch(name),
+        'num_classes': 1000,
+        'pretrained_cfg': {
+            'input_size': [3, 224, 224],
+            'crop_pct': 224 / resize,
+            'interpolation': 'bilinear',
+            'mean': [0.485, 0.456, 0.406],
+            'std': [0.229, 0.224, 0.225],
+        },
+    }
 
 
 def _remote_missing():
@@ -220,6 +306,22 @@ def pretrained_config(name: Optional[str], config: dict) -> dict:
     return cfg
 
 
+def weights_config(source: Any, name: Optional[str] = None) -> dict:
+    """The pretrained config (preprocessing, classes) of a set of weights, read from their
+    ``config.json`` alone: nothing is converted."""
+    source = resolve_source(name, source)
+    if _is_local(source):
+        beside = os.path.join(os.path.dirname(os.path.abspath(source)), 'config.json')
+        config = json.loads(open(beside).read()) if os.path.isfile(beside) else {}
+    elif _is_url(source):
+        config = _torchvision_config(name) if name in TORCHVISION_WEIGHTS else {}
+    else:
+        config = json.loads(open(_download(source, 'config.json', None)).read())
+    cfg = pretrained_config(name, config)
+    cfg['source'] = source
+    return cfg
+
+
 def _cached_conversion(name: str, weights: str, convert_fn):
     """Converted variables for ``weights`` from the cache, or converted now and cached."""
     from flax import serialization
@@ -281,6 +383,13 @@ def load_pretrained(
         weights = source
         beside = os.path.join(os.path.dirname(os.path.abspath(source)), 'config.json')
         config = json.loads(open(beside).read()) if os.path.isfile(beside) else {}
+    elif _is_url(source):
+        if name is None:
+            name = next((n for n, (url, _) in TORCHVISION_WEIGHTS.items() if url == source), None)
+        if name is None:
+            raise ValueError(f'converting the weights at {source} needs name= (the jaxcnn model)')
+        weights = _fetch_url(source)
+        config = _torchvision_config(name) if name in TORCHVISION_WEIGHTS else {}
     else:
         weights, config = hub_files(source, revision)
         if name is None:
@@ -329,8 +438,60 @@ def _new_head(name: str, variables: dict, num_classes: int) -> dict:
     return merge_pretrained(dict(target), variables)
 
 
+def model_for_weights(name: str, variables: dict, num_classes: int, **overrides):
+    """Model ``name`` built to fit loaded weights: their head size, and auxiliary heads only
+    where the file had them."""
+    kwargs = {**_model_kwargs_for(name, variables), **overrides}
+    return _create_model(name, num_classes=num_classes, **kwargs)
+
+
 def create_pretrained(name: str, pretrained: Any, num_classes: Optional[int] = None, **overrides):
     """``(model, variables)``: the model built to fit the weights, and the weights."""
     variables, cfg = load_pretrained(pretrained, name, num_classes=num_classes)
-    kwargs = {**_model_kwargs_for(name, variables), **overrides}
-    return _create_model(name, num_classes=cfg['num_classes'], **kwargs), variables
+    return model_for_weights(name, variables, cfg['num_classes'], **overrides), variables
+
+
+# pretrained_cfg fields that say where a file came from, not what it holds
+_SOURCE_FIELDS = ('source', 'file', 'hf_hub_id', 'url', 'architecture', 'tag')
+
+
+def save_pretrained(
+    directory: str,
+    name: str,
+    variables,
+    pretrained_cfg: Optional[dict] = None,
+    *,
+    template=None,
+) -> str:
+    """Write the ``variables`` of model ``name`` as a hub repository in timm's layout:
+    ``model.safetensors`` (the state dict of timm's twin, :func:`jaxcnn.convert.to_torch`) and
+    ``config.json`` (``architecture``, ``num_classes`` and the ``pretrained_cfg`` that
+    :func:`load_pretrained` returned, or the model's registry defaults). timm loads the folder
+    with ``timm.create_model('local-dir:' + directory, pretrained=True)``, and
+    ``huggingface_hub.upload_folder`` publishes it. Both files are written whole or not at all.
+    """
+    from safetensors.numpy import save_file
+
+    from . import convert
+
+    state = convert.to_torch(name, variables, layout='timm', template=template, tensors=False)
+    head = variables['params'].get('head', {}).get('fc', {}).get('kernel')
+    num_classes = 0 if head is None else int(np.shape(head)[-1])
+    given = dict(pretrained_cfg or {})
+    cfg = {
+        k: v
+        for k, v in pretrained_config(name, {'pretrained_cfg': given}).items()
+        if k not in _SOURCE_FIELDS and k not in ('label_names', 'label_descriptions')
+    }
+    cfg['num_classes'] = num_classes
+    config = {'architecture': _arch(name), 'num_classes': num_classes, 'pretrained_cfg': cfg}
+    if given.get('label_names') and len(given['label_names']) == num_classes:
+        config['label_names'] = list(given['label_names'])
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, 'model.safetensors')
+    save_file({k: np.array(v, order='C') for k, v in state.items()}, weights + '.tmp')
+    with open(os.path.join(directory, 'config.json.tmp'), 'w') as f:
+        json.dump(config, f, indent=2)
+    os.replace(weights + '.tmp', weights)
+    os.replace(os.path.join(directory, 'config.json.tmp'), os.path.join(directory, 'config.json'))
+    return directory

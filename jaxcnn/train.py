@@ -113,17 +113,28 @@ def resolve_model_name(config) -> str:
 
 
 def model_stats(config, model_name: str, channels: int | None):
-    """The model's mean/std when config.normalization == 'model' (and they fit), else None."""
+    """The model's mean/std when config.normalization == 'model' (and they fit), else None:
+    those the pretrained weights of ``config.init_from`` were trained with when it names hub
+    weights or a file with a config.json beside it, else the model's registry entry."""
     if config.get('normalization', 'dataset') != 'model':
         return None
-    info = jaxcnn.model_info(model_name)
-    if channels is not None and len(info.mean) != channels:
+    init_from = str(config.get('init_from', '') or '')
+    beside = os.path.join(os.path.dirname(os.path.abspath(init_from)), 'config.json')
+    if init_from.startswith(('hf:', 'hf-hub:')) or init_from and os.path.isfile(beside):
+        from jaxcnn import hub
+
+        cfg = hub.weights_config(init_from, model_name)
+        mean, std, source = cfg['mean'], cfg['std'], f'the weights of {init_from}'
+    else:
+        info = jaxcnn.model_info(model_name)
+        mean, std, source = info.mean, info.std, model_name
+    if channels is not None and len(mean) != channels:
         log(
-            f'normalization=model: {model_name} has {len(info.mean)}-channel statistics but the data '
+            f'normalization=model: {source} has {len(mean)}-channel statistics but the data '
             f'has {channels} channel(s); using the dataset statistics instead.'
         )
         return None
-    return tuple(info.mean), tuple(info.std)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def load_data(config, mesh, model_name: str):

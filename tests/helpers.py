@@ -47,6 +47,23 @@ def random_variables(model, input_shape, seed=0):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def randomise_batchnorm(model, seed=0):
+    """A PyTorch reference with non-trivial BatchNorm gains, biases and running statistics, in
+    eval mode: default init makes BatchNorm an identity, which a wrong conversion of them
+    would pass."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model.eval()
+
+
 def test_input_size(name):
     """Smallest convenient square input for a model (its own size for CIFAR models)."""
     info = jaxcnn.model_info(name)

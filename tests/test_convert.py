@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 import jaxcnn
 from jaxcnn import convert
-from helpers import jit_once
+from helpers import jit_once, randomise_batchnorm
 
 TWINS = [n for n in jaxcnn.list_models() if jaxcnn.model_info(n).torch_name]
 
@@ -23,16 +23,7 @@ def build_reference(torch_name, seed=0, **kwargs):
         model = getattr(torchvision.models, name)(weights=None, **kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                # default init makes BN an identity; random statistics test their conversion
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    return model.eval()
+    return randomise_batchnorm(model, seed)
 
 
 def test_every_resnet_family_twin_is_covered():
@@ -73,6 +64,22 @@ def test_converted_logits_match_reference(name):
         )
     )
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert_exports_back(name, variables, ref)
+
+
+def assert_exports_back(name, variables, ref, **kwargs):
+    """to_torch gives the reference's own state dict back, bit for bit, and the reference loads
+    it strictly. Since from_torch is a function of the file, from_torch(to_torch(v)) is then v
+    for every v converted from this layout (test_hub.py also checks it through a file)."""
+    sd = ref.state_dict()
+    back = convert.to_torch(name, variables, **kwargs)
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        if k.endswith('num_batches_tracked'):  # a step count, which jaxcnn does not keep
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        else:
+            assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    ref.load_state_dict(back, strict=True)
 
 
 def _match_logits(name, ref, variables, size):
@@ -97,6 +104,7 @@ def test_timm_vgg_layout_converts(name):
     variables = convert.from_torch(name, ref.state_dict())
     assert jaxcnn.count_params(variables['params']) == jaxcnn.model_info(name).reference_params
     _match_logits(name, ref, variables, 32)
+    assert_exports_back(name, variables, ref, layout='timm')
 
 
 @pytest.mark.parametrize(
@@ -119,6 +127,9 @@ def test_files_without_auxiliary_heads_convert(name, torch_name, kwargs):
     )
     assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, shapes)
     _match_logits(name, ref, variables, max(64, size))
+    assert_exports_back(
+        name, variables, ref, layout={'tv': 'torchvision', 'timm': 'timm'}[torch_name.split(':')[0]]
+    )
 
 
 @pytest.fixture(scope='module')
@@ -194,6 +205,9 @@ def test_scanned_stages_are_stacked_and_misfits_named():
         sd['stages.2.4.conv1.weight'].transpose(2, 3, 1, 0),
     )
     assert sorted(v['params']['stages_2']) == ['0', 'stacked']
+    # and back: the stacked blocks are unstacked into timm's per-block keys
+    back = convert.to_torch('nf_resnet50', v, tensors=False)
+    assert all(np.array_equal(back[k], a) for k, a in sd.items() if 'num_batches' not in k)
     short = {k: a for k, a in sd.items() if k != 'stages.2.4.conv1.weight'}
     with pytest.raises(ValueError, match=r'missing .*stages_2/stacked/block/conv1/kernel\[3\]'):
         convert.from_torch('nf_resnet50', short)

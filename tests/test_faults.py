@@ -369,6 +369,7 @@ def test_help_exits_zero_on_every_command():
         'jaxcnn.bench',
         'jaxcnn.model_table',
         'jaxcnn.signal_prop',
+        'jaxcnn.predict',
     ]
     procs = {
         c: subprocess.Popen(

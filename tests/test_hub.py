@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 import timm
@@ -19,8 +20,11 @@ from timm.models import _registry as timm_registry
 from timm.models._hub import save_for_hf
 
 import jaxcnn
-from jaxcnn import convert, hub
+from ml_collections import ConfigDict
+
+from jaxcnn import convert, hub, train
 from jaxcnn.data import eval_transform
+from helpers import randomise_batchnorm
 
 TWINS = [n for n in jaxcnn.list_models() if jaxcnn.model_info(n).torch_name]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,36 +46,34 @@ def test_default_tags_are_timms():
     assert hub.DEFAULT_HUB_IDS == {n: h for n, h in expected.items() if h}
 
 
-@pytest.mark.parametrize(
-    'name',
-    [n for n in sorted(hub.DEFAULT_HUB_IDS) if jaxcnn.model_info(n).torch_name.startswith('tv:')],
-)
-def test_every_hub_layout_fits_its_model(name):
-    # The hub file holds the state dict of timm's architecture, also for torchvision's weights
-    # (tv_in1k tags): for a torchvision twin its names and shapes, read without allocating the
-    # weights, must fit too. (A timm twin's hub file is the state dict whose conversion
-    # test_convert.py checks logit by logit.)
-    arch = hub.DEFAULT_HUB_IDS[name].split('/', 1)[1].split('.')[0]
+def timm_arch(name):
+    arch = jaxcnn.model_info(name).torch_name.split(':', 1)[1]
+    return arch if timm.is_model(arch) else None
+
+
+def meta_state_dict(arch, **kwargs):
+    """Names and shapes of timm's state dict, read without allocating the weights."""
     with torch.device('meta'):
-        ref = timm.create_model(arch, pretrained=False)
-    shapes = {
-        k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in ref.state_dict().items()
-    }
-    assert convert.misfit(name, shapes) == ''
+        ref = timm.create_model(arch, pretrained=False, **kwargs)
+    return {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize('name', [n for n in TWINS if timm_arch(n)])
+def test_every_timm_layout_fits_its_model(name):
+    # The hub file holds the state dict of timm's architecture, also for torchvision's weights
+    # (tv_in1k tags): for a torchvision twin its names and shapes must fit too. (A timm twin's
+    # full file is the state dict whose conversion test_convert.py checks logit by logit.)
+    arch = timm_arch(name)
+    if jaxcnn.model_info(name).torch_name.startswith('tv:'):
+        assert convert.misfit(name, meta_state_dict(arch)) == ''
+    # and a backbone saved without its classifier (timm's num_classes=0) converts to the model
+    # without its head
+    assert convert.misfit(name, meta_state_dict(arch, num_classes=0)) == ''
 
 
 def randomised_timm(model_id, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = timm.create_model(model_id, pretrained=False, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    return model.eval()
+    return randomise_batchnorm(timm.create_model(model_id, pretrained=False, **kwargs), seed)
 
 
 def put_in_hub_cache(hf_home, repo_id, folder):
@@ -94,7 +96,7 @@ def put_in_hub_cache(hf_home, repo_id, folder):
 
 
 # (jaxcnn model, hub id): a timm twin, and a torchvision twin whose hub weights are in timm's
-# layout without the auxiliary head (every other layout: test_every_hub_layout_fits_its_model
+# layout without the auxiliary head (every other layout: test_every_timm_layout_fits_its_model
 # and test_convert.py)
 HUB_CASES = [
     ('resnet18', 'timm/resnet18.a1_in1k'),
@@ -142,6 +144,11 @@ PROBE = textwrap.dedent('''
         np.array_equal(a, b) for a, b in zip(
             __import__('jax').tree.leaves(init), __import__('jax').tree.leaves(variables)))
     out.update(same=same, cfg=cfg)
+    # the trainer normalises fine-tuning data with the statistics the weights were trained with
+    from ml_collections import ConfigDict
+    from jaxcnn import train
+    run = ConfigDict(dict(init_from='hf:' + repo_id, normalization='model'))
+    out['stats'] = train.model_stats(run, name, 3)
     model5, v5 = jaxcnn.create_model(name, pretrained=True, num_classes=5)
     out['head'] = list(v5['params']['head']['fc']['kernel'].shape)
     # the model built for the weights trains: auxiliary heads only where the file has them
@@ -179,6 +186,7 @@ def test_pretrained_true_gives_timms_logits_offline(name, repo_id, hf_home, tmp_
     assert cfg['interpolation'] == ref_cfg['interpolation']
     for key in ('input_size', 'crop_pct', 'mean', 'std'):
         np.testing.assert_allclose(cfg[key], ref_cfg[key], err_msg=key)
+    np.testing.assert_allclose(out['stats'], [ref_cfg['mean'], ref_cfg['std']])
 
 
 def test_nothing_cached_offline_is_one_line_naming_the_fetch(tmp_path):
@@ -209,8 +217,8 @@ def test_a_local_file_stands_for_a_tag(tmp_path):
         variables['params']['conv1']['kernel'],
         ref.state_dict()['conv1.weight'].numpy().transpose(2, 3, 1, 0),
     )
-    with pytest.raises(ValueError, match='no pretrained weights on the hub for googlenet'):
-        jaxcnn.create_model('googlenet', pretrained=True)
+    with pytest.raises(ValueError, match='no pretrained weights on the hub for mnasnet_050'):
+        jaxcnn.create_model('mnasnet_050', pretrained=True)
 
 
 @pytest.mark.parametrize(
@@ -233,3 +241,151 @@ def test_eval_transform_is_timms(model_id, tmp_path):
         b = theirs(image).numpy().transpose(1, 2, 0)
         assert a.shape == b.shape
         assert np.abs((a - b) * std).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    'name, torch_name',
+    [('resnet18', 'timm:resnet18'), ('inception_v3', 'tv:inception_v3')],
+    ids=['timm_twin', 'torchvision_twin_with_aux_heads'],
+)
+def test_saved_weights_load_in_timm_with_the_same_logits(name, torch_name, tmp_path):
+    # jaxcnn variables (here converted from a randomised twin) -> a folder in the hub layout ->
+    # timm's own loader. torchvision's Inception-v3 holds auxiliary heads that timm's has no
+    # place for: they are left out, as timm's tv_in1k file leaves them out.
+    from test_convert import build_reference
+
+    kwargs = dict(init_weights=True) if torch_name.startswith('tv:') else {}
+    variables = convert.from_torch(name, build_reference(torch_name, seed=5, **kwargs).state_dict())
+    cfg = {'mean': [0.5, 0.4, 0.3], 'std': [0.2, 0.25, 0.3], 'crop_pct': 0.9}
+    jaxcnn.save_pretrained(str(tmp_path / 'export'), name, variables, cfg)
+    theirs = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
+    size = max(64, jaxcnn.model_info(name).min_input)
+    x = np.random.RandomState(1).randn(2, 3, size, size).astype(np.float32)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x)).numpy()
+    model = jaxcnn.create_model(name)
+    got = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1), train=False))
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    data = timm.data.resolve_data_config({}, model=theirs)
+    assert data['crop_pct'] == 0.9 and list(data['mean']) == cfg['mean']
+    # JAX -> file -> JAX: bit for bit (without the heads the file has no place for)
+    again, again_cfg = jaxcnn.load_pretrained(
+        str(tmp_path / 'export/model.safetensors'), name, cache=False
+    )
+    aux = {head for _, head in getattr(jaxcnn.create_model(name), 'aux_taps', ())}
+    kept = {c: {k: v for k, v in tree.items() if k not in aux} for c, tree in variables.items()}
+    assert jax.tree.structure(again) == jax.tree.structure(kept)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(kept)):
+        np.testing.assert_array_equal(a, b)
+    assert again_cfg['std'] == cfg['std']
+    # fine-tuning from the folder normalises with its statistics
+    run = ConfigDict(
+        dict(init_from=str(tmp_path / 'export/model.safetensors'), normalization='model')
+    )
+    assert train.model_stats(run, name, 3) == (tuple(cfg['mean']), tuple(cfg['std']))
+
+
+def test_predict_names_timms_top_classes(hf_home, tmp_path):
+    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+
+    rng = np.random.RandomState(0)
+    paths = []
+    for i, (h, w) in enumerate([(180, 240), (256, 200)]):
+        paths.append(str(tmp_path / f'image{i}.png'))
+        Image.fromarray(rng.randint(0, 256, (h, w, 3), np.uint8)).save(paths[-1])
+    result = _run_module(['jaxcnn.predict', '--model', 'resnet18', *paths], hf_home, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # timm, on the very file the command read from the hub cache
+    snapshots = os.path.join(hf_home, 'hub', 'models--timm--resnet18.a1_in1k', 'snapshots')
+    weights = os.path.join(snapshots, os.listdir(snapshots)[0], 'model.safetensors')
+    ref = timm.create_model(
+        'resnet18.a1_in1k', pretrained=True, pretrained_cfg_overlay=dict(file=weights)
+    ).eval()
+    transform = create_transform(**resolve_data_config({}, model=ref))
+    info = ImageNetInfo()
+    lines = result.stdout.splitlines()
+    for path in paths:
+        with torch.no_grad():
+            probs = ref(transform(Image.open(path).convert('RGB'))[None]).softmax(-1)[0].numpy()
+        top = np.argsort(-probs)[:5]
+        block = lines[lines.index(path) + 1 : lines.index(path) + 6]
+        for rank, (line, i) in enumerate(zip(block, top), 1):
+            number, percent, rest = line.split(maxsplit=2)
+            assert number == f'{rank}.' and rest.endswith(f'[{i}]'), (line, i)
+            assert rest.startswith(info.index_to_description(int(i)))
+            assert abs(float(percent.rstrip('%')) - 100 * probs[i]) <= 0.01
+
+
+def test_predict_says_what_is_wrong_in_one_line(hf_home, tmp_path):
+    (tmp_path / 'notes.png').write_text('not an image')
+    cases = [
+        (['--model', 'resnet18', str(tmp_path / 'notes.png')], 'as an image'),
+        (['--model', 'resnet18', str(tmp_path / 'absent.png')], 'no image at'),
+        (['--model', 'resnet_eighteen', str(tmp_path / 'notes.png')], 'unknown model'),
+    ]
+    env = dict(
+        os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE='1', JAXCNN_CACHE=str(tmp_path / 'cache')
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-m', 'jaxcnn.predict', *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for args, _ in cases
+    ]
+    for proc, (_, message) in zip(procs, cases):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2
+        assert err.strip().count('\n') == 0 and message in err, err
+
+
+def _run_module(args, hf_home, tmp_path):
+    env = dict(
+        os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE='1', JAXCNN_CACHE=str(tmp_path / 'cache')
+    )
+    return subprocess.run(
+        [sys.executable, '-m', *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_torchvision_weights_are_torchvisions(tmp_path, monkeypatch):
+    # the twins that timm has no hub weights for take torchvision's own files
+    import torchvision
+
+    from test_convert import build_reference
+
+    for name, (url, resize) in hub.TORCHVISION_WEIGHTS.items():
+        weights = torchvision.models.get_model_weights(timm_arch(name) or name).DEFAULT
+        assert (url, [resize], [224]) == (
+            weights.url,
+            weights.transforms().resize_size,
+            weights.transforms().crop_size,
+        )
+    assert {
+        n for n in TWINS if n not in hub.DEFAULT_HUB_IDS and timm_default_hub_id(n) is None
+    } >= set(hub.TORCHVISION_WEIGHTS)
+    monkeypatch.setenv('JAXCNN_CACHE', str(tmp_path))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(FileNotFoundError, match='googlenet-1378be20.pth is not cached'):
+        jaxcnn.create_model('googlenet', pretrained=True)
+    # offline, from the cache: a file in torchvision's layout with its auxiliary heads
+    ref = build_reference('tv:googlenet', seed=2, init_weights=True)
+    os.makedirs(tmp_path / 'pretrained' / 'urls')
+    torch.save(ref.state_dict(), tmp_path / 'pretrained' / 'urls' / 'googlenet-1378be20.pth')
+    model, variables = jaxcnn.create_model('googlenet', pretrained=True)
+    x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    got = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1), train=False))
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    cfg = jaxcnn.hub.weights_config(True, 'googlenet')
+    assert cfg['crop_pct'] == 224 / 256 and cfg['input_size'] == [3, 224, 224]

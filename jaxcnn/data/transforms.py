@@ -10,6 +10,7 @@ transforms resize PIL images with PIL itself, so the pixels are the same ones.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -27,12 +28,13 @@ def resolve_config(model_or_tag: Any) -> dict:
 
     name = model_or_tag if model_or_tag in list_models() else None
     source = hub.resolve_source(name, True if name else model_or_tag)
-    if hub._is_local(source):
-        raise ValueError(f'{source}: a local file has no preprocessing facts; pass a config dict')
-    import json
-
-    config = json.loads(open(hub._download(source, 'config.json', None)).read())
-    return hub.pretrained_config(name, config)
+    beside = os.path.join(os.path.dirname(os.path.abspath(source)), 'config.json')
+    if hub._is_local(source) and not os.path.isfile(beside):
+        raise ValueError(
+            f'{source}: a weights file without a config.json beside it says nothing of its '
+            'preprocessing; pass a config dict'
+        )
+    return hub.weights_config(source, name)
 
 
 def eval_transform(model_or_tag: Any) -> Callable:
