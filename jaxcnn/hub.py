@@ -306,13 +306,19 @@ def pretrained_config(name: Optional[str], config: dict) -> dict:
     return cfg
 
 
+def config_beside(path: str) -> Optional[dict]:
+    """The ``config.json`` in the folder of a local weights file (as save_pretrained and the hub
+    lay them out), or None where there is none."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
+    return json.loads(open(beside).read()) if os.path.isfile(beside) else None
+
+
 def weights_config(source: Any, name: Optional[str] = None) -> dict:
     """The pretrained config (preprocessing, classes) of a set of weights, read from their
     ``config.json`` alone: nothing is converted."""
     source = resolve_source(name, source)
     if _is_local(source):
-        beside = os.path.join(os.path.dirname(os.path.abspath(source)), 'config.json')
-        config = json.loads(open(beside).read()) if os.path.isfile(beside) else {}
+        config = config_beside(source) or {}
     elif _is_url(source):
         config = _torchvision_config(name) if name in TORCHVISION_WEIGHTS else {}
     else:
@@ -381,8 +387,7 @@ def load_pretrained(
         if not os.path.isfile(source):
             raise FileNotFoundError(f'no weights file at {source!r}')
         weights = source
-        beside = os.path.join(os.path.dirname(os.path.abspath(source)), 'config.json')
-        config = json.loads(open(beside).read()) if os.path.isfile(beside) else {}
+        config = config_beside(source) or {}
     elif _is_url(source):
         if name is None:
             name = next((n for n, (url, _) in TORCHVISION_WEIGHTS.items() if url == source), None)
@@ -416,9 +421,9 @@ def load_pretrained(
 def _model_kwargs_for(name: str, variables: dict) -> dict:
     """Constructor arguments that the weights decide: no auxiliary heads where the file had
     none (timm's inception_v3, torchvision's with aux_logits=False)."""
-    model = _create_model(name)
-    heads = {head for _, head in getattr(model, 'aux_taps', ())}
-    if getattr(model, 'aux_logits', False) and not heads & set(variables['params']):
+    from .convert import _has_aux
+
+    if getattr(_create_model(name), 'aux_logits', False) and not _has_aux(name, variables):
         return {'aux_logits': False}
     return {}
 

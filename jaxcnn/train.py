@@ -119,10 +119,9 @@ def model_stats(config, model_name: str, channels: int | None):
     if config.get('normalization', 'dataset') != 'model':
         return None
     init_from = str(config.get('init_from', '') or '')
-    beside = os.path.join(os.path.dirname(os.path.abspath(init_from)), 'config.json')
-    if init_from.startswith(('hf:', 'hf-hub:')) or init_from and os.path.isfile(beside):
-        from jaxcnn import hub
+    from jaxcnn import hub
 
+    if init_from.startswith(('hf:', 'hf-hub:')) or init_from and hub.config_beside(init_from):
         cfg = hub.weights_config(init_from, model_name)
         mean, std, source = cfg['mean'], cfg['std'], f'the weights of {init_from}'
     else:

@@ -10,7 +10,6 @@ transforms resize PIL images with PIL itself, so the pixels are the same ones.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import numpy as np
@@ -28,8 +27,7 @@ def resolve_config(model_or_tag: Any) -> dict:
 
     name = model_or_tag if model_or_tag in list_models() else None
     source = hub.resolve_source(name, True if name else model_or_tag)
-    beside = os.path.join(os.path.dirname(os.path.abspath(source)), 'config.json')
-    if hub._is_local(source) and not os.path.isfile(beside):
+    if hub._is_local(source) and hub.config_beside(source) is None:
         raise ValueError(
             f'{source}: a weights file without a config.json beside it says nothing of its '
             'preprocessing; pass a config dict'
