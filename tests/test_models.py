@@ -6,6 +6,7 @@ jitted pass for one model of each kind and bf16 compute reaching every convoluti
 (traced)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +42,11 @@ def test_param_count_matches_reference(name):
 # compiles 36-90 of them unrolled (2-6 minutes each, and the memory of two such compiles at
 # once); the same unit code (alpha, bottleneck, downsampling) runs here at depth 20 / 29 and
 # the registered depths are covered by the exact hand-count test.
-# DenseNet-161/169/201: each dense layer has its own input width, so none can be scanned and
-# XLA:CPU takes 70-120 s per compile; the jit pass runs their layer code (growth rate, width,
+# DenseNet-121/161/169/201: each dense layer has its own input width, so none can be scanned and
+# XLA:CPU takes 50-120 s per compile; the jit pass runs their layer code (growth rate, width,
 # bottleneck, compression) with two layers per block; full depth is covered by the exact counts
 # and the converted-logits tests against torchvision.
-_DENSENET_SHALLOW = {'densenet161', 'densenet169', 'densenet201'}
+_DENSENET_SHALLOW = {'densenet121', 'densenet161', 'densenet169', 'densenet201'}
 _PYRAMID_SHALLOW = {'pyramidnet110_a48': 20, 'pyramidnet272_a200_bottleneck': 29}
 # NFNet-F2..F6 are F0 with every stage (f + 1) times deeper (tests/test_nfnet.py); their stages
 # are scanned, so compiles barely grow, but creating and differentiating 190-440M parameters on
@@ -104,12 +105,20 @@ def _one_per_kind(names):
     )
 
 
-# The bf16 and fp32 passes are compiled for one model of each kind; every model's passes are
-# traced, without a compile (test_bf16_reaches_every_convolution_and_product checks each bf16
-# layer; a bfloat16 compile of XLA:CPU takes about twice an fp32 one, and compiles are most of
-# this suite's time).
+# The fp32 pass (oneDNN's float32 forms among its kernels) is compiled for one model of each kind,
+# the bf16 pass for the smallest of those in each family; every model's passes are traced,
+# without a compile (test_bf16_reaches_every_convolution_and_product checks each bf16 layer; a
+# bfloat16 compile of XLA:CPU takes about twice an fp32 one, and compiles are most of this
+# suite's time).
 COMPILED = _one_per_kind(ALL)
-BF16_COMPILED = _one_per_kind(CLASSIFIERS)
+BF16_COMPILED = sorted(
+    {
+        jaxcnn.model_info(n).family: n
+        for n in sorted(
+            _one_per_kind(CLASSIFIERS), key=lambda n: -jaxcnn.model_info(n).reference_params
+        )
+    }.values()
+)
 # Differentiated in every mode against finite differences, compiled: the models whose blocks hold
 # the library's own differentiation rules (the kernel policy's forms, the reversible couplings)
 # and the odd outputs, each kind once. Every other model traces the same probe, so every rule it
@@ -153,11 +162,12 @@ def _check_pass(model, variables, grads, train_logits, state, eval_logits, dtype
     assert np.abs(np.asarray(stem_grad)).sum() > 0
 
 
-def _model_and_loss(name, dtype, **overrides):
+def _model_and_loss(name, dtype, abstract=False, **overrides):
     """The model at its test size with dropout and stochastic depth on, its variables in
-    ``dtype``, and its loss as a function of the parameters and the mode (the trainer's loss:
-    auxiliary heads of GoogLeNet and Inception-v3 add with weight 0.3; U-Net's pixels take their
-    image's label). Returns (loss, (logits, updated variables))."""
+    ``dtype`` (their shapes alone where ``abstract``, for a model that is only traced), and its
+    loss as a function of the parameters, the mode and the other collections (by default the
+    model's own; the trainer's loss: auxiliary heads of GoogLeNet and Inception-v3 add with weight
+    0.3; U-Net's pixels take their image's label). Returns (loss, (logits, updated variables))."""
     size = input_size(name)
     model = jaxcnn.create_model(
         name,
@@ -167,7 +177,8 @@ def _model_and_loss(name, dtype, **overrides):
         drop_path_rate=0.1,
         **(overrides or jit_test_overrides(name)),
     )
-    variables = random_variables(model, (2, size, size, 3))
+    shape = (2, size, size, 3)
+    variables = abstract_variables(model, shape) if abstract else random_variables(model, shape)
     if dtype == jnp.float64:
         variables = jax.tree.map(lambda t: jnp.asarray(t, jnp.float64), variables)
     x = jnp.asarray(
@@ -176,9 +187,9 @@ def _model_and_loss(name, dtype, **overrides):
     )
     labels = jnp.array([1, 5])
 
-    def loss_fn(params, train=True):
+    def loss_fn(params, train=True, rest=None):
         outputs, state = model.apply(
-            {**variables, 'params': params},
+            {**(variables if rest is None else rest), 'params': params},
             x,
             train=train,
             rngs={'dropout': jax.random.key(0)},
@@ -304,16 +315,18 @@ def test_jit_forward_backward(name):
     (COMPILED) and traced for the others, and for every model jax.jvp, jax.linearize and the
     Hessian-vector product traced through it under the default kernel policy (the
     finite-difference probe above, shapes only: its differentiation rules all run at trace time)."""
-    model, variables, loss_fn = _model_and_loss(name, jnp.float32)
+    model, variables, loss_fn = _model_and_loss(name, jnp.float32, abstract=name not in COMPILED)
 
-    def step(params):
-        grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(params)
-        return grads, train_logits, state, loss_fn(params, train=False)[1][0]
+    def step(params, rest=None):
+        grads, (train_logits, state) = jax.grad(loss_fn, has_aux=True)(params, rest=rest)
+        return grads, train_logits, state, loss_fn(params, train=False, rest=rest)[1][0]
 
     if name in COMPILED:
         _check_pass(model, variables, *jit_once(step)(variables['params']), jnp.float32)
     else:
-        grads, train_logits, state, eval_logits = jax.eval_shape(step, variables['params'])
+        grads, train_logits, state, eval_logits = jax.eval_shape(
+            step, variables['params'], variables
+        )
         assert eval_logits.dtype == train_logits.dtype == jnp.float32
         assert eval_logits.shape == train_logits.shape
         assert all(
@@ -321,7 +334,8 @@ def test_jit_forward_backward(name):
             for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(variables['params']))
         )
     shapes = jax.eval_shape(
-        _differentiation_probe(loss_fn),
+        lambda rest, *args: _differentiation_probe(functools.partial(loss_fn, rest=rest))(*args),
+        variables,
         variables['params'],
         variables['params'],
         variables['params']['head'],
