@@ -86,23 +86,32 @@ def test_jit_overrides_only_reduce_depth():
 CLASSIFIERS = [n for n in ALL if jaxcnn.model_info(n).family != 'unet']
 
 
-def _one_per_kind(names):
-    """One model per family, model class and kind of block (the string and boolean fields of its
-    configuration: block type, activation, norm, padding...), the one with the fewest
-    parameters. The other members of a group differ only in numbers (depth, width, groups,
-    ratios), which no differentiation rule or dtype path depends on."""
+def _smallest_per(names, group_key):
+    """The model with the fewest parameters in each group of `names` under `group_key`."""
     groups = {}
     for name in names:
-        model = jaxcnn.create_model(name)
-        kinds = tuple(
-            (f.name, getattr(model, f.name))
-            for f in dataclasses.fields(model)
-            if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool))
-        )
-        groups.setdefault((jaxcnn.model_info(name).family, type(model), kinds), []).append(name)
+        groups.setdefault(group_key(name), []).append(name)
     return sorted(
         min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values()
     )
+
+
+def _kind(name):
+    """A model's family, class and kind of block (the string and boolean fields of its
+    configuration: block type, activation, norm, padding...). Members of one kind differ only in
+    numbers (depth, width, groups, ratios), which no differentiation rule or dtype path depends on."""
+    model = jaxcnn.create_model(name)
+    fields = tuple(
+        (f.name, getattr(model, f.name))
+        for f in dataclasses.fields(model)
+        if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool))
+    )
+    return jaxcnn.model_info(name).family, type(model), fields
+
+
+def _one_per_kind(names):
+    """One model per kind (see `_kind`), the one with the fewest parameters."""
+    return _smallest_per(names, _kind)
 
 
 # The fp32 pass (oneDNN's float32 forms among its kernels) is compiled for one model of each kind,
@@ -111,14 +120,7 @@ def _one_per_kind(names):
 # bfloat16 compile of XLA:CPU takes about twice an fp32 one, and compiles are most of this
 # suite's time).
 COMPILED = _one_per_kind(ALL)
-BF16_COMPILED = sorted(
-    {
-        jaxcnn.model_info(n).family: n
-        for n in sorted(
-            _one_per_kind(CLASSIFIERS), key=lambda n: -jaxcnn.model_info(n).reference_params
-        )
-    }.values()
-)
+BF16_COMPILED = _smallest_per(_one_per_kind(CLASSIFIERS), lambda n: jaxcnn.model_info(n).family)
 # Differentiated in every mode against finite differences, compiled: the models whose blocks hold
 # the library's own differentiation rules (the kernel policy's forms, the reversible couplings)
 # and the odd outputs, each kind once. Every other model traces the same probe, so every rule it
