@@ -1,6 +1,6 @@
 """jaxcnn: convolutional networks in JAX/Flax, each verified against its reference."""
 
-from .registry import ModelInfo, count_params, create_model, list_models, model_info
+from .registry import ModelInfo, count_params, create_model, feature_info, list_models, model_info
 
 
 def load_pretrained(source, name=None, **kwargs):
@@ -68,6 +68,7 @@ __all__ = [
     'model_info',
     'count_params',
     'forward_features',
+    'feature_info',
     'load_pretrained',
     'save_pretrained',
     'ModelInfo',

@@ -3,7 +3,7 @@
 import dataclasses
 import difflib
 import fnmatch
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -84,7 +84,14 @@ def model_info(name: str) -> ModelInfo:
     return _lookup(name).info
 
 
-def create_model(name: str, num_classes: Optional[int] = None, pretrained=False, **overrides):
+def create_model(
+    name: str,
+    num_classes: Optional[int] = None,
+    pretrained=False,
+    features_only: bool = False,
+    out_indices: Optional[Sequence[int]] = None,
+    **overrides,
+):
     """Build a registered model as a ``flax.linen.Module``.
 
     ``num_classes`` defaults to the model's own (1000 for ImageNet models, 10 for CIFAR ones);
@@ -95,7 +102,23 @@ def create_model(name: str, num_classes: Optional[int] = None, pretrained=False,
     a local ``.safetensors``/``.pth`` file; see :mod:`jaxcnn.hub`) returns ``(model,
     variables)`` instead: a Linen module holds no weights, so they come beside it. A
     ``num_classes`` other than the weights' gives a new, randomly initialised head.
+
+    ``features_only=True`` returns a :class:`~jaxcnn.layers.features.FeaturePyramid`, as timm's
+    argument of that name does: applied, it gives the list of feature maps at ``out_indices``
+    (every level by default, finest first), described by :func:`feature_info`. Its variables
+    are the classifier's less the head, so pretrained weights load into it.
     """
+    if features_only:
+        from .layers.features import FeaturePyramid, select_levels
+
+        built = create_model(name, 0, pretrained, **overrides)
+        backbone, variables = built if isinstance(built, tuple) else (built, None)
+        if out_indices is not None:  # a bad index fails here, not at the first apply
+            select_levels(len(feature_info(name, **overrides)), out_indices)
+        pyramid = FeaturePyramid(backbone, None if out_indices is None else tuple(out_indices))
+        return pyramid if variables is None else (pyramid, variables)
+    if out_indices is not None:
+        raise ValueError('out_indices selects feature levels; pass features_only=True with it')
     if pretrained is not False and pretrained is not None:
         from .hub import create_pretrained
 
@@ -114,6 +137,22 @@ def create_model(name: str, num_classes: Optional[int] = None, pretrained=False,
     kwargs = {**entry.kwargs, **overrides}
     kwargs['num_classes'] = entry.info.num_classes if num_classes is None else num_classes
     return entry.module_cls(**kwargs)
+
+
+def feature_info(
+    name: str,
+    input_size: Optional[Tuple[int, int, int]] = None,
+    out_indices: Optional[Sequence[int]] = None,
+    **overrides,
+):
+    """The feature levels of ``create_model(name, features_only=True)``, as timm's
+    ``feature_info.get_dicts()``: for each, ``module`` (timm's module name where the model has a
+    timm twin), ``num_chs``, ``reduction`` (input side over the map's) and ``index``. Read from
+    shapes at ``input_size`` (the model's own by default), without computing anything."""
+    from .layers.features import feature_info as _info
+
+    backbone = create_model(name, 0, **overrides)
+    return _info(backbone, tuple(input_size or model_info(name).input_size), out_indices)
 
 
 def count_params(params) -> int:

@@ -1,5 +1,7 @@
 """Small utilities shared by the tests."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,34 @@ def random_variables(model, input_shape, seed=0):
         return jnp.asarray(values, s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def smallest_per(names, group_key):
+    """The model with the fewest parameters in each group of `names` under `group_key`."""
+    groups = {}
+    for name in names:
+        groups.setdefault(group_key(name), []).append(name)
+    return sorted(
+        min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values()
+    )
+
+
+def kind(name):
+    """A model's family, class and kind of block (the string and boolean fields of its
+    configuration: block type, activation, norm, padding...). Members of one kind differ only in
+    numbers (depth, width, groups, ratios), which no differentiation rule or dtype path depends on."""
+    model = jaxcnn.create_model(name)
+    fields = tuple(
+        (f.name, getattr(model, f.name))
+        for f in dataclasses.fields(model)
+        if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool))
+    )
+    return jaxcnn.model_info(name).family, type(model), fields
+
+
+def one_per_kind(names):
+    """One model per kind (see `kind`), the one with the fewest parameters."""
+    return smallest_per(names, kind)
 
 
 def randomise_batchnorm(model, seed=0):

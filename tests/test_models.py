@@ -5,7 +5,6 @@ checked against finite differences, under the library's default kernel policy; i
 jitted pass for one model of each kind and bf16 compute reaching every convolution and product
 (traced)."""
 
-import dataclasses
 import functools
 
 import jax
@@ -16,7 +15,14 @@ import pytest
 import jaxcnn
 from jaxcnn.kernels import sub_jaxprs as _sub_jaxprs
 from jaxcnn.optim import classification_loss, split_outputs
-from helpers import abstract_variables, random_variables, test_input_size as input_size, jit_once
+from helpers import (
+    abstract_variables,
+    jit_once,
+    one_per_kind as _one_per_kind,
+    random_variables,
+    smallest_per as _smallest_per,
+    test_input_size as input_size,
+)
 
 ALL = jaxcnn.list_models()
 
@@ -84,34 +90,6 @@ def test_jit_overrides_only_reduce_depth():
 
 # Segmentation models give per-pixel logits; tests/test_unet.py trains and checks them.
 CLASSIFIERS = [n for n in ALL if jaxcnn.model_info(n).family != 'unet']
-
-
-def _smallest_per(names, group_key):
-    """The model with the fewest parameters in each group of `names` under `group_key`."""
-    groups = {}
-    for name in names:
-        groups.setdefault(group_key(name), []).append(name)
-    return sorted(
-        min(g, key=lambda n: jaxcnn.model_info(n).reference_params) for g in groups.values()
-    )
-
-
-def _kind(name):
-    """A model's family, class and kind of block (the string and boolean fields of its
-    configuration: block type, activation, norm, padding...). Members of one kind differ only in
-    numbers (depth, width, groups, ratios), which no differentiation rule or dtype path depends on."""
-    model = jaxcnn.create_model(name)
-    fields = tuple(
-        (f.name, getattr(model, f.name))
-        for f in dataclasses.fields(model)
-        if f.name not in ('parent', 'name') and isinstance(getattr(model, f.name), (str, bool))
-    )
-    return jaxcnn.model_info(name).family, type(model), fields
-
-
-def _one_per_kind(names):
-    """One model per kind (see `_kind`), the one with the fewest parameters."""
-    return _smallest_per(names, _kind)
 
 
 # The fp32 pass (oneDNN's float32 forms among its kernels) is compiled for one model of each kind,

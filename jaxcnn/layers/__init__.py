@@ -19,5 +19,6 @@ from .conv import (
     torch_padding,
 )
 from .drop import DropBlock, DropPath, drop_path_rates
+from .features import tap
 from .norm import LocalResponseNorm, Norm, batch_norm
 from .se import SqueezeExcite

@@ -35,6 +35,7 @@ from ..layers import (
     depthwise_conv2d,
     get_act,
     global_avg_pool,
+    tap,
 )
 from ..layers.layer_scale import LayerScale
 from ..layers.stage import Stage, stage_blocks
@@ -161,6 +162,7 @@ class ConvNeXt(nn.Module):
             x = Stage(
                 blocks, unrolled=0, scan=self.scan_blocks, remat=self.remat, name=f'stages_{s}'
             )(x, train)
+            tap(x, f'stages.{s}')
         if features_only:
             return x
         # head: pool first, then LN on the pooled vector (the paper's ordering), then the classifier

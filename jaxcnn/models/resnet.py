@@ -28,6 +28,7 @@ from ..layers import (
     conv2d,
     drop_path_rates,
     max_pool,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
@@ -192,11 +193,14 @@ class ResNet(nn.Module):
             x = conv2d(self.stem_width, 7, 2, name='conv1', **kw)(x)
             if not preact:
                 x = nn.relu(batch_norm(train, name='bn1', **kw)(x))
+            # timm's level names: ResNet's act1/layer{n}, ResNetV2's stem.conv/stages.{s}
+            tap(x, 'stem.conv' if preact else 'act1')
             x = max_pool(x, 3, 2)
         elif self.stem == 'cifar':
             x = conv2d(self.stem_width, 3, 1, name='conv1', **kw)(x)
             if not preact:
                 x = nn.relu(batch_norm(train, name='bn1', **kw)(x))
+            tap(x, 'conv1' if preact else 'act1')
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
 
@@ -224,6 +228,7 @@ class ResNet(nn.Module):
             x = Stage(blocks, scan=self.scan_blocks, remat=self.remat, name=f'layer{s + 1}')(
                 x, train
             )
+            tap(x, f'stages.{s}' if preact and self.stem == 'imagenet' else f'layer{s + 1}')
         if preact:
             x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
