@@ -19,6 +19,14 @@ def save_pretrained(directory, name, variables, pretrained_cfg=None, **kwargs):
     return _save(directory, name, variables, pretrained_cfg, **kwargs)
 
 
+def segmentation_model(backbone, num_classes, **backbone_kwargs):
+    """A U-Net over any registered ``backbone``'s feature pyramid, with ``num_classes``
+    per-pixel outputs; see :mod:`jaxcnn.models.segmentation`."""
+    from .models.segmentation import segmentation_model as _seg
+
+    return _seg(backbone, num_classes, **backbone_kwargs)
+
+
 def forward_features(model, variables, x, train: bool = False, **kwargs):
     """The unpooled feature map (N, H', W', C) of any registered model."""
     return model.apply(variables, x, train=train, features_only=True, **kwargs)
@@ -69,6 +77,7 @@ __all__ = [
     'count_params',
     'forward_features',
     'feature_info',
+    'segmentation_model',
     'load_pretrained',
     'save_pretrained',
     'ModelInfo',

@@ -24,18 +24,27 @@ the element-wise work (activations, BatchNorm, residual sums, bias adds): tests/
 checks this on LeNet-5. They differ in two ways: XLA does not count the taps of a convolution
 that fall on zero padding (AlexNet at 224: XLA's figure is 0.92 x 2 x the MACs here), and it
 counts element-wise work this table leaves out (see :func:`xla_flops`).
+
+`python -m jaxcnn.summary NAME --features` prints instead one row per feature-pyramid level
+(``create_model(NAME, features_only=True)``): its module, output C/H/W, reduction, and the exact
+receptive field and jump of its units in input pixels (per side, along H), propagated variable by
+variable through the traced pyramid (see :func:`feature_levels`), so residual sums and concatenated
+branches count the branch with the larger field. A level marked ``+ global`` also depends on the
+whole image through a global pooling (squeeze-and-excitation, GroupNorm statistics, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import List, Optional
+from fractions import Fraction
+from typing import List, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.extend.core import Literal
 
 import jaxcnn
 from jaxcnn.config import integer_at_least
@@ -273,6 +282,259 @@ def xla_flops(name: str, input_size: int = 224, channels: int = 3) -> float:
     return float(cost['flops'])
 
 
+@dataclasses.dataclass
+class FeatureLevel:
+    index: int
+    module: str
+    output_chw: tuple
+    reduction: int
+    receptive_field: Union[int, Fraction]  # input pixels per side (H) seen by one unit
+    jump: Union[int, Fraction]  # input pixels between neighbouring units (the effective stride)
+    global_context: bool = False  # also depends on the whole image (a global pooling upstream)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    """Receptive field r and jump j of an image-derived variable; ``g``: it also depends on the
+    whole image through a spatial reduction."""
+
+    r: Union[int, Fraction]
+    j: Union[int, Fraction]
+    g: bool = False
+
+
+_IMAGE = _Field(1, 1)
+# reductions that read every position of the axes they reduce
+_REDUCTIONS = {
+    'reduce_sum',
+    'reduce_max',
+    'reduce_min',
+    'reduce_prod',
+    'reduce_and',
+    'reduce_or',
+    'argmax',
+    'argmin',
+}
+# call-like primitives whose one sub-jaxpr maps the equation's operands to its results
+_CALL_PARAMS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
+
+
+def _num(x):
+    """An int where the Fraction is whole (for display and comparison with ints)."""
+    return int(x) if isinstance(x, Fraction) and x.denominator == 1 else x
+
+
+def _widest(fields) -> Optional[_Field]:
+    """Where several image-derived inputs meet (a residual sum, a concatenation): the larger
+    field, the branches being centred alike (as Araujo et al. assume); global if any is."""
+    fields = [f for f in fields if f is not None]
+    if not fields:
+        return None
+    best = max(fields, key=lambda f: (f.r, f.j))
+    return dataclasses.replace(best, g=any(f.g for f in fields))
+
+
+def _window(f: _Field, k: int, stride: int, dilation: int = 1, base_dilation: int = 1) -> _Field:
+    """A sliding window of ``k`` taps (dilated by ``dilation``) and ``stride`` over an input
+    dilated by ``base_dilation`` (a transposed convolution): r += (taps on real positions - 1) j,
+    j *= stride / base_dilation."""
+    k_eff = (k - 1) * dilation + 1
+    real = -(-k_eff // base_dilation)  # at most this many window taps fall on input positions
+    return _Field(_num(f.r + (real - 1) * f.j), _num(Fraction(f.j) * stride / base_dilation), f.g)
+
+
+def _spatial_axes(ndim: int) -> set:
+    # image-derived tensors are NHWC, (N, L, C) after a flattening, or NH...C: the axes between
+    # the batch and the channels are spatial
+    return set(range(1, ndim - 1)) if ndim >= 3 else set()
+
+
+def _propagate(jaxpr, fields: list) -> list:
+    """The fields of ``jaxpr``'s outputs from those of its inputs (None: not image-derived)."""
+    env = {}
+
+    def read(v):
+        return None if isinstance(v, Literal) else env.get(v)
+
+    for v, f in zip(jaxpr.invars, fields):
+        if f is not None:
+            env[v] = f
+    for eqn in jaxpr.eqns:
+        prim = eqn.primitive.name
+        ins = [read(v) for v in eqn.invars]
+        if all(f is None for f in ins):
+            continue  # parameters and constants only
+        outs = _equation(eqn, prim, ins)
+        for v, f in zip(eqn.outvars, outs):
+            if f is not None:
+                env[v] = f
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _equation(eqn, prim: str, ins: list) -> list:
+    n_out = len(eqn.outvars)
+    params = eqn.params
+    if prim == 'scan':  # a stage of identical blocks: the body applied to the carry `length` times
+        body = params['jaxpr'].jaxpr
+        n_consts, n_carry = int(params['num_consts']), int(params['num_carry'])
+        consts, carry = ins[:n_consts], ins[n_consts : n_consts + n_carry]
+        xs = ins[n_consts + n_carry :]
+        ys = [None] * (n_out - n_carry)
+        for _ in range(int(params['length'])):
+            outs = _propagate(body, consts + carry + xs)
+            carry, ys = outs[:n_carry], [_widest([a, b]) for a, b in zip(ys, outs[n_carry:])]
+        return carry + ys
+    if prim == 'cond':  # any branch may run: the widest of theirs
+        outs = [_propagate(b.jaxpr, ins[1:]) for b in params['branches']]
+        return [_widest([o[i] for o in outs]) for i in range(n_out)]
+    if not prim.startswith('reduce'):  # pjit, remat, custom_jvp/custom_vjp calls, closed_call
+        for key in _CALL_PARAMS:
+            sub = params.get(key)
+            sub = getattr(sub, 'jaxpr', sub)
+            if hasattr(sub, 'eqns') and len(sub.invars) == len(ins) and len(sub.outvars) == n_out:
+                return _propagate(sub, ins)
+    if prim == 'conv_general_dilated':
+        lhs, rhs = ins[0], ins[1]
+        if lhs is None:  # only the kernel comes from the image
+            return [rhs] * n_out
+        dims = params['dimension_numbers']
+        k = eqn.invars[1].aval.shape[dims.rhs_spec[2]]  # the first spatial axis: H
+        out = _window(
+            lhs,
+            k,
+            params['window_strides'][0],
+            (params.get('rhs_dilation') or (1,))[0],
+            (params.get('lhs_dilation') or (1,))[0],
+        )
+        return [_widest([out, rhs])] * n_out  # a kernel from the image: through a reduction
+    if prim.startswith('reduce_window') and ins[0] is not None:
+        shape = eqn.invars[0].aval.shape
+        if len(shape) >= 3:  # pooling over H (axis 1 of NHWC)
+            pick = lambda key: (params.get(key) or (1,) * len(shape))[1]
+            out = _window(
+                ins[0],
+                pick('window_dimensions'),
+                pick('window_strides'),
+                pick('window_dilation'),
+                pick('base_dilation'),
+            )
+            return [out] * n_out
+    f = _widest(ins)
+    if prim in _REDUCTIONS or prim == 'dot_general':
+        # a reduction over spatial axes (global pooling, GroupNorm's statistics, a product
+        # contracting positions) reads the whole image
+        if prim == 'dot_general':
+            (lhs_c, rhs_c), _ = params['dimension_numbers']
+            reads = zip(ins[:2], eqn.invars[:2], (lhs_c, rhs_c))
+        else:
+            reads = [(ins[0], eqn.invars[0], params['axes'])]
+        if any(i is not None and set(a) & _spatial_axes(v.aval.ndim) for i, v, a in reads):
+            f = dataclasses.replace(f, g=True)
+    elif prim == 'slice' and params.get('strides') and ins[0] is not None:
+        strides = params['strides']  # x[:, ::s, ::s]: a subsampling shortcut
+        if len(strides) >= 3:
+            f = _Field(f.r, _num(f.j * strides[1]), f.g)
+    elif prim == 'reshape' and ins[0] is not None:
+        a, b = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+        if len(a) == 4 and len(b) >= 5 and b[1] * b[2] == a[1] and b[1] < a[1]:
+            f = _window(f, b[2], b[2])  # space-to-depth: (N, H/s, s, W/s, s, C), an s x s/s window
+        elif len(b) == 4 and len(a) >= 5 and a[1] * a[2] == b[1] and a[1] < b[1]:
+            f = _Field(f.r, _num(Fraction(f.j) / a[2]), f.g)  # depth-to-space: j / s
+    elif prim == 'pad' and ins[0] is not None and len(params['padding_config']) >= 3:
+        interior = params['padding_config'][1][2]  # zeros between rows: a fractional stride
+        if interior:
+            f = _Field(f.r, _num(Fraction(f.j) / (interior + 1)), f.g)
+    return [f] * n_out
+
+
+def feature_levels(name_or_pyramid, input_size: int = 224, channels: int = 3) -> List[FeatureLevel]:
+    """One row per feature-pyramid level of a registered model (or a ``FeaturePyramid``) on one
+    ``input_size`` x ``input_size`` image: its module, output C/H/W, reduction, and the receptive
+    field and jump (effective stride) of its units, in input pixels along H.
+
+    Exact and structural: the pyramid's forward pass is traced (shapes only, convolutions as the
+    plain ``conv_general_dilated``) and every variable of the jaxpr carries (r, j), starting at
+    (1, 1) on the image. A convolution or pooling of K taps (dilation d) and stride s gives
+    r + ((K - 1) d) j and j s; an operation with several image-derived inputs (a residual sum, a
+    concatenation) takes the one with the larger r; parameters and constants carry nothing;
+    calls, remat and custom-derivative bodies map their operands to their results, a ``scan``
+    (a stage of identical blocks) applies its body to the carry ``length`` times. A strided
+    slice (a subsampling shortcut) multiplies j, space-to-depth by s is an s x s window of stride
+    s, depth-to-space divides j by s; a reduction over spatial axes marks the level
+    ``global_context``: its units then depend on the whole image besides their r x r window.
+    Other upsampling (resizes) leaves j unchanged (decoders are not levels).
+    """
+    from jaxcnn.layers.features import FeaturePyramid
+    from jaxcnn.layers.features import feature_info as _feature_info
+
+    if isinstance(name_or_pyramid, str):
+        pyramid = jaxcnn.create_model(name_or_pyramid, features_only=True)
+    elif isinstance(name_or_pyramid, FeaturePyramid):
+        pyramid = name_or_pyramid
+    else:
+        raise TypeError(f'expected a model name or a FeaturePyramid, got {name_or_pyramid!r}')
+    shape = (input_size, input_size, channels)
+    info = _feature_info(pyramid.backbone, shape, pyramid.out_indices)
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: pyramid.init(jax.random.key(0), x), x)
+    with kernels.use(kernels.PLAIN):
+        closed = jax.make_jaxpr(lambda v, x: pyramid.apply(v, x))(variables, x)
+    # the operands flatten as (variables..., x): only the image is image-derived
+    n_in = len(closed.jaxpr.invars)
+    fields = _propagate(closed.jaxpr, [None] * (n_in - 1) + [_IMAGE])
+    if len(fields) != len(info):
+        raise RuntimeError(f'{len(fields)} outputs for {len(info)} feature levels')
+    rows = []
+    for level, f, out in zip(info, fields, closed.jaxpr.outvars):
+        if f is None:  # cannot happen for a map computed from the image
+            raise RuntimeError(f'level {level["module"]} does not depend on the image')
+        rows.append(
+            FeatureLevel(
+                index=level['index'],
+                module=level['module'],
+                output_chw=_chw(out.aval.shape),
+                reduction=level['reduction'],
+                receptive_field=f.r,
+                jump=f.j,
+                global_context=f.g,
+            )
+        )
+    return rows
+
+
+def format_features(rows: List[FeatureLevel]) -> str:
+    """The feature-level table: level, module, output C/H/W, reduction, receptive field, jump."""
+    header = ('level', 'module', 'output C/H/W', 'reduction', 'RF', 'jump')
+    body = [
+        (
+            str(r.index),
+            r.module,
+            'x'.join(str(v) for v in r.output_chw),
+            str(r.reduction),
+            str(r.receptive_field) + (' + global' if r.global_context else ''),
+            str(r.jump),
+        )
+        for r in rows
+    ]
+    return _align([header] + body, rules_after=(0,), left=2)
+
+
+def _align(lines, rules_after=(0,), left: int = 1) -> str:
+    """Columns padded to their widest cell (the first ``left`` left-aligned, the rest right),
+    two spaces apart, with a rule under each line index in ``rules_after``."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append(
+            '  '.join(
+                c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))
+            )
+        )
+        if i in rules_after:
+            out.append('-' * len(out[-1]))
+    return '\n'.join(out)
+
+
 def format_table(rows: List[LayerCost], total_params: Optional[int] = None) -> str:
     fmt_chw = lambda t: 'x'.join(str(v) for v in t)
     fmt_t = lambda t: (
@@ -339,17 +601,7 @@ def format_table(rows: List[LayerCost], total_params: Optional[int] = None) -> s
             )
         )
         lines.append(('model total', '', '', '', '', '', '', '', f'{total_params:,}', '', ''))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for i, line in enumerate(lines):
-        out.append(
-            '  '.join(
-                c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))
-            )
-        )
-        if i == 0 or i == len(body):
-            out.append('-' * len(out[-1]))
-    return '\n'.join(out)
+    return _align(lines, rules_after=(0, len(body)), left=1)
 
 
 def main(argv=None) -> int:
@@ -372,6 +624,12 @@ def main(argv=None) -> int:
         help="input channels (default: the model's)",
     )
     parser.add_argument('--xla', action='store_true', help="also print XLA's FLOP count")
+    parser.add_argument(
+        '--features',
+        action='store_true',
+        help='one row per feature-pyramid level instead: module, output C/H/W, reduction, '
+        'receptive field and jump in input pixels',
+    )
     args = parser.parse_args(argv)
     info = jaxcnn.model_info(args.model)
     size = args.input or info.input_size[0]
@@ -380,6 +638,16 @@ def main(argv=None) -> int:
         raise ValueError(
             f'{args.model} needs inputs of at least {info.min_input} px; got --input {size}'
         )
+    if args.features:
+        if args.xla:
+            raise ValueError('--xla counts the classifier; it does not combine with --features')
+        levels = feature_levels(args.model, size, channels)
+        print(
+            f'{args.model} feature levels at {channels}x{size}x{size} '
+            '(receptive field and jump in input pixels, per side)'
+        )
+        print(format_features(levels))
+        return 0
     rows = layer_costs(args.model, size, channels)
     model = jaxcnn.create_model(args.model)
     shapes = jax.eval_shape(

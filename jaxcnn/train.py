@@ -457,12 +457,24 @@ def make_eval_step(config, model, mean, std, test_size, num_classes):
 
         probs = jnp.mean(jax.lax.map(view_probs, views), axis=0)
         mask = batch['mask'].astype(jnp.float32)
-        nll = -jnp.log(jnp.take_along_axis(probs, labels[:, None], -1)[:, 0] + 1e-12)
-        correct = jnp.argmax(probs, -1) == labels
+        nll = -jnp.log(jnp.take_along_axis(probs, labels[..., None], -1)[..., 0] + 1e-12)
+        predicted = jnp.argmax(probs, -1)
+        correct = (predicted == labels).astype(jnp.float32)
+        sums = {}
+        if labels.ndim > 1:  # per-pixel labels: each image's pixel means, and the confusion
+            pixels = tuple(range(1, labels.ndim))
+            nll, correct = nll.mean(pixels), correct.mean(pixels)
+            weight = jnp.broadcast_to(mask.reshape((-1,) + (1,) * len(pixels)), labels.shape)
+            sums['confusion'] = (
+                jnp.zeros((num_classes, num_classes), jnp.float32)
+                .at[labels.ravel(), predicted.ravel()]
+                .add(weight.ravel())
+            )
         return {
             'loss': jnp.sum(nll * mask),
             'correct': jnp.sum(correct * mask),
             'count': jnp.sum(mask),
+            **sums,
         }
 
     return eval_step
@@ -471,7 +483,8 @@ def make_eval_step(config, model, mean, std, test_size, num_classes):
 def evaluate(
     eval_step, params, batch_stats, ds, test_arrays, batch_size, mesh, model_args=(), progress=False
 ):
-    """Accuracy and loss over the whole test set; padded rows of the last batch are masked.
+    """Accuracy and loss over the whole test set, and the mean IoU for per-pixel labels (accuracy
+    then counts pixels); padded rows of the last batch are masked.
     ``model_args``: extra inputs of the model, passed through eval_step; ``progress``: a bar of
     its own (cleared when done)."""
     if test_arrays is not None:
@@ -485,7 +498,7 @@ def evaluate(
                 yield {'idx': np.minimum(idx, n - 1).astype(np.int32)[sl], 'mask': mask[sl]}
     else:
         batches = lambda: ds.eval_iter(batch_size)
-    totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+    totals = {}
     total = -(-ds.num_test // batch_size) if test_arrays is not None else None
     for batch in tqdm(
         batches(),
@@ -499,12 +512,25 @@ def evaluate(
         out = eval_step(
             params, batch_stats, test_arrays, sharding.host_to_global(batch, mesh), *model_args
         )
-        for k in totals:
-            totals[k] += float(out[k])
-    return {
-        'accuracy': totals['correct'] / totals['count'],
-        'loss': totals['loss'] / totals['count'],
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+    results = {
+        'accuracy': float(totals['correct'] / totals['count']),
+        'loss': float(totals['loss'] / totals['count']),
     }
+    if 'confusion' in totals:  # per-pixel labels
+        results['miou'] = mean_iou(totals['confusion'])
+    return results
+
+
+def mean_iou(confusion) -> float:
+    """Mean over classes of the intersection over union, TP / (TP + FP + FN), from a confusion
+    matrix (rows: true class, columns: predicted); classes absent from both the labels and the
+    predictions are left out, as in the PASCAL VOC and Cityscapes benchmarks."""
+    confusion = np.asarray(confusion, np.float64)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return float(np.mean(tp[union > 0] / union[union > 0]))
 
 
 def first_bad_step(host_metrics):
@@ -819,6 +845,7 @@ def main(argv=None) -> int:
                     if 'ema_accuracy' in eval_results
                     else ''
                 )
+                + (f', mIoU {eval_results["miou"]:.3f}' if 'miou' in eval_results else '')
                 + f' after {step} steps; plots: {", ".join(os.path.basename(p) for p in plots)}.'
             )
     except TrainingError as e:

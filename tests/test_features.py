@@ -12,8 +12,15 @@ import jax.numpy as jnp
 
 import jaxcnn
 from jaxcnn import convert
-from helpers import abstract_variables, jit_once, one_per_kind, test_input_size
+from helpers import (
+    abstract_variables,
+    jit_once,
+    one_per_kind,
+    shallow_overrides,
+    test_input_size as input_size,
+)
 
+from paper_levels import PAPER_LEVELS
 from test_convert import build_reference
 
 ALL = jaxcnn.list_models()
@@ -120,28 +127,26 @@ def _restrict(tree, like):
 
 @pytest.mark.parametrize('name', ALL)
 def test_every_model_has_a_pyramid(name):
-    size = test_input_size(name)
+    # shallower where the registered depth only makes tracing slow: taps follow the stage code
+    over = shallow_overrides(name)
+    size = input_size(name)
     shape = (1, size, size, jaxcnn.model_info(name).input_size[2])
-    info = jaxcnn.feature_info(name, input_size=shape[1:])
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    info = jaxcnn.feature_info(name, input_size=shape[1:], **over)
     reductions = [d['reduction'] for d in info]
     assert reductions == sorted(reductions) and reductions[0] >= 1
     assert len({d['module'] for d in info}) == len(info)
-    # the last level is as coarse as the classifier's final map
-    final = jax.eval_shape(
-        lambda v, x: jaxcnn.forward_features(jaxcnn.create_model(name, 0), v, x),
-        abstract_variables(jaxcnn.create_model(name, 0), shape),
-        jax.ShapeDtypeStruct(shape, jnp.float32),
-    )
-    assert reductions[-1] == 2 ** round(np.log2(size / final.shape[1]))
-    # the pyramid holds exactly the headless classifier's variables, and gives what
-    # feature_info announces, at any out_indices
-    pyramid = jaxcnn.create_model(name, features_only=True, out_indices=(0, -1))
-    variables = abstract_variables(pyramid, shape)
-    classifier = abstract_variables(jaxcnn.create_model(name, 0), shape)
-    assert jax.tree.structure(variables) == jax.tree.structure(classifier)
-    maps = jax.eval_shape(
-        lambda v, x: pyramid.apply(v, x), variables, jax.ShapeDtypeStruct(shape, jnp.float32)
-    )
+    classifier = jaxcnn.create_model(name, 0, **over)
+    variables = abstract_variables(classifier, shape)
+    if name not in TWINS and jaxcnn.model_info(name).family != 'unet':
+        # the last level is as coarse as the classifier's final map (a twin's levels are
+        # timm's, test_levels_are_the_twins; a segmentation model's final map is its decoder's)
+        final = jax.eval_shape(lambda v, x: jaxcnn.forward_features(classifier, v, x), variables, x)
+        assert reductions[-1] == 2 ** round(np.log2(size / final.shape[1]))
+    # the pyramid runs on the headless classifier's variables (weights load unchanged) and gives
+    # the levels feature_info announces, at any out_indices
+    pyramid = jaxcnn.create_model(name, features_only=True, out_indices=(0, -1), **over)
+    maps = jax.eval_shape(lambda v, x: pyramid.apply(v, x), variables, x)
     assert [m.shape[-1] for m in maps] == [info[0]['num_chs'], info[-1]['num_chs']]
 
 
@@ -150,3 +155,18 @@ def test_bad_levels_say_what_to_pass():
         jaxcnn.create_model('resnet18', features_only=True, out_indices=(0, 7))
     with pytest.raises(ValueError, match='pass features_only=True'):
         jaxcnn.create_model('resnet18', out_indices=(1,))
+
+
+def test_every_family_without_a_twin_has_a_stage_table():
+    families = {jaxcnn.model_info(n).family for n in ALL}
+    with_twins = {jaxcnn.model_info(n).family for n in TWINS}
+    covered = {jaxcnn.model_info(n).family for n in PAPER_LEVELS}
+    assert families - with_twins <= covered
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_LEVELS))
+def test_levels_follow_the_papers_stage_tables(name):
+    # tests/paper_levels.py holds each level's channels and reduction as the paper's table
+    # gives them, at the model's own input size
+    got = [(d['num_chs'], d['reduction']) for d in jaxcnn.feature_info(name)]
+    assert got == PAPER_LEVELS[name]

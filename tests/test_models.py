@@ -19,6 +19,7 @@ from helpers import (
     abstract_variables,
     jit_once,
     one_per_kind as _one_per_kind,
+    shallow_overrides as jit_test_overrides,
     random_variables,
     smallest_per as _smallest_per,
     test_input_size as input_size,
@@ -42,39 +43,6 @@ def test_param_count_matches_reference(name):
             n,
             info.reference_params,
         )
-
-
-# Depth-only reductions for the jit test. PyramidNet's units all differ in width, so XLA:CPU
-# compiles 36-90 of them unrolled (2-6 minutes each, and the memory of two such compiles at
-# once); the same unit code (alpha, bottleneck, downsampling) runs here at depth 20 / 29 and
-# the registered depths are covered by the exact hand-count test.
-# DenseNet-121/161/169/201: each dense layer has its own input width, so none can be scanned and
-# XLA:CPU takes 50-120 s per compile; the jit pass runs their layer code (growth rate, width,
-# bottleneck, compression) with two layers per block; full depth is covered by the exact counts
-# and the converted-logits tests against torchvision.
-_DENSENET_SHALLOW = {'densenet121', 'densenet161', 'densenet169', 'densenet201'}
-_PYRAMID_SHALLOW = {'pyramidnet110_a48': 20, 'pyramidnet272_a200_bottleneck': 29}
-# NFNet-F2..F6 are F0 with every stage (f + 1) times deeper (tests/test_nfnet.py); their stages
-# are scanned, so compiles barely grow, but creating and differentiating 190-440M parameters on
-# the host took 55-86 s a test; they run at F1's depths (every stage scanned, as at full depth).
-_NFNET_SHALLOW = {f'nfnet_f{f}' for f in range(2, 7)}
-# ConvNeXt-L/XL: 198M and 350M parameters, most in the 27 blocks of stage 3 and the 3 of stage 4.
-# Checking every mode of differentiation holds about twelve copies of the parameters at once
-# (directions, gradients, the Hessian-vector product, finite-difference points): 17 GB at XL.
-# They run with two blocks a stage (their stages are scanned, so the block code is the same).
-_CONVNEXT_SHALLOW = {'convnext_large', 'convnext_xlarge'}
-
-
-def jit_test_overrides(name):
-    if name in _PYRAMID_SHALLOW:
-        return {'depth': _PYRAMID_SHALLOW[name]}
-    if name in _DENSENET_SHALLOW:
-        return {'depths': (2, 2, 2, 2)}
-    if name in _NFNET_SHALLOW:
-        return {'depths': (2, 4, 12, 6)}
-    if name in _CONVNEXT_SHALLOW:
-        return {'depths': (2, 2, 2, 2)}
-    return {}
 
 
 def test_jit_overrides_only_reduce_depth():

@@ -216,3 +216,120 @@ def test_unet_learns_to_segment_fashion_mnist_foreground():
     assert np.mean(losses[-3:]) < 0.3 * np.mean(losses[:3]), losses
     assert acc_after > max(acc_before, majority) + 0.1, (acc_before, acc_after, majority)
     assert acc_after > 0.9, acc_after
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net on any backbone (jaxcnn/models/segmentation.py)
+
+
+def _flat(tree):
+    return {
+        tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+@pytest.mark.parametrize(
+    'backbone,size',
+    [
+        ('resnet18', 64),
+        ('convnext_tiny', 64),
+        ('vgg11', 32),
+        ('inception_v3', 75),
+        ('resnet20', 28),
+    ],
+)
+def test_segmentation_model_on_any_backbone(backbone, size):
+    """Per-pixel logits at the input's size whatever the backbone's finest level (VGG r1,
+    ResNet r2, ConvNeXt r4) and however its strides round odd sides (Inception-v3 at 75 px);
+    the encoder's variables are the headless classifier's, names and all."""
+    from jaxcnn.models.segmentation import segmentation_model
+
+    model = segmentation_model(backbone, num_classes=3)
+    shape = (2, size, size, 3)
+    variables = abstract_variables(model, shape)
+    logits = jax.eval_shape(
+        lambda v, x: model.apply(v, x), variables, jax.ShapeDtypeStruct(shape, jnp.float32)
+    )
+    assert logits.shape == (2, size, size, 3)
+    # every encoder variable is the headless classifier's (the layers after the coarsest level,
+    # such as VGG's fc6/fc7 or ConvNeXt's head_norm, are not built), so its weights load
+    classifier = _flat(abstract_variables(jaxcnn.create_model(backbone, 0), shape))
+    encoder = {k: v for k, v in _flat(variables).items() if k[1] not in ('decoder', 'pixel_head')}
+    assert encoder and all(classifier[k].shape == v.shape for k, v in encoder.items())
+    # the decoder has one skip (and one 3x3 pair) per feature level
+    levels = jaxcnn.feature_info(backbone, input_size=shape[1:])
+    assert {f'dec{i}' for i in range(len(levels) - 1)} <= set(variables['params']['decoder'])
+
+
+def test_dense_augmentation_moves_the_masks_with_their_images():
+    from jaxcnn.data import augment_batch
+
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 5, (8, 12, 12)).astype(np.int32)
+    images = np.stack([labels.astype(np.float32), rng.randn(8, 12, 12)], -1)
+    cfg = dict(crop_padding=3, flip=True)
+    out, targets = augment_batch(
+        jax.random.key(1), jnp.asarray(images), jnp.asarray(labels), cfg, 5
+    )
+    assert targets.shape == (8, 12, 12, 5)
+    # channel 0 carried each pixel's label: it still does, wherever the crop kept image pixels
+    # (the padding is 0 in both, and 0 is the background label)
+    np.testing.assert_array_equal(np.asarray(out[..., 0]), np.asarray(targets.argmax(-1)))
+    assert not np.array_equal(np.asarray(out[..., 0]), labels)  # something moved
+    with pytest.raises(ValueError, match='cutmix=0'):
+        augment_batch(
+            jax.random.key(1), jnp.asarray(images), jnp.asarray(labels), dict(cutmix=1.0), 5
+        )
+
+
+def test_mean_iou_by_sets():
+    from jaxcnn.train import mean_iou
+
+    rng = np.random.RandomState(0)
+    y, p = rng.randint(0, 4, 500), rng.randint(0, 3, 500)  # class 3 never predicted
+    confusion = np.zeros((5, 5))
+    np.add.at(confusion, (y, p), 1)
+    # IoU of each class present in either, as |A & B| / |A | B| over the pixel sets
+    ious = [((y == c) & (p == c)).sum() / ((y == c) | (p == c)).sum() for c in range(4)]
+    assert mean_iou(confusion) == pytest.approx(np.mean(ious))
+
+
+def test_classifier_weights_initialise_the_encoder():
+    """What --config.init_from does with unet_fmnist's transfer.trainable: every encoder leaf
+    comes from the classifier, the decoder and head keep their own initialisation."""
+    from jaxcnn import transfer
+
+    seg = jaxcnn.create_model('unet_resnet20', num_classes=11)
+    cls = jaxcnn.create_model('resnet20')
+    shape = (1, 28, 28, 1)
+    target = random_variables(seg, shape, seed=0)
+    source = random_variables(cls, shape, seed=1)
+    merged = transfer.merge_pretrained(target, source, '^(decoder|pixel_head)/')
+    flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
+    m, s, t = flat(merged), flat(source), flat(target)
+    for path, leaf in m.items():
+        new_part = path[1].key in ('decoder', 'pixel_head')
+        np.testing.assert_array_equal(leaf, t[path] if new_part else s[path])
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f'Fashion-MNIST not found in {FMNIST}')
+def test_unet_fmnist_trains_through_the_trainer(tmp_path):
+    """The segmentation recipe's smoke run: the per-pixel loss falls, and the test mIoU beats
+    the chance predictors (every pixel background; each pixel drawn from the label frequencies)
+    by half again."""
+    import json
+
+    from jaxcnn import train
+    from jaxcnn.data import garment_masks, load_fmnist
+
+    assert train.main(['--config', 'unet_fmnist:smoke', '--workdir', str(tmp_path)]) == 0
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    losses = [r['loss'] for r in records if r['kind'] == 'train']
+    assert np.mean(losses[-2:]) < 0.6 * losses[0], losses
+    result = json.load(open(tmp_path / 'results.json'))
+    y = garment_masks(load_fmnist()).test_labels[:256]
+    freq = np.bincount(y.ravel(), minlength=11) / y.size
+    all_background = freq[0] / 11  # the background's IoU is its frequency; the rest score 0
+    # drawn at random with the frequencies: IoU_c = f^2 / (2f - f^2) = f / (2 - f)
+    drawn = np.mean(freq / (2 - freq))
+    assert result['test_miou'] > 1.5 * max(all_background, drawn), result

@@ -7,6 +7,8 @@ pipelines yield normalised numpy batches. Importing this package never imports T
   load_dataset(config) -> ArrayDataset | TFDSDataset     dispatch on config.dataset:
       'fmnist'            Fashion-MNIST IDX files (config.data_dir / $JAXCNN_FMNIST_DIR /
                           /usr/share/datasets/fashion-mnist)
+      'fmnist_masks'      the same images segmented: per-pixel labels (N, H, W), 0 background,
+                          1 + the garment's class on its pixels (fmnist.garment_masks)
       'npz:PATH'          arrays x_train, y_train, x_test, y_test
       'folder:PATH'       PATH/<class>/<img> or PATH/{train,test}/<class>/<img>, resized to
                           config.image_size; config.on_bad_image = 'skip' | 'raise'
@@ -48,7 +50,7 @@ from jaxcnn.data.views import (
     multiscale,
     ten_crop,
 )
-from jaxcnn.data.fmnist import FMNIST_CLASSES, load_fmnist, read_idx
+from jaxcnn.data.fmnist import FMNIST_CLASSES, garment_masks, load_fmnist, read_idx
 from jaxcnn.data.folder import load_image_folder
 from jaxcnn.data.npz import load_npz, save_npz
 
@@ -88,7 +90,7 @@ __all__ = [
     "select_classes",
 ]
 
-DATASET_SCHEMES = ("fmnist", "npz:PATH", "folder:PATH", "tfds:NAME")
+DATASET_SCHEMES = ("fmnist", "fmnist_masks", "npz:PATH", "folder:PATH", "tfds:NAME")
 
 
 def __getattr__(name):
@@ -152,6 +154,8 @@ def load_dataset(config: Any, mean=None, std=None):
     scheme, _, arg = spec.partition(":")
     if scheme == "fmnist" and not arg:
         ds = load_fmnist(_get(config, "data_dir", "") or None)
+    elif scheme == "fmnist_masks" and not arg:
+        ds = garment_masks(load_fmnist(_get(config, "data_dir", "") or None))
     elif scheme == "npz" and arg:
         ds = load_npz(arg)
     elif scheme == "folder" and arg:

@@ -219,13 +219,25 @@ def augment_batch(rng, images, labels, aug_cfg, num_classes: int, label_smoothin
     Order: random crop (``crop_padding``) -> flip (``flip``) -> Cutout (``cutout``) ->
     Random Erasing (``random_erasing``) -> MixUp (``mixup``) / CutMix (``cutmix``). When both
     MixUp and CutMix are on, one of them is chosen per batch with probability 1/2.
-    Returns (images, soft targets of shape (N, num_classes)).
+    Returns (images, soft targets of shape (N, num_classes)); per-pixel labels (N, H, W) give
+    targets (N, H, W, num_classes), cropped and flipped with their images.
     """
     k_crop, k_flip, k_cut, k_erase, k_mix, k_cutmix, k_choice = jax.random.split(rng, 7)
     pad = int(_get(aug_cfg, "crop_padding", 0) or 0)
+    dense = labels.ndim == 3  # per-pixel labels (N, H, W): crops and flips move them too
+    if dense:
+        if float(_get(aug_cfg, "cutmix", 0.0) or 0.0) > 0:
+            raise ValueError(
+                "CutMix mixes whole-image targets; set --config.augment.cutmix=0 for per-pixel "
+                "labels"
+            )
+        # as one more channel; the crop's zero padding is the background label
+        images = jnp.concatenate([images, labels[..., None].astype(images.dtype)], axis=-1)
     images = random_crop(k_crop, images, pad)
     if _get(aug_cfg, "flip", False):
         images = random_flip(k_flip, images)
+    if dense:
+        images, labels = images[..., :-1], jnp.round(images[..., -1]).astype(jnp.int32)
     images = cutout(k_cut, images, int(_get(aug_cfg, "cutout", 0) or 0))
     images = random_erasing(k_erase, images, float(_get(aug_cfg, "random_erasing", 0.0) or 0.0))
     if int(_get(aug_cfg, "randaugment_layers", 0) or 0) > 0:

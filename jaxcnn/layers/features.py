@@ -97,9 +97,7 @@ def feature_info(backbone: nn.Module, input_shape, out_indices=None):
 
     def levels(x):
         variables = backbone.init(jax.random.key(0), x)
-        taps = nn.apply(
-            lambda module, x: tapped(module, x), backbone, mutable=False
-        )(variables, x)
+        taps = nn.apply(lambda module, x: tapped(module, x), backbone, mutable=False)(variables, x)
         names.extend(n for n, _ in taps)
         return [m for _, m in taps]
 

@@ -157,6 +157,8 @@ class Stage(nn.Module):
     recompute: bool = True  # reversible=True only; False: ordinary autodiff of the same
     # scan with the same keys (activations stored), to compare
     unroll: int = 1  # lax.scan's unroll of the stacked blocks
+    every_output: bool = False  # return the list of every block's output (unrolled stages):
+    # feature levels that lie between blocks are tapped by the model from it
 
     @nn.compact
     def __call__(self, x, train: bool = False, inverse: bool = False):
@@ -185,8 +187,14 @@ class Stage(nn.Module):
             for unit in reversed(units):
                 x = unit.inverse(x, train)
             return x
+        if self.every_output and plan:
+            raise ValueError('every_output needs an unrolled stage (no scan, not reversible)')
+        outputs = []
         for unit in units:
             x = jax.tree.map(kernels.block_output, unit(x, train))
+            outputs.append(x)
+        if self.every_output:
+            return outputs
         return self._stacked(blocks, plan, x, train) if plan else x
 
     def _stacked(self, blocks, plan, x, train, inverse=False):

@@ -30,6 +30,7 @@ from ..layers import (
     check_image_batch,
     conv2d,
     max_pool,
+    tap,
 )
 from ..registry import register
 
@@ -92,14 +93,24 @@ class AlexNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         check_image_batch(x, MIN_INPUT, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
+        # feature levels, named by their index in torchvision's ``features`` Sequential (conv,
+        # ReLU, [LRN], [pool] per row): the map before each later strided step (a max-pool, or
+        # ZFNet's stride-2 conv2), and the last max-pool's
+        n = 0
         for i, (ch, k, s, p, g, lrn, pool) in enumerate(self.convs):
+            if s > 1 and i:
+                tap(x, f'features.{n - 1}')
             x = nn.relu(
                 conv2d(ch, k, s, padding=p, groups=g, use_bias=True, name=f'conv{i + 1}', **kw)(x)
             )
             if lrn:
                 x = paper_lrn()(x)
+            n += 3 if lrn else 2
             if pool:
+                tap(x, f'features.{n - 1}')
                 x = ceil_max_pool(x, 3, 2) if self.ceil_pool else max_pool(x, 3, 2, padding='valid')
+                n += 1
+        tap(x, f'features.{n - 1}')
         if features_only:
             return x
         x = adaptive_avg_pool(x, 6)

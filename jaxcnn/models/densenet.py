@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ClassifierHead, avg_pool, batch_norm, check_image_batch, conv2d, max_pool
+from ..layers import ClassifierHead, avg_pool, batch_norm, check_image_batch, conv2d, max_pool, tap
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 # torchvision initialises convolutions with kaiming_normal_ (fan-in, gain sqrt(2)).
@@ -194,7 +194,7 @@ class DenseNet(nn.Module):
         x = jnp.asarray(x, self.dtype or jnp.float32)
         if self.stem == 'imagenet':
             x = conv2d(self.stem_width, 7, 2, name='conv0', kernel_init=he_normal_fan_in, **kw)(x)
-            x = nn.relu(batch_norm(train, name='norm0', **kw)(x))
+            x = tap(nn.relu(batch_norm(train, name='norm0', **kw)(x)), 'features.norm0')
             x = max_pool(x, 3, 2)
         else:
             x = conv2d(self.stem_width, 3, 1, name='conv0', kernel_init=he_normal_fan_in, **kw)(x)
@@ -209,10 +209,12 @@ class DenseNet(nn.Module):
                 **kw,
             )(x, train)
             if i < len(self.depths) - 1:
+                # the last block's level is norm5's output, at the same reduction
+                tap(x, f'features.denseblock{i + 1}')
                 x = Transition(
                     int(x.shape[-1] * self.compression), name=f'transition{i + 1}', **kw
                 )(x, train)
-        x = nn.relu(batch_norm(train, name='norm5', **kw)(x))
+        x = tap(nn.relu(batch_norm(train, name='norm5', **kw)(x)), 'features.norm5')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

@@ -30,6 +30,7 @@ from ..layers import (
     check_image_batch,
     conv2d,
     drop_path_rates,
+    tap,
 )
 from ..layers.dynamic import CondConv, DynamicConv, DynamicLocalFilter
 from ..layers.stage import Stage, stage_blocks
@@ -83,6 +84,7 @@ class CondConvResNet(nn.Module):
         x = nn.relu(
             batch_norm(train, name='bn1', **kw)(conv2d(self.stem_width, 3, name='conv1', **kw)(x))
         )
+        tap(x, 'bn1')
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.layers)))
         for s, (n, width) in enumerate(zip(self.layers, self.widths)):
             blocks = stage_blocks(
@@ -99,6 +101,7 @@ class CondConvResNet(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
+            tap(x, f'layer{s + 1}')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
@@ -183,6 +186,8 @@ class DynamicFilterNet(nn.Module):
             name = 'stem' if s == 0 else f'down{s}'
             x = conv2d(w, 3, 1 if s == 0 else 2, name=f'{name}_conv', **kw)(x)
             x = nn.relu(batch_norm(train, name=f'{name}_bn', **kw)(x))
+            if s == 0:
+                tap(x, 'stem_bn')
             blocks = stage_blocks(
                 DynamicConvBlock,
                 [dict(features=w, hidden=self.hidden, drop_path=rates[2 * s], **kw)],
@@ -200,6 +205,7 @@ class DynamicFilterNet(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
+            tap(x, f'stage{s + 1}')  # before the next stage's stride-2 conv
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

@@ -43,6 +43,7 @@ from ..layers import (
     get_act,
     global_avg_pool,
     make_divisible,
+    tap,
 )
 from ..layers.mbconv import MBConv
 from ..layers.stage import Stage, stage_blocks
@@ -212,6 +213,10 @@ class MBConvNet(nn.Module):
         x = act(bn('bn1')(conv2d(stem, 3, 2, padding=self.padding, name='conv_stem', **kw)(x)))
 
         stages = expand_blocks(scale_stages(self.stages, self.width_mult, self.depth_mult))
+        # feature levels, timm's rule: the map before each stride > 1 step (the stem's when the
+        # first stage strides, as in MobileNetV3-small), and the last stage's output
+        if stages[0][0].stride > 1:
+            tap(x, 'bn1')
         n_total = sum(len(s) for s in stages)
         i = 0
         for s, blocks in enumerate(stages):
@@ -250,6 +255,8 @@ class MBConvNet(nn.Module):
                 remat=self.remat,
                 name=f'blocks_{s}',
             )(x, train)
+            if s + 1 == len(stages) or stages[s + 1][0].stride > 1:
+                tap(x, f'blocks.{s}')
 
         width = self.head_width()
         if self.head == 'conv':

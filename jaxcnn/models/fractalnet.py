@@ -62,7 +62,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, batch_norm, check_image_batch, conv2d, max_pool
+from ..layers import ClassifierHead, batch_norm, check_image_batch, conv2d, max_pool, tap
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
 
@@ -219,7 +219,9 @@ class FractalNet(nn.Module):
             x = FractalBlock(width, self.columns, dropout[b], name=f'block{b + 1}', **kw)(
                 x, train, drop_plan, column
             )
+            tap(x, f'block{b + 1}')
             x = max_pool(x, 2, 2, padding='valid')
+        tap(x, f'pool{B}')  # the last pool's output, as timm's VGG ends at its last max-pool
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

@@ -35,6 +35,7 @@ from ..layers import (
     drop_path_rates,
     global_avg_pool,
     make_divisible,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
@@ -162,6 +163,7 @@ class GhostNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = lambda c: make_divisible(c * self.width, 4)
         x = conv2d(ch(self.stem_channels), 3, 2, name='conv_stem', **kw)(x)
+        tap(x, 'conv_stem')  # timm's first level is the stem conv's output, before its BN
         x = nn.relu(batch_norm(train, name='bn1', **kw)(x))
         rates = iter(drop_path_rates(self.drop_path_rate, sum(len(s) for s in self.stages)))
         for s, stage in enumerate(self.stages):
@@ -181,6 +183,10 @@ class GhostNet(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'blocks_{s}')(x, train)
+            # timm's GhostNet levels: each stage whose (last) block strides, right after it --
+            # not the last map at that resolution, as in the MBConv families
+            if stage[-1][-1] > 1:
+                tap(x, f'blocks.{s}')
         x = conv2d(ch(self.last_channels), 1, name='conv_last', **kw)(x)
         x = nn.relu(batch_norm(train, name='bn_last', **kw)(x))
         if features_only:

@@ -40,6 +40,7 @@ from ..layers import (
     check_image_batch,
     conv2d,
     drop_path_rates,
+    tap,
 )
 from ..layers.dynamic import HyperConv, HyperKernelGenerator
 from ..layers.stage import Stage, stage_blocks
@@ -140,6 +141,7 @@ class HyperWRN(nn.Module):
             name='generator',
         )
         x = conv2d(self.stem_width, 3, 1, use_bias=True, name='conv1', **kw)(x)
+        tap(x, 'conv1')
         rates = drop_path_rates(self.drop_path_rate, 3 * n)
         for s, width in enumerate((16, 32, 64)):
             blocks = stage_blocks(
@@ -158,6 +160,7 @@ class HyperWRN(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
+            tap(x, f'layer{s + 1}')
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x

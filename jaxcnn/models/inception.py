@@ -42,6 +42,7 @@ from ..layers import (
     make_divisible,
     max_pool,
     resolve_padding,
+    tap,
 )
 from ..layers.conv_bn import ConvBnAct
 from ..registry import IMAGENET_MEAN, IMAGENET_STD, register
@@ -457,9 +458,17 @@ class Inception(nn.Module):
             and not features_only
             and (train or self.is_initializing())
         )
+
+        def subsamples(step):  # a strided conv or pool, or an Inception module with one
+            inner = [s for branch in getattr(step, 'branches', ()) for s in branch]
+            return any(getattr(s, 'stride', 1) > 1 for s in (step, *inner))
+
         taps, aux = dict(self.aux_taps), []
-        for step in self.layers:
+        for i, step in enumerate(self.layers):
             x = _run((step,), x, train, unit)
+            # feature levels: the map before each subsampling step, and the last
+            if i + 1 == len(self.layers) or subsamples(self.layers[i + 1]):
+                tap(x, step.name)
             if with_aux and getattr(step, 'name', None) in taps:
                 aux.append(aux_head(taps[step.name])(x, train))
         if features_only:

@@ -16,7 +16,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, avg_pool, check_image_batch, conv2d
+from ..layers import ClassifierHead, avg_pool, check_image_batch, conv2d, tap
 from ..registry import register
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -51,9 +51,10 @@ class LeNet5(nn.Module):
         )
         check_image_batch(x, 32, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
-        x = avg_pool(scaled_tanh(conv(6, 'c1')(x)), 2, 2)
-        x = avg_pool(scaled_tanh(conv(16, 'c3')(x)), 2, 2)
-        x = scaled_tanh(conv(120, 'c5')(x))
+        # levels: C1 and C3 before their subsampling layers, then C5
+        x = avg_pool(tap(scaled_tanh(conv(6, 'c1')(x)), 'c1'), 2, 2)
+        x = avg_pool(tap(scaled_tanh(conv(16, 'c3')(x)), 'c3'), 2, 2)
+        x = tap(scaled_tanh(conv(120, 'c5')(x)), 'c5')
         if features_only:
             return x
         x = scaled_tanh(nn.Dense(84, name='f6', **kw)(x.reshape(x.shape[0], -1)))

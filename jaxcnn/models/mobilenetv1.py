@@ -28,6 +28,7 @@ from ..layers import (
     depthwise_conv2d,
     get_act,
     make_divisible,
+    tap,
 )
 from ..registry import register
 
@@ -80,6 +81,10 @@ class MobileNetV1(nn.Module):
                 x = DepthwiseSeparable(
                     ch(c), stride if b == 0 else 1, self.act, name=f'blocks_{s}_{b}', **kw
                 )(x, train)
+            # feature levels as in timm (whose MobileNetV1 is an EfficientNet-builder table): the
+            # output of each stage before a stride > 1 step, and of the last
+            if s + 1 == len(self.stages) or self.stages[s + 1][1] > 1:
+                tap(x, f'blocks.{s}')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

@@ -51,6 +51,7 @@ from ..layers import (
     check_image_batch,
     conv2d,
     drop_path_rates,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
@@ -170,6 +171,7 @@ class MultiResNet(nn.Module):
         check_image_batch(x, 4, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         x = conv2d(self.stem_width, 3, name='conv1', **kw)(x)
+        tap(x, 'conv1')
         rates = drop_path_rates(self.drop_path_rate, len(self.widths) * n)
         for s, base in enumerate(self.widths):
             planes = base * self.width
@@ -193,6 +195,7 @@ class MultiResNet(nn.Module):
             x = Stage(blocks, scan=self.scan_blocks, remat=self.remat, name=f'stage{s + 1}')(
                 x, train
             )
+            tap(x, f'stage{s + 1}')
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x

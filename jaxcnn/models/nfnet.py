@@ -32,6 +32,7 @@ from ..layers import (
     check_image_batch,
     make_divisible,
     max_pool,
+    tap,
 )
 from ..layers.nf import ScaledStdConv, activation_gamma, gamma_act
 from ..layers.stage import Stage, stage_blocks
@@ -182,9 +183,11 @@ class NFNet(nn.Module):
         c = self.stem_width
         if self.stem == 'deep_quad':
             for i, (ch, s) in enumerate(zip((c // 8, c // 4, c // 2, c), (2, 1, 1, 2))):
+                if i and s > 1:  # timm's stem level: the map before the last, stride-2 conv
+                    tap(x, f'stem.conv{i}')
                 x = conv(f'stem_conv{i + 1}', ch, 3, s)(act(x) if i else x)
         elif self.stem == '7x7_pool':
-            x = max_pool(conv('stem_conv', c, 7, 2)(x), 3, 2)
+            x = max_pool(tap(conv('stem_conv', c, 7, 2)(x), 'stem.conv'), 3, 2)
         elif self.stem == 'cifar':
             x = conv('stem_conv', c, 3, 1)(x)
         else:
@@ -228,8 +231,10 @@ class NFNet(nn.Module):
                 remat=self.remat,
                 name=f'stages_{s}',
             )(x, train)
+            if s + 1 < len(self.depths) or not self.num_features:
+                tap(x, f'stages.{s}')  # the last stage's level is final_conv's, where there is one
         if self.num_features:
-            x = conv('final_conv', self.num_features, 1)(x)
+            x = tap(conv('final_conv', self.num_features, 1)(x), 'final_conv')
         x = act(x)
         if features_only:
             return x

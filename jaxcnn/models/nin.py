@@ -24,6 +24,7 @@ from ..layers import (
     check_image_batch,
     conv2d,
     global_avg_pool,
+    tap,
 )
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -98,6 +99,7 @@ class NiN(nn.Module):
             x = MlpConv(width, kernel, tuple(mlp), self.use_bn, name=f'mlpconv{b + 1}', **kw)(
                 x, train
             )
+            tap(x, f'mlpconv{b + 1}')  # before its pool
             if pool == 'max':
                 x = ceil_max_pool(x, 3, 2)
             elif pool == 'avg':

@@ -46,7 +46,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..layers import ClassifierHead, DropPath, check_image_batch, conv2d, drop_path_rates, max_pool
+from ..layers import (
+    ClassifierHead,
+    DropPath,
+    check_image_batch,
+    conv2d,
+    drop_path_rates,
+    max_pool,
+    tap,
+)
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
 
@@ -292,6 +300,7 @@ class PolyNet(nn.Module):
         check_image_batch(x, 4, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         x = ConvBNReLU(self.stem_width, (3, 3), name='conv1', **kw)(x, train)
+        tap(x, 'conv1')
         rates = drop_path_rates(self.drop_path_rate, sum(len(s[2]) for s in self.stages))
         m = 0
         for s, (width, unit, kinds, reduction) in enumerate(self.stages):
@@ -316,10 +325,12 @@ class PolyNet(nn.Module):
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
             m += len(kinds)
             if reduction is not None:
+                tap(x, f'stage{s + 1}')  # the last stage's map feeds only final_conv
                 x = Reduction(reduction, name=f'reduction{s + 1}', **kw)(x, train)
         # Inception-ResNet-v2's last layer before pooling: a 1x1 conv-BN-ReLU, so the classifier
         # sees normalised features rather than the raw residual stream
         x = ConvBNReLU(self.final_width, (1, 1), name='final_conv', **kw)(x, train)
+        tap(x, 'final_conv')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

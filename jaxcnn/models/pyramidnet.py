@@ -31,6 +31,7 @@ from ..layers import (
     batch_norm,
     conv2d,
     drop_path_rates,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import CIFAR10_MEAN, CIFAR10_STD, register
@@ -94,6 +95,7 @@ class PyramidNet(nn.Module):
         check_image_batch(x, 8, type(self).__name__)
         x = jnp.asarray(x, self.dtype or jnp.float32)
         x = batch_norm(train, name='bn1', **kw)(conv2d(16, 3, name='conv1', **kw)(x))
+        tap(x, 'bn1')
         rates = drop_path_rates(self.drop_path_rate, total)
         for s in range(3):
             units = range(s * per_stage, (s + 1) * per_stage)
@@ -112,6 +114,7 @@ class PyramidNet(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'layer{s + 1}')(x, train)
+            tap(x, f'layer{s + 1}')
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
         if features_only:
             return x

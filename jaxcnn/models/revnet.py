@@ -50,6 +50,7 @@ from ..layers import (
     conv2d,
     drop_path_rates,
     max_pool,
+    tap,
 )
 from ..layers.reversible import Coupling, depth_to_space, space_to_depth
 from ..layers.stage import Stage, stage_blocks
@@ -244,10 +245,10 @@ class RevNet(nn.Module):
         x = jnp.asarray(x, self.dtype or jnp.float32)
         if self.stem == 'cifar':
             x = conv2d(self.stem_width, 3, name='conv1', **kw)(x)
-            x = nn.relu(batch_norm(train, name='bn1', **kw)(x))
+            x = tap(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 'bn1')
         elif self.stem == 'imagenet':
             x = conv2d(self.stem_width, 7, 2, name='conv1', **kw)(x)
-            x = max_pool(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 3, 2)
+            x = max_pool(tap(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 'bn1'), 3, 2)
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
 
@@ -281,6 +282,7 @@ class RevNet(nn.Module):
                 unroll=self.scan_unroll,
                 name=f'layer{s + 1}',
             )(x, train)
+            tap(jnp.concatenate(x, axis=-1), f'layer{s + 1}')  # the halves (x1, x2) as one map
         x1, x2 = x
         x = jnp.concatenate([x1, x2], axis=-1)
         x = nn.relu(batch_norm(train, name='final_bn', **kw)(x))
@@ -443,8 +445,9 @@ class IRevNet(nn.Module):
     def __call__(self, x, train: bool = False, features_only: bool = False):
         check_image_batch(x, 2 ** (len(self.blocks) + 1), type(self).__name__)
         x = self._split(jnp.asarray(x, self.dtype or jnp.float32))
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             x = stage(x, train)
+            tap(jnp.concatenate(x, axis=-1), f'stages_{i}')  # setup's name for stages[i]
         x1, x2 = x
         z = jnp.concatenate([x1, x2], axis=-1)
         if features_only:

@@ -34,6 +34,7 @@ from ..layers import (
     conv2d,
     depthwise_conv2d,
     max_pool,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
@@ -72,12 +73,14 @@ class ShuffleV1Unit(nn.Module):
 
 
 def _stem(net, x, train, kw):
-    """Both versions' stem: conv1 3x3/2 - BN - ReLU - max-pool 3x3/2 (Tables 1 and 5)."""
+    """Both versions' stem: conv1 3x3/2 - BN - ReLU - max-pool 3x3/2 (Tables 1 and 5), and
+    its two feature levels (torchvision's names), each before a stride-2 step."""
     check_image_batch(x, 32, type(net).__name__)
     x = conv2d(net.stem_channels, 3, 2, name='conv1', **kw)(
         jnp.asarray(x, net.dtype or jnp.float32)
     )
-    return max_pool(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 3, 2)
+    x = tap(nn.relu(batch_norm(train, name='bn1', **kw)(x)), 'conv1')
+    return tap(max_pool(x, 3, 2), 'maxpool')
 
 
 class ShuffleNetV1(nn.Module):
@@ -114,6 +117,7 @@ class ShuffleNetV1(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 2}')(x, train)
+            tap(x, f'stage{s + 2}')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
@@ -172,8 +176,10 @@ class ShuffleNetV2(nn.Module):
                 [dict(out_channels=ch, stride=2 if b == 0 else 1, **kw) for b in range(repeats)],
             )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 2}')(x, train)
+            if s + 1 < len(self.stage_channels):  # the last stage's level is conv5's
+                tap(x, f'stage{s + 2}')
         x = conv2d(self.num_features, 1, name='conv5', **kw)(x)
-        x = nn.relu(batch_norm(train, name='bn5', **kw)(x))
+        x = tap(nn.relu(batch_norm(train, name='bn5', **kw)(x)), 'conv5')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

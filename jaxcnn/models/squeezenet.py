@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..convert import register_renames
-from ..layers import ceil_max_pool, check_image_batch, conv2d, global_avg_pool
+from ..layers import ceil_max_pool, check_image_batch, conv2d, global_avg_pool, tap
 from ..registry import register
 
 # Table 1 of the paper (and DeepScale's v1.1): conv1 (filters, kernel, stride), Fire modules
@@ -202,8 +202,9 @@ class SqueezeNet(nn.Module):
                 **kw,
             )(x)
         )
+        # feature levels: the map before each max-pool, and the last Fire module's
         if 'conv1' in self.pools_after:
-            x = ceil_max_pool(x, 3, 2)
+            x = ceil_max_pool(tap(x, 'features.1'), 3, 2)  # conv1's ReLU
         for k, (s, e1, e3) in enumerate(self.fires, start=2):
             same = x.shape[-1] == e1 + e3
             bypass = (
@@ -214,6 +215,8 @@ class SqueezeNet(nn.Module):
                 else 'none'
             )
             x = Fire(s, e1, e3, bypass, name=names[f'fire{k}'], **kw)(x)
+            if f'fire{k}' in self.pools_after or k == len(self.fires) + 1:
+                tap(x, names[f'fire{k}'].replace('_', '.'))
             if f'fire{k}' in self.pools_after:
                 x = ceil_max_pool(x, 3, 2)
         if features_only:

@@ -41,6 +41,7 @@ from ..layers import (
     conv2d,
     drop_path_rates,
     global_avg_pool,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
@@ -158,6 +159,7 @@ class SqueezeNext(nn.Module):
         x = ConvBNReLU(int(self.stem_width * self.width), (7, 7), 2, 'valid', name='stem', **kw)(
             x, train
         )
+        tap(x, 'stem')
         x = ceil_max_pool(x, 3, 2)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         start = 0
@@ -179,8 +181,11 @@ class SqueezeNext(nn.Module):
                 ],
             )
             x = Stage(blocks, remat=self.remat, name=f'stage{s + 1}')(x, train)
+            if s < len(self.depths) - 1:  # the last stage's map feeds only final
+                tap(x, f'stage{s + 1}')
             start += n
         x = ConvBNReLU(self.final_width, (1, 1), 1, name='final', **kw)(x, train)
+        tap(x, 'final')
         if features_only:
             return x
         return FeatureHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ..layers import check_image_batch, conv2d, max_pool
+from ..layers import check_image_batch, conv2d, max_pool, tap
 from ..registry import register
 
 WIDTHS_FIG1 = (64, 128, 256, 512, 1024)
@@ -126,9 +126,10 @@ class UNet(nn.Module):
         skips = []
         for i, w in enumerate(self.widths[:-1]):
             x = DoubleConv(w, name=f'down{i + 1}', **kw)(x)
-            skips.append(x)
+            skips.append(tap(x, f'down{i + 1}'))
             x = max_pool(x, 2, 2, padding='valid')
-        x = DoubleConv(self.widths[-1], name='bottom', **kw)(x)
+        # the pyramid is the encoder's: each level before its pool, then the bottleneck
+        x = tap(DoubleConv(self.widths[-1], name='bottom', **kw)(x), 'bottom')
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         for i in reversed(range(levels - 1)):
             x = up_conv(self.widths[i], name=f'up{i + 1}', **kw)(x)

@@ -23,6 +23,7 @@ from ..layers import (
     check_image_batch,
     conv2d,
     max_pool,
+    tap,
 )
 from ..registry import register
 
@@ -57,8 +58,11 @@ class VGG(nn.Module):
                     x = batch_norm(train, name=f'features_{i + 1}', **kw)(x)
                 x = nn.relu(x)
                 i += 3 if self.use_bn else 2
+            # feature levels (timm's): the ReLU before each max-pool, and the last max-pool
+            tap(x, f'features.{i - 1}')
             x = max_pool(x, 2, 2, padding='valid')
             i += 1
+        tap(x, f'features.{i - 1}')
         if features_only:
             return x
         x = adaptive_avg_pool(x, 7)

@@ -33,6 +33,7 @@ from ..layers import (
     drop_path_rates,
     make_divisible,
     max_pool,
+    tap,
 )
 from ..layers.stage import Stage, stage_blocks
 from ..registry import register
@@ -158,16 +159,25 @@ class Xception(nn.Module):
         bn = lambda name, h: nn.relu(batch_norm(train, name=name, **kw)(h))
         w1, w2 = (make_divisible(c * self.width, 1) for c in self.stem_widths)
         x = bn('bn1', conv2d(w1, 3, 2, padding='valid', name='conv1', **kw)(x))
-        x = bn('bn2', conv2d(w2, 3, padding='valid', name='conv2', **kw)(x))
+        x = tap(bn('bn2', conv2d(w2, 3, padding='valid', name='conv2', **kw)(x)), 'act2')
         rates = iter(drop_path_rates(self.drop_path_rate, len(self.rows())))
+        i = 0  # timm's block number, 1-12 through the flows
         for name, rows in self.flows():
             blocks = stage_blocks(
                 XceptionBlock, [dict(row=row, drop_path=next(rates), **kw) for row in rows]
             )
-            x = Stage(blocks, remat=self.remat, name=name)(x, train)
+            outputs = Stage(blocks, remat=self.remat, every_output=True, name=name)(x, train)
+            # feature levels: the ReLU that starts each downsampling block (timm's
+            # block<i>.rep.0, the ReLU of the block's input; block 1's input is act2)
+            for row, h in zip(rows, [x, *outputs[:-1]]):
+                i += 1
+                if row.stride > 1 and row.start_with_relu:
+                    tap(nn.relu(h), f'block{i}.rep.0')
+            x = outputs[-1]
         for j, c in enumerate(self.exit_widths):
             x = SeparableConv(make_divisible(c * self.width, 1), name=f'conv{j + 3}', **kw)(x)
             x = bn(f'bn{j + 3}', x)
+        tap(x, 'act4')
         if features_only:
             return x
         return ClassifierHead(self.num_classes, self.drop_rate, name='head', **kw)(x, train)
