@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.optim.update(dict(name='adamw', lr=3e-3, weight_decay=1e-4))
     c.schedule.update(dict(name='cosine', warmup_epochs=0.5))
     c.augment.update(dict(crop_padding=2, flip=True))  # the masks move with the images
-    c.transfer.trainable = '^(decoder|pixel_head)/'
+    c.transfer.trainable = '^(decoder|head)/'
     c.transfer.head_steps = 0
     c.checkpoint_every_epochs = 1.0
     c.checkpoint_every_steps = -1

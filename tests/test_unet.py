@@ -254,7 +254,7 @@ def test_segmentation_model_on_any_backbone(backbone, size):
     # every encoder variable is the headless classifier's (the layers after the coarsest level,
     # such as VGG's fc6/fc7 or ConvNeXt's head_norm, are not built), so its weights load
     classifier = _flat(abstract_variables(jaxcnn.create_model(backbone, 0), shape))
-    encoder = {k: v for k, v in _flat(variables).items() if k[1] not in ('decoder', 'pixel_head')}
+    encoder = {k: v for k, v in _flat(variables).items() if k[1] not in ('decoder', 'head')}
     assert encoder and all(classifier[k].shape == v.shape for k, v in encoder.items())
     # the decoder has one skip (and one 3x3 pair) per feature level
     levels = jaxcnn.feature_info(backbone, input_size=shape[1:])
@@ -304,11 +304,11 @@ def test_classifier_weights_initialise_the_encoder():
     shape = (1, 28, 28, 1)
     target = random_variables(seg, shape, seed=0)
     source = random_variables(cls, shape, seed=1)
-    merged = transfer.merge_pretrained(target, source, '^(decoder|pixel_head)/')
+    merged = transfer.merge_pretrained(target, source, '^(decoder|head)/')
     flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
     m, s, t = flat(merged), flat(source), flat(target)
     for path, leaf in m.items():
-        new_part = path[1].key in ('decoder', 'pixel_head')
+        new_part = path[1].key in ('decoder', 'head')
         np.testing.assert_array_equal(leaf, t[path] if new_part else s[path])
 
 

@@ -13,7 +13,7 @@ centrally to its skip's size, as the paper crops its skips.
 
 The backbone's variables sit at the top level under their classifier names, so a classifier
 trained or downloaded for ``backbone`` initialises the encoder unchanged
-(``--config.init_from`` with ``--config.transfer.trainable='^(decoder|pixel_head)/'``).
+(``--config.init_from`` with ``--config.transfer.trainable='^(decoder|head)/'``).
 """
 
 import math
@@ -104,6 +104,7 @@ class PyramidUNet(nn.Module):
     backbone_kwargs: Any = None
     decoder_widths: Optional[Sequence[int]] = None
     num_classes: int = 2
+    drop_rate: float = 0.0  # dropout on the coarsest level, the end of the contracting path (§3.1)
     drop_path_rate: float = 0.0
     dtype: Optional[jnp.dtype] = None
     param_dtype: jnp.dtype = jnp.float32
@@ -117,20 +118,20 @@ class PyramidUNet(nn.Module):
         )
         # the encoder's variables keep their classifier names, so classifier weights load
         nn.share_scope(self, self.encoder)
+        self.dropout = nn.Dropout(self.drop_rate)
         self.decoder = UNetDecoder(
             self.decoder_widths, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        # not 'head': the encoder's (parameter-free, at num_classes=0) classifier head has that name
-        self.pixel_head = PixelHead(
-            self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        self.head = PixelHead(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, x, train: bool = False, features_only: bool = False):
         levels = tapped(self.encoder, x, train)
         for name, level in levels:  # offered again to a pyramid over this model
             tap(level, name)
-        y = self.decoder([m for _, m in levels], x.shape[1:3])
-        return y if features_only else self.pixel_head(y)
+        maps = [m for _, m in levels]
+        maps[-1] = self.dropout(maps[-1], deterministic=not train)
+        y = self.decoder(maps, x.shape[1:3])
+        return y if features_only else self.head(y)
 
 
 def segmentation_model(backbone: str, num_classes: int, **backbone_kwargs) -> PyramidUNet:
