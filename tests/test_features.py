@@ -170,3 +170,21 @@ def test_levels_follow_the_papers_stage_tables(name):
     # gives them, at the model's own input size
     got = [(d['num_chs'], d['reduction']) for d in jaxcnn.feature_info(name)]
     assert got == PAPER_LEVELS[name]
+
+
+def test_pretrained_weights_load_into_a_pyramid(tmp_path):
+    # a classifier's weights file, as the hub holds it, gives the pyramid its variables; the
+    # last level is the classifier's own final map under those weights
+    model = jaxcnn.create_model('resnet18')
+    x = jnp.asarray(np.random.RandomState(0).randn(1, 64, 64, 3), jnp.float32)
+    jaxcnn.save_pretrained(tmp_path, 'resnet18', model.init(jax.random.key(0), x))
+    pyramid, variables = jaxcnn.create_model(
+        'resnet18',
+        pretrained=str(tmp_path / 'model.safetensors'),
+        features_only=True,
+        out_indices=(2, 4),
+    )
+    maps = pyramid.apply(variables, x)
+    assert [m.shape for m in maps] == [(1, 8, 8, 128), (1, 2, 2, 512)]
+    final = jaxcnn.forward_features(jaxcnn.create_model('resnet18', 0), variables, x)
+    np.testing.assert_array_equal(np.asarray(maps[-1]), np.asarray(final))
